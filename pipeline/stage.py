@@ -1,0 +1,416 @@
+"""Content-addressed stage outputs: the one contract every stage of the DAG uses.
+
+Luigi calls a task complete when its output exists and never looks further, so a rerun after
+a parameter change would silently reuse stale data. We follow gokart and HF datasets: the
+output *path* is derived from everything that determines the output's content, so "complete"
+keeps meaning "exists", yet a changed input points to a new directory.
+
+A stage's **fingerprint** is the sha256 of a canonical JSON document holding
+
+* the stage name and an explicit, hand-bumped stage ``version`` (bump it when the code that
+  writes the output changes what it writes);
+* the stage's *significant* parameters (execution details such as thread counts are left out);
+* the fingerprints of every upstream stage (so a change propagates down the DAG);
+* the content hash (sha256) of every input file or directory the stage reads directly.
+
+Hashing large inputs on every rerun would break the "no-op rerun in under two seconds" goal,
+so :class:`FileHasher` keeps a small cache keyed on (path, size, mtime_ns): an unchanged file
+is not re-read; a touched or edited one is.
+
+Each output lives in ``<workdir>/<stage>/<fingerprint>/``. It is built in a hidden sibling
+``.<fingerprint>.partial`` directory and renamed into place only once complete, so a reader
+never sees half an output, and a stage that fails leaves nothing behind (resumable stages keep
+their partial directory so a rerun can continue from the pieces already finished). Every
+output carries a ``manifest.json``: parameters, upstream fingerprints, input hashes, library
+versions, row counts, per-file checksums and timings. ``explain`` compares a key with the
+newest existing manifest of the same stage to say *why* a stage will run.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+#: Bump when the fingerprint recipe or the manifest layout itself changes.
+CONTRACT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PARTIAL_SUFFIX = ".partial"
+#: Libraries whose versions are recorded in every manifest (recorded, not fingerprinted:
+#: upgrading numpy should not invalidate a week of teacher caching).
+RECORDED_LIBRARIES = ("torch", "transformers", "datasets", "pyarrow", "luigi", "numpy",
+                      "bicleaner-ai-glove", "tqdm")
+FINGERPRINT_LENGTH = 16
+
+
+def canonical_json(value: Any) -> str:
+    """Serialise ``value`` deterministically (sorted keys, no whitespace, normalised types)."""
+    return json.dumps(_jsonable(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return repr(value)
+        return value
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if hasattr(value, "name") and hasattr(value, "value"):  # enum members
+        return value.name
+    return str(value)
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class FileHasher:
+    """sha256 of files and directories with a (size, mtime_ns) fast path.
+
+    The cache is a JSON file (by default ``<workdir>/.hash-cache.json``). It is advisory: a
+    corrupt or concurrently rewritten cache only costs a re-hash, never a wrong answer,
+    because an entry is used only when the path, size and mtime all still match.
+    """
+
+    def __init__(self, cache_path: Path | None = None):
+        self.cache_path = Path(cache_path) if cache_path else None
+        self._entries: dict[str, list] = {}
+        self._dirty = False
+        if self.cache_path and self.cache_path.exists():
+            try:
+                self._entries = json.loads(self.cache_path.read_text())
+            except (OSError, ValueError):
+                self._entries = {}
+
+    def file_sha256(self, path: Path) -> str:
+        path = Path(path).resolve()
+        stat = path.stat()
+        key = str(path)
+        cached = self._entries.get(key)
+        if cached and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
+            return cached[2]
+        digest = sha256_file(path)
+        self._entries[key] = [stat.st_size, stat.st_mtime_ns, digest]
+        self._dirty = True
+        return digest
+
+    def describe(self, path: Path | str) -> dict:
+        """Return ``{"path", "sha256", "bytes"}`` for a file, or a combined hash for a directory.
+
+        A directory's hash covers every file below it (relative path + content), skipping
+        hidden entries such as ``.git`` or editor swap files.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"input not found: {path}")
+        if path.is_file():
+            return {"path": str(path), "sha256": self.file_sha256(path), "bytes": path.stat().st_size}
+        digest = hashlib.sha256()
+        total = 0
+        for file in sorted(_visible_files(path)):
+            rel = file.relative_to(path).as_posix()
+            digest.update(rel.encode() + b"\0" + self.file_sha256(file).encode() + b"\n")
+            total += file.stat().st_size
+        return {"path": str(path), "sha256": digest.hexdigest(), "bytes": total}
+
+    def save(self) -> None:
+        if not (self.cache_path and self._dirty):
+            return
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_path.with_name(f"{self.cache_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self._entries))
+        os.replace(tmp, self.cache_path)
+        self._dirty = False
+
+
+def _visible_files(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+@dataclass
+class StageKey:
+    """Everything that determines one stage output; its fingerprint names the output directory.
+
+    ``inputs`` maps a label to a local file or directory read by the stage; ``upstream`` maps
+    a label to the fingerprint of an upstream stage output.
+    """
+
+    stage: str
+    version: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    upstream: Mapping[str, str] = field(default_factory=dict)
+    inputs: Mapping[str, str | Path] = field(default_factory=dict)
+    _input_hashes: dict | None = field(default=None, repr=False, compare=False)
+
+    def input_hashes(self, hasher: FileHasher | None = None) -> dict[str, dict]:
+        if self._input_hashes is None:
+            hasher = hasher or FileHasher()
+            self._input_hashes = {label: hasher.describe(p) for label, p in sorted(self.inputs.items())}
+        return self._input_hashes
+
+    def document(self, hasher: FileHasher | None = None) -> dict:
+        """The canonical document hashed into the fingerprint (also stored in the manifest)."""
+        return {
+            "contract": CONTRACT_VERSION,
+            "stage": self.stage,
+            "version": str(self.version),
+            "params": _jsonable(dict(self.params)),
+            "upstream": dict(sorted(self.upstream.items())),
+            # Paths are not part of identity: the same bytes elsewhere are the same input.
+            "inputs": {label: d["sha256"] for label, d in self.input_hashes(hasher).items()},
+        }
+
+    def fingerprint(self, hasher: FileHasher | None = None) -> str:
+        blob = canonical_json(self.document(hasher)).encode()
+        return hashlib.sha256(blob).hexdigest()[:FINGERPRINT_LENGTH]
+
+    def output_dir(self, workdir: Path | str, hasher: FileHasher | None = None) -> Path:
+        return Path(workdir) / self.stage / self.fingerprint(hasher)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in RECORDED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+class StageBuild:
+    """Handle given to a stage's build function while its output is being written.
+
+    ``path`` is the (partial) output directory to write into. Record row counts in ``rows``,
+    anything else worth keeping in ``info``, and time sub-steps with :meth:`timed`.
+    """
+
+    def __init__(self, path: Path, key: StageKey, fingerprint: str, hasher: FileHasher):
+        self.path = path
+        self.key = key
+        self.fingerprint = fingerprint
+        self.rows: dict[str, int] = {}
+        self.info: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self._hasher = hasher
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 4)
+
+    def manifest(self, started: float, finished: float) -> dict:
+        files = {}
+        for file in sorted(_visible_files(self.path)):
+            rel = file.relative_to(self.path).as_posix()
+            if rel == MANIFEST_NAME:
+                continue
+            files[rel] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+        return {
+            "stage": self.key.stage,
+            "version": str(self.key.version),
+            "fingerprint": self.fingerprint,
+            "contract": CONTRACT_VERSION,
+            "params": _jsonable(dict(self.key.params)),
+            "upstream": dict(sorted(self.key.upstream.items())),
+            "inputs": self.key.input_hashes(self._hasher),
+            "libraries": library_versions(),
+            "rows": self.rows,
+            "info": _jsonable(self.info),
+            "files": files,
+            "timings": {
+                "started": _iso(started),
+                "finished": _iso(finished),
+                "seconds": round(finished - started, 3),
+                **self.timings,
+            },
+            "host": {"platform": platform.platform(), "argv": sys.argv[:1]},
+        }
+
+
+def _iso(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def partial_dir(final: Path) -> Path:
+    return final.parent / f".{final.name}{PARTIAL_SUFFIX}"
+
+
+@contextlib.contextmanager
+def build_stage(workdir: Path | str, key: StageKey, *, resumable: bool = False,
+                hasher: FileHasher | None = None) -> Iterator[StageBuild]:
+    """Build one stage output atomically.
+
+    Yields a :class:`StageBuild` whose ``path`` is a hidden partial directory. On normal exit
+    the manifest is written and the directory renamed to ``<workdir>/<stage>/<fingerprint>``.
+    On an exception the partial directory is removed, unless ``resumable`` is set: then it is
+    kept so that the next attempt can skip the pieces it already holds (a killed process
+    cannot clean up anyway, so resumable builders must write each piece atomically).
+    """
+    hasher = hasher or FileHasher(Path(workdir) / ".hash-cache.json")
+    fingerprint = key.fingerprint(hasher)
+    final = Path(workdir) / key.stage / fingerprint
+    if final.exists():
+        raise FileExistsError(f"{final} already exists; the stage is complete")
+    partial = partial_dir(final)
+    if partial.exists() and not resumable:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    build = StageBuild(partial, key, fingerprint, hasher)
+    started = time.time()
+    try:
+        yield build
+        manifest = build.manifest(started, time.time())
+        _write_json_atomic(partial / MANIFEST_NAME, manifest)
+    except BaseException:
+        if not resumable:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        hasher.save()
+    try:
+        os.rename(partial, final)
+    except OSError:
+        # Another worker finished the same fingerprint first; its output is equivalent.
+        if final.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            raise
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_file_atomic(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename to ``path``: for pieces of resumable stages."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def load_manifest(output_dir: Path | str) -> dict:
+    path = Path(output_dir) / MANIFEST_NAME
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no manifest; not a completed stage output") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: manifest is not valid JSON ({exc})") from None
+
+
+def verify_outputs(output_dir: Path | str) -> list[str]:
+    """Re-checksum every file listed in the manifest; return a list of problems (empty: OK)."""
+    output_dir = Path(output_dir)
+    manifest = load_manifest(output_dir)
+    problems = []
+    for rel, expected in manifest.get("files", {}).items():
+        file = output_dir / rel
+        if not file.exists():
+            problems.append(f"{file}: missing")
+        elif file.stat().st_size != expected["bytes"]:
+            problems.append(f"{file}: {file.stat().st_size} bytes, manifest says {expected['bytes']}")
+        elif sha256_file(file) != expected["sha256"]:
+            problems.append(f"{file}: checksum differs from the manifest")
+    return problems
+
+
+def existing_outputs(workdir: Path | str, stage: str) -> list[Path]:
+    """Completed outputs of ``stage``, newest first (by manifest modification time)."""
+    root = Path(workdir) / stage
+    if not root.is_dir():
+        return []
+    found = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+             and (d / MANIFEST_NAME).exists()]
+    return sorted(found, key=lambda d: (d / MANIFEST_NAME).stat().st_mtime, reverse=True)
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    fingerprint: str
+    output_dir: Path
+    up_to_date: bool
+    reasons: list[str]
+
+
+def explain_key(workdir: Path | str, key: StageKey, hasher: FileHasher | None = None,
+                upstream_names: Mapping[str, str] | None = None) -> StageStatus:
+    """Say whether ``key``'s output exists and, if not, how it differs from the newest output."""
+    hasher = hasher or FileHasher(Path(workdir) / ".hash-cache.json")
+    fingerprint = key.fingerprint(hasher)
+    final = Path(workdir) / key.stage / fingerprint
+    if (final / MANIFEST_NAME).exists():
+        return StageStatus(key.stage, fingerprint, final, True, [])
+    previous = existing_outputs(workdir, key.stage)
+    if not previous:
+        return StageStatus(key.stage, fingerprint, final, False, ["no earlier output of this stage"])
+    old = load_manifest(previous[0])
+    reasons = diff_against_manifest(key.document(hasher), old, upstream_names or {})
+    if not reasons:
+        reasons = ["same key as the newest output but another fingerprint (contract changed)"]
+    return StageStatus(key.stage, fingerprint, final, False,
+                       [f"vs {previous[0].name}: {r}" for r in reasons])
+
+
+def diff_against_manifest(document: dict, manifest: dict, upstream_names: Mapping[str, str]) -> list[str]:
+    reasons = []
+    if str(manifest.get("version")) != document["version"]:
+        reasons.append(f"stage version {manifest.get('version')} -> {document['version']}")
+    old_params, new_params = manifest.get("params", {}), document["params"]
+    for name in sorted(set(old_params) | set(new_params)):
+        if old_params.get(name, "<absent>") != new_params.get(name, "<absent>"):
+            reasons.append(f"parameter {name}: {old_params.get(name, '<absent>')!r} -> "
+                           f"{new_params.get(name, '<absent>')!r}")
+    old_up, new_up = manifest.get("upstream", {}), document["upstream"]
+    for label in sorted(set(old_up) | set(new_up)):
+        if old_up.get(label) != new_up.get(label):
+            name = upstream_names.get(label, label)
+            reasons.append(f"upstream {name} changed ({old_up.get(label)} -> {new_up.get(label)})")
+    old_inputs = {k: v.get("sha256") for k, v in manifest.get("inputs", {}).items()}
+    for label in sorted(set(old_inputs) | set(document["inputs"])):
+        if old_inputs.get(label) != document["inputs"].get(label):
+            path = manifest.get("inputs", {}).get(label, {}).get("path", label)
+            reasons.append(f"input file {label} ({path}) content changed")
+    return reasons
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -1,0 +1,140 @@
+"""Luigi wiring for the stage contract in :mod:`pipeline.stage`.
+
+Every task of the DAG is a :class:`StageTask`: it declares a stage name and version, its
+parameters (Luigi's ``significant=`` flag decides which ones enter the fingerprint), its
+upstream tasks (``requires()``) and the local files it reads (``stage_inputs()``). From those
+it derives a :class:`~pipeline.stage.StageKey`, hence ``output()`` =
+``<workdir>/<stage>/<fingerprint>``, so Luigi's existence check *is* a staleness check.
+``run()`` opens an atomic build and hands it to ``build()``, which calls plain functions in
+``pipeline/`` or ``distill/``.
+
+This module must stay cheap to import: it is on the path of every no-op rerun, so it never
+imports torch, transformers or datasets (stages import them inside ``build()``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import luigi
+from luigi.task import flatten
+
+from pipeline.stage import FileHasher, StageBuild, StageKey, build_stage, explain_key
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WORKDIR = PROJECT_ROOT / "data" / "work"
+
+
+class pipeline(luigi.Config):  # noqa: N801 - Luigi names config sections after the class
+    """``[pipeline]`` section of luigi.cfg: settings shared by every stage."""
+
+    workdir = luigi.Parameter(
+        default="",
+        significant=False,
+        description="Root directory of all stage outputs (content-addressed). Empty: "
+                    "$TINYKD_WORKDIR, else data/work inside the project.",
+    )
+
+
+def workdir() -> Path:
+    configured = pipeline().workdir or os.environ.get("TINYKD_WORKDIR", "")
+    return Path(configured).expanduser().resolve() if configured else DEFAULT_WORKDIR
+
+
+_HASHERS: dict[Path, FileHasher] = {}
+
+
+def shared_hasher(root: Path) -> FileHasher:
+    """One hash cache per workdir and process, so a DAG walk reads it once."""
+    if root not in _HASHERS:
+        _HASHERS[root] = FileHasher(root / ".hash-cache.json")
+    return _HASHERS[root]
+
+
+class StageTask(luigi.Task):
+    """A Luigi task whose output directory is named by its content fingerprint."""
+
+    #: Directory name of the stage under the workdir.
+    stage_name: ClassVar[str]
+    #: Bump when the code changes what this stage writes for the same inputs.
+    stage_version: ClassVar[str] = "1"
+    #: Keep the partial directory after a failure so a rerun can continue from it.
+    resumable: ClassVar[bool] = False
+
+    # --- declared by subclasses -------------------------------------------------------------
+    def stage_inputs(self) -> dict[str, str | Path]:
+        """Local files or directories this stage reads directly (hashed into the key)."""
+        return {}
+
+    def stage_params(self) -> dict[str, Any]:
+        """Significant parameters, by Luigi's own ``significant=`` flag."""
+        return {name: self.param_kwargs[name]
+                for name, param in self.get_params() if param.significant}
+
+    def build(self, out: StageBuild) -> None:
+        raise NotImplementedError
+
+    # --- derived ----------------------------------------------------------------------------
+    def upstream_tasks(self) -> dict[str, "StageTask"]:
+        """``requires()`` as a label -> task mapping (labels are the dict keys, or class names)."""
+        required = self.requires()
+        if isinstance(required, dict):
+            items = required.items()
+        else:
+            tasks = flatten(required)
+            items = ((t.task_id if sum(type(u) is type(t) for u in tasks) > 1
+                      else type(t).__name__, t) for t in tasks)
+        return {label: task for label, task in items if isinstance(task, StageTask)}
+
+    def stage_key(self) -> StageKey:
+        if getattr(self, "_stage_key", None) is None:
+            self._stage_key = StageKey(
+                stage=self.stage_name,
+                version=self.stage_version,
+                params=self.stage_params(),
+                upstream={label: task.fingerprint() for label, task in self.upstream_tasks().items()},
+                inputs=self.stage_inputs(),
+            )
+        return self._stage_key
+
+    def fingerprint(self) -> str:
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = self.stage_key().fingerprint(shared_hasher(workdir()))
+        return self._fingerprint
+
+    def output_dir(self) -> Path:
+        return workdir() / self.stage_name / self.fingerprint()
+
+    def output(self):
+        return luigi.LocalTarget(str(self.output_dir()))
+
+    def upstream_dir(self, label: str) -> Path:
+        return self.upstream_tasks()[label].output_dir()
+
+    def run(self) -> None:
+        hasher = shared_hasher(workdir())
+        with build_stage(workdir(), self.stage_key(), resumable=self.resumable, hasher=hasher) as out:
+            self.build(out)
+
+    def explain(self):
+        """This stage's :class:`~pipeline.stage.StageStatus` (up to date or why it will run)."""
+        names = {label: task.stage_name for label, task in self.upstream_tasks().items()}
+        return explain_key(workdir(), self.stage_key(), shared_hasher(workdir()), names)
+
+
+def walk_dag(root: luigi.Task) -> list[luigi.Task]:
+    """Every task reachable from ``root``, upstream first, each once."""
+    order: list[luigi.Task] = []
+    seen: set[str] = set()
+
+    def visit(task: luigi.Task) -> None:
+        if task.task_id in seen:
+            return
+        seen.add(task.task_id)
+        for dep in flatten(task.requires()):
+            visit(dep)
+        order.append(task)
+
+    visit(root)
+    return order
