@@ -11,6 +11,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _ignore_project_luigi_cfg() -> None:
+    """Tests set their parameters explicitly; the user's luigi.cfg must not leak into them."""
+    from luigi.configuration import LuigiConfigParser
+
+    LuigiConfigParser._config_paths = []
+    LuigiConfigParser._instance = None
+
+
+_ignore_project_luigi_cfg()
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_GLUE = PROJECT_ROOT.parent / "shared" / "data" / "glue"
 

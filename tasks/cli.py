@@ -1,0 +1,182 @@
+"""``tinykd``: run the DAG, explain what is stale, collect garbage, inspect a teacher cache.
+
+    tinykd run TASK [--PARAM VALUE ...] [--workers N] [--scheduler-host HOST]
+    tinykd explain TASK [--PARAM VALUE ...]
+    tinykd gc [--delete] [TASK [--PARAM VALUE ...]]
+    tinykd inspect CACHE_DIR [--verify]
+    tinykd demo
+
+``run`` is Luigi's own command line (``luigi --module tasks TASK``) with the local scheduler
+as default; pass ``--scheduler-host`` to use a central ``luigid``. Task parameters come from
+the command line, then ``luigi.cfg`` (Luigi's configuration mechanism), then defaults.
+``explain`` and ``gc`` walk the same DAG without running anything.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import luigi
+import luigi.cmdline_parser
+from luigi.task import flatten
+
+from pipeline.stage import PARTIAL_SUFFIX, directory_bytes
+from tasks.base import PROJECT_ROOT, StageTask, walk_dag, workdir
+
+#: Tasks that ``gc`` keeps (with their whole DAG) when none is named.
+DEFAULT_GC_ROOTS = ("Pipeline",)
+
+
+def _load_project_config() -> None:
+    """Read the project's luigi.cfg when tinykd runs from another directory."""
+    if not Path("luigi.cfg").exists() and (PROJECT_ROOT / "luigi.cfg").exists():
+        luigi.configuration.add_config_path(str(PROJECT_ROOT / "luigi.cfg"))
+
+
+def _task_from_argv(argv: list[str]) -> luigi.Task:
+    import tasks  # noqa: F401  - registers every task class with Luigi
+
+    with luigi.cmdline_parser.CmdlineParser.global_instance(argv) as parser:
+        return parser.get_task_obj()
+
+
+def cmd_run(argv: list[str]) -> int:
+    import tasks  # noqa: F401
+
+    args = list(argv)
+    if "--scheduler-host" not in args and "--local-scheduler" not in args:
+        args.append("--local-scheduler")
+    result = luigi.run(argv=args, detailed_summary=True)
+    return 0 if result.scheduling_succeeded else 1
+
+
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
+
+
+def explain_lines(root: luigi.Task) -> list[str]:
+    """One line per stage of ``root``'s DAG (upstream first), plus indented reasons."""
+    lines = []
+    stale: set[str] = set()
+    for task in walk_dag(root):
+        if not isinstance(task, StageTask):
+            state = "up to date" if task.complete() else "will run"
+            lines.append(f"{state:<11} {task.task_family}")
+            continue
+        status = task.explain()
+        upstream_stale = [t for t in flatten(task.requires()) if t.task_id in stale]
+        if status.up_to_date:
+            lines.append(f"up to date  {task.task_family:<22} {status.output_dir}")
+            continue
+        stale.add(task.task_id)
+        lines.append(f"will run    {task.task_family:<22} -> {status.output_dir}")
+        for reason in status.reasons:
+            lines.append(f"              {reason}")
+        for dep in upstream_stale:
+            lines.append(f"              upstream {dep.task_family} will run first")
+    return lines
+
+
+def cmd_explain(argv: list[str]) -> int:
+    root = _task_from_argv(argv)
+    started = time.perf_counter()
+    print("\n".join(explain_lines(root)))
+    print(f"(checked in {time.perf_counter() - started:.2f} s; workdir {workdir()})")
+    return 0
+
+
+def unreferenced_outputs(roots: list[luigi.Task]) -> list[Path]:
+    """Stage directories under the workdir that no task of the roots' DAGs points to.
+
+    Partial directories of referenced fingerprints are kept (a resumable stage continues
+    from them); partial directories of anything else are garbage.
+    """
+    referenced: set[Path] = set()
+    for root in roots:
+        for task in walk_dag(root):
+            if isinstance(task, StageTask):
+                referenced.add(task.output_dir())
+    garbage = []
+    base = workdir()
+    if not base.is_dir():
+        return []
+    for stage_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for entry in sorted(stage_dir.iterdir()):
+            if not entry.is_dir():
+                continue
+            name = entry.name
+            if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+                target = stage_dir / name[1:-len(PARTIAL_SUFFIX)]
+            else:
+                target = entry
+            if target not in referenced:
+                garbage.append(entry)
+    return garbage
+
+
+def cmd_gc(argv: list[str]) -> int:
+    """``gc [--delete] [TASK [--PARAM VALUE ...]]``: dry run unless ``--delete``.
+
+    Outputs referenced by TASK's DAG (default: the roots in DEFAULT_GC_ROOTS, with their
+    luigi.cfg parameters) are kept; everything else under the workdir is listed with sizes.
+    """
+    delete = "--delete" in argv
+    task_argv = [a for a in argv if a != "--delete"]
+    if task_argv and task_argv[0] in ("-h", "--help"):
+        print(cmd_gc.__doc__)
+        return 0
+    roots = [_task_from_argv(task_argv)] if task_argv else [_task_from_argv([n]) for n in DEFAULT_GC_ROOTS]
+    garbage = unreferenced_outputs(roots)
+    total = 0
+    for path in garbage:
+        size = directory_bytes(path)
+        total += size
+        print(f"{'deleted' if delete else 'would delete'}  {_human_bytes(size):>10}  {path}")
+        if delete:
+            shutil.rmtree(path)
+    verb = "freed" if delete else "would be freed (dry run; pass --delete)"
+    print(f"{len(garbage)} unreferenced output(s), {_human_bytes(total)} {verb}")
+    return 0
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tinykd inspect", description="Summarise a teacher cache.")
+    parser.add_argument("cache_dir", type=Path)
+    parser.add_argument("--verify", action="store_true", help="re-checksum and re-read every shard")
+    args = parser.parse_args(argv)
+    from pipeline.inspect_cache import inspect_cache
+
+    report, ok = inspect_cache(args.cache_dir, verify=args.verify)
+    print(report)
+    return 0 if ok else 1
+
+
+def cmd_demo(argv: list[str]) -> int:
+    """Run the offline demo DAG (configured in luigi.cfg's [Demo] section) and print its report."""
+    return cmd_run(["Demo", *argv])
+
+
+COMMANDS = {"run": cmd_run, "explain": cmd_explain, "gc": cmd_gc, "inspect": cmd_inspect,
+            "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _load_project_config()
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
