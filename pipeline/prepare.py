@@ -1,0 +1,721 @@
+"""Prepare data: turn a task's raw train/dev data into one normalised table per split.
+
+Every later stage (augmentation, teacher fine-tuning, the teacher cache, distillation) reads
+the same four columns, whatever the data came from:
+
+* ``id``     string, stable ``"<split>-<n>"`` where *n* is the 0-based index of the example
+  among the data rows of its source split (skipped or subsampled rows leave gaps, so an id
+  always points back to the same source row);
+* ``text_a`` string, never empty;
+* ``text_b`` string for sentence-pair tasks, null for single-sentence tasks;
+* ``label``  int64 index into ``label_names`` (classification) or float64 (regression).
+
+Three kinds of source are understood:
+
+``glue``
+    A directory in the original GLUE layout, ``<glue_dir>/<TASK>/{train,dev}.tsv``. Each task
+    has its own columns, header (CoLA has none), label set and dev file (MNLI: the matched dev
+    set); :data:`GLUE_TASKS` records them. The files are tab-separated with *no* quoting: a
+    ``"`` inside MRPC or SST-2 text is a literal character, so reading them with the csv
+    module's default quoting silently merges or mangles rows. We split lines on tabs ourselves.
+``hf``
+    A Hugging Face dataset, by hub name (``datasets.load_dataset``) or a ``save_to_disk``
+    directory (``datasets.load_from_disk``), with a split mapping and a column mapping.
+``files``
+    CSV, TSV, JSON Lines or Parquet train/dev files with a column mapping.
+
+Every row is validated (column count, missing fields, empty text, invalid UTF-8, a label
+outside the task's label set, a non-numeric or out-of-range regression score). By default the
+first bad row raises one :class:`~pipeline.errors.InputError` naming file, line and problem,
+and nothing is written; with ``skip_bad_rows`` the bad rows are dropped instead and counted
+(per split, with the first :data:`MAX_REPORTED_PROBLEMS` locations) in the returned info.
+Line numbers are 1-based physical lines for text files (the header is line 1); for Parquet
+and Hugging Face sources the number is the 1-based row number.
+
+Nothing here imports luigi; pyarrow and datasets are imported where they are used, so that
+the Luigi wiring can import the task registry cheaply.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from pipeline.errors import InputError
+
+SPLITS = ("train", "dev")
+CLASSIFICATION = "classification"
+REGRESSION = "regression"
+#: How many bad-row locations the manifest keeps when ``skip_bad_rows`` is on.
+MAX_REPORTED_PROBLEMS = 100
+PARQUET_COMPRESSION = "zstd"
+
+
+# --------------------------------------------------------------------------------------------
+# GLUE task registry
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GlueTask:
+    """How one GLUE task is laid out on disk (and on the Hugging Face hub).
+
+    For files with a header, ``text_a``/``text_b``/``label`` are header column names, looked
+    up in each file's own header (MNLI's train and dev files have different column counts).
+    For header-less files (CoLA) they are 0-based column indices and ``num_columns`` is fixed.
+    """
+
+    name: str
+    text_a: str | int
+    text_b: str | int | None
+    label: str | int
+    #: Label strings as written in the files, in class-index order; ``None`` for regression.
+    label_names: tuple[str, ...] | None
+    has_header: bool = True
+    num_columns: int | None = None
+    dev_file: str = "dev.tsv"
+    #: Inclusive range of a regression score.
+    label_range: tuple[float, float] | None = None
+    #: The matching configuration of the ``nyu-mll/glue`` hub dataset and its columns.
+    hf_config: str = ""
+    hf_columns: tuple[tuple[str, str], ...] = ()
+    hf_dev_split: str = "validation"
+
+    @property
+    def is_pair(self) -> bool:
+        return self.text_b is not None
+
+    @property
+    def task_type(self) -> str:
+        return REGRESSION if self.label_names is None else CLASSIFICATION
+
+    def split_file(self, glue_dir: Path | str, split: str) -> Path:
+        name = "train.tsv" if split == "train" else self.dev_file
+        return Path(glue_dir) / self.name / name
+
+
+def _hf_cols(a: str, b: str | None) -> tuple[tuple[str, str], ...]:
+    cols = [("text_a", a), ("label", "label")]
+    if b is not None:
+        cols.append(("text_b", b))
+    return tuple(cols)
+
+
+_BINARY = ("0", "1")
+_ENTAILMENT = ("entailment", "not_entailment")
+
+#: The GLUE tasks, keyed by their directory name in the GLUE download.
+GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in (
+    # CoLA has no header: source code, label, original annotation ("*" or empty), sentence.
+    GlueTask("CoLA", text_a=3, text_b=None, label=1, label_names=_BINARY, has_header=False,
+             num_columns=4, hf_config="cola", hf_columns=_hf_cols("sentence", None)),
+    GlueTask("SST-2", "sentence", None, "label", _BINARY,
+             hf_config="sst2", hf_columns=_hf_cols("sentence", None)),
+    # MRPC starts with a UTF-8 byte-order mark and has literal '"' inside its strings.
+    GlueTask("MRPC", "#1 String", "#2 String", "Quality", _BINARY,
+             hf_config="mrpc", hf_columns=_hf_cols("sentence1", "sentence2")),
+    GlueTask("STS-B", "sentence1", "sentence2", "score", None, label_range=(0.0, 5.0),
+             hf_config="stsb", hf_columns=_hf_cols("sentence1", "sentence2")),
+    GlueTask("QQP", "question1", "question2", "is_duplicate", _BINARY,
+             hf_config="qqp", hf_columns=_hf_cols("question1", "question2")),
+    GlueTask("MNLI", "sentence1", "sentence2", "gold_label",
+             ("contradiction", "entailment", "neutral"), dev_file="dev_matched.tsv",
+             hf_config="mnli", hf_columns=_hf_cols("premise", "hypothesis"),
+             hf_dev_split="validation_matched"),
+    GlueTask("QNLI", "question", "sentence", "label", _ENTAILMENT,
+             hf_config="qnli", hf_columns=_hf_cols("question", "sentence")),
+    GlueTask("RTE", "sentence1", "sentence2", "label", _ENTAILMENT,
+             hf_config="rte", hf_columns=_hf_cols("sentence1", "sentence2")),
+    GlueTask("WNLI", "sentence1", "sentence2", "label", _BINARY,
+             hf_config="wnli", hf_columns=_hf_cols("sentence1", "sentence2")),
+)}
+_GLUE_ALIASES = {k.lower().replace("-", ""): k for k in GLUE_TASKS}
+
+
+def glue_task(name: str) -> GlueTask:
+    """Look a GLUE task up by its directory name (case and '-' insensitive: 'sst2' works)."""
+    key = _GLUE_ALIASES.get(str(name).lower().replace("-", "").replace("_", ""))
+    if key is None:
+        raise InputError(f"unknown GLUE task {name!r}; known: {', '.join(GLUE_TASKS)}")
+    return GLUE_TASKS[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Rows, problems and the label/text checks shared by every source
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class RawRow:
+    """One source row before validation of its values."""
+
+    index: int          # 0-based data-row index within its split (becomes the id)
+    path: str           # file (or dataset) named in error messages
+    line: int           # 1-based physical line (text files) or row number
+    text_a: Any
+    text_b: Any
+    label: Any
+
+
+class RowProblems:
+    """Raises on the first bad row, or (``skip``) counts bad rows and keeps where they were."""
+
+    def __init__(self, skip: bool):
+        self.skip = skip
+        self.count = {split: 0 for split in SPLITS}
+        self.locations: list[str] = []
+
+    def report(self, split: str, path: str, line: int | None, problem: str) -> None:
+        if not self.skip:
+            raise InputError(problem, path, line)
+        self.count[split] += 1
+        if len(self.locations) < MAX_REPORTED_PROBLEMS:
+            self.locations.append(str(InputError(problem, path, line)))
+
+    def summary(self) -> dict:
+        total = sum(self.count.values())
+        return {"count": total, "by_split": dict(self.count), "rows": list(self.locations),
+                "capped": total > len(self.locations)}
+
+
+@dataclass
+class TaskSpec:
+    """What the normalised table means: the label set and whether examples are pairs."""
+
+    name: str
+    task_type: str
+    is_pair: bool
+    label_names: tuple[str, ...] | None = None
+    label_range: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        if self.task_type not in (CLASSIFICATION, REGRESSION):
+            raise InputError(f"task_type must be {CLASSIFICATION!r} or {REGRESSION!r}, "
+                             f"got {self.task_type!r}")
+        if self.task_type == CLASSIFICATION and self.label_names is not None:
+            names = tuple(str(n) for n in self.label_names)
+            if len(set(names)) != len(names) or not names:
+                raise InputError(f"label names must be distinct and non-empty: {list(names)}")
+            self.label_names = names
+        self._index = {n: i for i, n in enumerate(self.label_names or ())}
+        # Integers are taken as class indices only when no label name looks like an integer,
+        # so that "1" and 1 can never mean two different classes.
+        self._ints_are_indices = not any(_is_int_string(n) for n in self._index)
+
+    def label_value(self, value: Any) -> tuple[Any, str | None]:
+        """``(normalised label, None)`` or ``(None, problem)``."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return None, "missing field 'label'"
+        if self.task_type == REGRESSION:
+            return self._score(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, str) and value in self._index:
+            return self._index[value], None
+        if isinstance(value, int) and not isinstance(value, bool):
+            if self._ints_are_indices:
+                if 0 <= value < len(self._index):
+                    return value, None
+            elif str(value) in self._index:
+                return self._index[str(value)], None
+        return None, f"label {value!r} is not in the task's label set {list(self._index)}"
+
+    def _score(self, value: Any) -> tuple[float | None, str | None]:
+        if isinstance(value, bool):
+            return None, f"regression label {value!r} is not a number"
+        try:
+            score = float(value)
+        except (TypeError, ValueError):
+            return None, f"regression label {value!r} is not a number"
+        if not math.isfinite(score):
+            return None, f"regression label {value!r} is not finite"
+        if self.label_range and not self.label_range[0] <= score <= self.label_range[1]:
+            return None, (f"regression label {score} is outside the task's range "
+                          f"[{self.label_range[0]}, {self.label_range[1]}]")
+        return score, None
+
+
+def _is_int_string(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _text_value(value: Any, field: str) -> tuple[str | None, str | None]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None, f"missing field {field!r}"
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return None, f"{field} is not valid UTF-8 (byte {exc.start})"
+    if not isinstance(value, str):
+        return None, f"{field} must be text, got {type(value).__name__} {value!r}"
+    if not value.strip():
+        return None, f"empty {field}"
+    return value, None
+
+
+@dataclass
+class SplitTable:
+    """Validated rows of one split, column by column."""
+
+    ids: list[str]
+    text_a: list[str]
+    text_b: list[str | None]
+    labels: list
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self, positions: Sequence[int]) -> "SplitTable":
+        return SplitTable([self.ids[i] for i in positions], [self.text_a[i] for i in positions],
+                          [self.text_b[i] for i in positions], [self.labels[i] for i in positions])
+
+
+def normalise(split: str, rows: Iterable[RawRow], spec: TaskSpec, problems: RowProblems) -> SplitTable:
+    """Validate texts and labels of ``rows`` and convert them to the normalised columns."""
+    table = SplitTable([], [], [], [])
+    for row in rows:
+        text_a, problem = _text_value(row.text_a, "text_a")
+        text_b = None
+        if problem is None and spec.is_pair:
+            text_b, problem = _text_value(row.text_b, "text_b")
+        label = None
+        if problem is None:
+            label, problem = spec.label_value(row.label)
+        if problem is not None:
+            problems.report(split, row.path, row.line, problem)
+            continue
+        table.ids.append(f"{split}-{row.index}")
+        table.text_a.append(text_a)
+        table.text_b.append(text_b)
+        table.labels.append(label)
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# Text files: tab-separated without quoting (GLUE), CSV, JSON Lines
+# --------------------------------------------------------------------------------------------
+
+def _decoded_lines(path: Path, split: str, problems: RowProblems) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` per physical line, strictly decoded as UTF-8.
+
+    A leading byte-order mark is dropped, ``\\r\\n`` endings are accepted and blank lines at
+    the end of the file are ignored. A line that is not valid UTF-8 is a bad row.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError("file not found", path) from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = data.split(b"\n")
+    while lines and not lines[-1].strip(b"\r"):
+        lines.pop()
+    for number, raw in enumerate(lines, start=1):
+        raw = raw.removesuffix(b"\r")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.report(split, str(path), number, f"invalid UTF-8 (byte {exc.start} of the line: "
+                                                      f"{raw[exc.start:exc.start + 4]!r})")
+            continue
+        yield number, text
+
+
+def _column_positions(header: Sequence[str], wanted: Mapping[str, str], path: Path) -> dict[str, int]:
+    positions = {}
+    for field, column in wanted.items():
+        if column not in header:
+            raise InputError(f"header has no column {column!r} (for {field}); columns: {list(header)}",
+                             path, 1)
+        positions[field] = list(header).index(column)
+    return positions
+
+
+def read_delimited(path: Path | str, split: str, columns: Mapping[str, str | int],
+                   problems: RowProblems, *, delimiter: str = "\t", quoting: bool = False,
+                   has_header: bool = True, num_columns: int | None = None) -> list[RawRow]:
+    """Read a delimited text file into :class:`RawRow`s.
+
+    ``columns`` maps ``text_a``/``text_b``/``label`` to header names (or to 0-based indices
+    when there is no header). Every row must have as many columns as the header (or
+    ``num_columns``). ``quoting=False`` splits each line on the delimiter (GLUE's TSVs);
+    ``quoting=True`` uses the csv module's standard double-quote rules (CSV files), where a
+    quoted field may span lines: its row is reported at the line where it starts.
+    """
+    path = Path(path)
+    numbered = _decoded_lines(path, split, problems)
+    if quoting:
+        records = _quoted_records(numbered, delimiter, path)
+    else:
+        records = ((number, text.split(delimiter)) for number, text in numbered)
+    rows: list[RawRow] = []
+    positions: dict[str, int] | None = None
+    if not has_header:
+        positions = {field: int(col) for field, col in columns.items()}
+    data_index = 0
+    for number, fields in records:
+        if positions is None:  # the header line
+            if number != 1:
+                raise InputError("the header line is not valid UTF-8", path, 1)
+            header = [f.strip() for f in fields]
+            num_columns = len(header)
+            positions = _column_positions(header, {k: str(v) for k, v in columns.items()}, path)
+            continue
+        # Unquoted files have one row per line, so the index follows the line number and stays
+        # stable when an undecodable line is skipped; quoted rows may span lines: count them.
+        index = data_index if quoting else number - 1 - int(has_header)
+        data_index += 1
+        if len(fields) != num_columns:
+            problems.report(split, str(path), number,
+                            f"expected {num_columns} {'tab' if delimiter == chr(9) else repr(delimiter)}"
+                            f"-separated columns, found {len(fields)}")
+            continue
+        rows.append(RawRow(index, str(path), number, *(
+            fields[positions[f]] if f in positions else None for f in ("text_a", "text_b", "label"))))
+    if positions is None:
+        raise InputError("file is empty (no header line)", path, 1)
+    return rows
+
+
+def _quoted_records(numbered: Iterator[tuple[int, str]], delimiter: str,
+                    path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Parse CSV records while remembering the physical line each record starts on."""
+    current = {"line": 0}
+
+    def lines() -> Iterator[str]:
+        for number, text in numbered:
+            current["line"] = number
+            yield text + "\n"
+
+    source = lines()
+    reader = csv.reader(source, delimiter=delimiter, strict=True)
+    while True:
+        start = current["line"] + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise InputError(f"malformed CSV ({exc})", path, start) from None
+        yield start, fields
+
+
+def read_jsonl(path: Path | str, split: str, columns: Mapping[str, str], problems: RowProblems) -> list[RawRow]:
+    """Read JSON Lines (one object per line); a missing key is a missing field."""
+    path = Path(path)
+    rows: list[RawRow] = []
+    for number, text in _decoded_lines(path, split, problems):
+        this = number - 1
+        if not text.strip():
+            problems.report(split, str(path), number, "blank line (expected a JSON object)")
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            problems.report(split, str(path), number, f"invalid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(record, dict):
+            problems.report(split, str(path), number, f"expected a JSON object, got {type(record).__name__}")
+            continue
+        missing = [f"{field} ({column!r})" for field, column in columns.items() if column not in record]
+        if missing:
+            problems.report(split, str(path), number, f"missing field {', '.join(missing)}")
+            continue
+        rows.append(RawRow(this, str(path), number,
+                           *(record.get(columns[f]) if f in columns else None
+                             for f in ("text_a", "text_b", "label"))))
+    return rows
+
+
+def read_parquet(path: Path | str, split: str, columns: Mapping[str, str]) -> list[RawRow]:
+    """Read a Parquet file; line numbers in problems are 1-based row numbers."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError("file not found", path)
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # pyarrow raises several types for a non-Parquet file
+        raise InputError(f"not a readable Parquet file ({exc})", path) from None
+    for field, column in columns.items():
+        if column not in schema.names:
+            raise InputError(f"no column {column!r} (for {field}); columns: {schema.names}", path)
+    table = pq.read_table(path, columns=list(dict.fromkeys(columns.values())))
+    values = {field: table.column(column).to_pylist() for field, column in columns.items()}
+    return [RawRow(i, str(path), i + 1, *(values[f][i] if f in values else None
+                                          for f in ("text_a", "text_b", "label")))
+            for i in range(table.num_rows)]
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
+                ".parquet": "parquet", ".pq": "parquet"}
+
+
+def file_format(path: Path | str, declared: str = "") -> str:
+    if declared:
+        if declared not in set(FILE_FORMATS.values()):
+            raise InputError(f"unknown file format {declared!r}; use one of "
+                             f"{sorted(set(FILE_FORMATS.values()))}")
+        return declared
+    suffix = Path(path).suffix.lower()
+    if suffix not in FILE_FORMATS:
+        raise InputError(f"cannot tell the format from the extension {suffix!r}; "
+                         f"name it (csv, tsv, jsonl, parquet)", path)
+    return FILE_FORMATS[suffix]
+
+
+def source_inputs(source: Mapping[str, Any]) -> dict[str, Path]:
+    """The local files/directories a source reads (hashed into the stage fingerprint)."""
+    kind = source.get("kind")
+    if kind == "glue":
+        task = glue_task(source["task"])
+        glue_dir = _required_path(source, "glue_dir")
+        return {split: task.split_file(glue_dir, split) for split in SPLITS}
+    if kind == "hf":
+        return {"hf_dir": _required_path(source, "dir")} if source.get("dir") else {}
+    if kind == "files":
+        return {split: _required_path(source, split) for split in SPLITS}
+    raise InputError(f"unknown source kind {kind!r}; use 'glue', 'hf' or 'files'")
+
+
+def _required_path(source: Mapping[str, Any], key: str) -> Path:
+    value = source.get(key)
+    if not value:
+        raise InputError(f"source kind {source.get('kind')!r} needs {key!r}")
+    return Path(value).expanduser().resolve()
+
+
+def _load_glue(source: Mapping[str, Any], problems: RowProblems):
+    task = glue_task(source["task"])
+    glue_dir = _required_path(source, "glue_dir")
+    spec = TaskSpec(task.name, task.task_type, task.is_pair, task.label_names, task.label_range)
+    columns = {"text_a": task.text_a, "label": task.label}
+    if task.text_b is not None:
+        columns["text_b"] = task.text_b
+    raw = {}
+    for split in SPLITS:
+        path = task.split_file(glue_dir, split)
+        if not path.exists():
+            raise InputError(f"GLUE {task.name} {split} file not found (expected "
+                             f"<glue_dir>/{task.name}/{path.name})", path)
+        raw[split] = read_delimited(path, split, columns, problems, has_header=task.has_header,
+                                    num_columns=task.num_columns)
+    return spec, raw, {"kind": "glue", "task": task.name}
+
+
+def _mapping_and_spec(source: Mapping[str, Any], default_columns: Mapping[str, str] = (),
+                      default_task: GlueTask | None = None):
+    """Column mapping and :class:`TaskSpec` from a source's explicit settings and defaults."""
+    columns = dict(default_columns)
+    columns.update({k: v for k, v in dict(source.get("columns") or {}).items() if v})
+    unknown = set(columns) - {"text_a", "text_b", "label"}
+    if unknown:
+        raise InputError(f"column mapping keys must be text_a, text_b, label; got {sorted(unknown)}")
+    for field in ("text_a", "label"):
+        if field not in columns:
+            raise InputError(f"the column mapping needs {field!r} (e.g. {{'{field}': 'sentence'}})")
+    task_type = source.get("task_type") or (default_task.task_type if default_task else CLASSIFICATION)
+    label_names = tuple(source.get("label_names") or ()) or (
+        default_task.label_names if default_task and task_type == CLASSIFICATION else None)
+    if task_type == REGRESSION:
+        label_names = None
+    name = source.get("task") or (default_task.name if default_task else "custom")
+    spec = TaskSpec(str(name), task_type, "text_b" in columns, label_names,
+                    default_task.label_range if default_task and task_type == REGRESSION else None)
+    return columns, spec
+
+
+def _load_files(source: Mapping[str, Any], problems: RowProblems):
+    columns, spec = _mapping_and_spec(source)
+    raw = {}
+    for split in SPLITS:
+        path = _required_path(source, split)
+        fmt = file_format(path, source.get("format") or "")
+        if fmt == "tsv":
+            raw[split] = read_delimited(path, split, columns, problems, delimiter="\t")
+        elif fmt == "csv":
+            raw[split] = read_delimited(path, split, columns, problems, delimiter=",", quoting=True)
+        elif fmt == "jsonl":
+            raw[split] = read_jsonl(path, split, columns, problems)
+        else:
+            raw[split] = read_parquet(path, split, columns)
+    return spec, raw, {"kind": "files", "format": {s: file_format(source[s], source.get("format") or "")
+                                                   for s in SPLITS}}
+
+
+def _load_hf(source: Mapping[str, Any], problems: RowProblems):
+    import datasets
+
+    default_task = glue_task(source["task"]) if source.get("task") else None
+    splits = {"train": "train", "dev": default_task.hf_dev_split if default_task else "validation"}
+    splits.update(dict(source.get("splits") or {}))
+    if source.get("dir"):
+        where = str(_required_path(source, "dir"))
+        try:
+            loaded = datasets.load_from_disk(where)
+        except FileNotFoundError as exc:
+            raise InputError(f"not a save_to_disk directory ({exc})", where) from None
+        if not isinstance(loaded, datasets.DatasetDict):
+            raise InputError("save_to_disk directory holds a single Dataset; a DatasetDict with "
+                             f"splits {sorted(set(splits.values()))} is needed", where)
+    elif source.get("name"):
+        where = source["name"] + (f"/{source['config']}" if source.get("config") else "")
+        loaded = datasets.load_dataset(source["name"], source.get("config") or None,
+                                       revision=source.get("revision") or None)
+    else:
+        raise InputError("source kind 'hf' needs a dataset name or a save_to_disk dir")
+    columns, spec = _mapping_and_spec(
+        source, dict(default_task.hf_columns) if default_task else {}, default_task)
+    raw = {}
+    for split, hf_split in splits.items():
+        if hf_split not in loaded:
+            raise InputError(f"no split {hf_split!r} (for {split}); splits: {list(loaded)}", where)
+        dataset = loaded[hf_split]
+        missing = [c for c in columns.values() if c not in dataset.column_names]
+        if missing:
+            raise InputError(f"split {hf_split!r} has no column {missing}; columns: "
+                             f"{dataset.column_names}", where)
+        label_feature = dataset.features[columns["label"]]
+        if isinstance(label_feature, datasets.ClassLabel) and spec.task_type == CLASSIFICATION:
+            if not source.get("label_names"):
+                # Class indices and their names come from the dataset itself.
+                spec = TaskSpec(spec.name, spec.task_type, spec.is_pair, tuple(label_feature.names))
+        values = dataset.select_columns(list(dict.fromkeys(columns.values()))).to_dict()
+        path = f"{where}[{hf_split}]"
+        raw[split] = [RawRow(i, path, i + 1, *(values[columns[f]][i] if f in columns else None
+                                                for f in ("text_a", "text_b", "label")))
+                      for i in range(dataset.num_rows)]
+    described = {"kind": "hf", "splits": splits}
+    if source.get("name"):
+        described.update(name=source["name"], config=source.get("config") or "")
+    return spec, raw, described
+
+
+def _infer_label_names(spec: TaskSpec, raw_train: Sequence[RawRow]) -> TaskSpec:
+    """Classification without declared label names: the distinct train labels, sorted."""
+    if spec.task_type != CLASSIFICATION or spec.label_names is not None:
+        return spec
+    values = {row.label for row in raw_train if row.label is not None and row.label != ""}
+    if all(isinstance(v, int) and not isinstance(v, bool) or (isinstance(v, str) and _is_int_string(v))
+           for v in values):
+        names = tuple(str(v) for v in sorted(values, key=int))
+    else:
+        names = tuple(sorted(str(v) for v in values))
+    if not names:
+        raise InputError("no labels found in the train split to infer label names from")
+    return TaskSpec(spec.name, spec.task_type, spec.is_pair, names, spec.label_range)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+LOADERS = {"glue": _load_glue, "hf": _load_hf, "files": _load_files}
+
+
+def subsample(table: SplitTable, limit: int, seed: int) -> SplitTable:
+    """A seeded uniform sample of ``limit`` rows, kept in source order (all rows if fewer)."""
+    if not limit or limit >= len(table):
+        return table
+    chosen = sorted(random.Random(seed).sample(range(len(table)), limit))
+    return table.take(chosen)
+
+
+def prepare(source: Mapping[str, Any], out_dir: Path | str, *, skip_bad_rows: bool = False,
+            max_train_examples: int = 0, max_dev_examples: int = 0, subset_seed: int = 0) -> dict:
+    """Validate a source's train and dev splits and write ``{train,dev}.parquet`` to ``out_dir``.
+
+    ``source`` is a mapping with ``kind`` = ``"glue"`` (``glue_dir``, ``task``), ``"hf"``
+    (``name`` [+ ``config``, ``revision``] or ``dir``; optional ``task`` for GLUE defaults,
+    ``splits`` {train, dev -> dataset split}, ``columns``, ``label_names``, ``task_type``) or
+    ``"files"`` (``train``, ``dev`` paths, optional ``format``, ``columns``, ``label_names``,
+    ``task_type``, ``task``). ``max_*_examples`` > 0 keep a seeded random sample of that many
+    rows (in source order). Nothing is written unless every split validates.
+
+    Returns ``{"rows": {split: n}, "info": {...}}`` for the stage manifest.
+    """
+    kind = source.get("kind")
+    if kind not in LOADERS:
+        raise InputError(f"unknown source kind {kind!r}; use one of {sorted(LOADERS)}")
+    problems = RowProblems(skip_bad_rows)
+    spec, raw, described = LOADERS[kind](source, problems)
+    spec = _infer_label_names(spec, raw["train"])
+    tables = {split: normalise(split, raw[split], spec, problems) for split in SPLITS}
+    for split, table in tables.items():
+        if not len(table):
+            where = raw[split][0].path if raw[split] else split
+            raise InputError(f"the {split} split has no usable rows", where)
+    before = {split: len(table) for split, table in tables.items()}
+    tables["train"] = subsample(tables["train"], max_train_examples, subset_seed)
+    tables["dev"] = subsample(tables["dev"], max_dev_examples, subset_seed)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, table in tables.items():
+        write_split(out_dir / f"{split}.parquet", table, spec)
+
+    info = {
+        "task": spec.name,
+        "task_type": spec.task_type,
+        "label_names": list(spec.label_names or []),
+        "num_labels": len(spec.label_names) if spec.task_type == CLASSIFICATION else 1,
+        "is_pair": spec.is_pair,
+        "source": described,
+        "skipped": problems.summary(),
+        "subsampled": {split: {"from": before[split], "kept": len(tables[split]), "seed": subset_seed}
+                       for split in SPLITS if len(tables[split]) < before[split]},
+    }
+    if spec.task_type == CLASSIFICATION:
+        info["label_counts"] = {split: [t.labels.count(i) for i in range(len(spec.label_names))]
+                                for split, t in tables.items()}
+    return {"rows": {split: len(t) for split, t in tables.items()}, "info": info}
+
+
+def write_split(path: Path, table: SplitTable, spec: TaskSpec) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    label_type = pa.float64() if spec.task_type == REGRESSION else pa.int64()
+    schema = pa.schema([
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("text_a", pa.string(), nullable=False),
+        pa.field("text_b", pa.string()),
+        pa.field("label", label_type, nullable=False),
+    ], metadata={"tinykd.task": spec.name, "tinykd.task_type": spec.task_type,
+                 "tinykd.label_names": json.dumps(list(spec.label_names or []))})
+    arrow = pa.table({"id": table.ids, "text_a": table.text_a, "text_b": table.text_b,
+                      "label": table.labels}, schema=schema)
+    pq.write_table(arrow, path, compression=PARQUET_COMPRESSION)
+
+
+# --------------------------------------------------------------------------------------------
+# Readers for downstream stages
+# --------------------------------------------------------------------------------------------
+
+def read_split(stage_dir: Path | str, split: str):
+    """The normalised ``split`` (``"train"`` or ``"dev"``) of a prepare_data output, as a pyarrow Table."""
+    import pyarrow.parquet as pq
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return pq.read_table(Path(stage_dir) / f"{split}.parquet")
+
+
+def task_info(stage_dir: Path | str) -> dict:
+    """The ``info`` a prepare_data output recorded: task, task_type, label_names, num_labels, ..."""
+    from pipeline.stage import load_manifest
+
+    return load_manifest(stage_dir)["info"]
