@@ -1,0 +1,457 @@
+"""The distillation training loop: cached (or live) teacher tensors in, a student out.
+
+The loop never sees where the teacher's tensors come from. It draws Batch dicts
+(docs/DESIGN.md) from a *batch source* and hands each to a *teacher provider*:
+
+* :class:`CachedTeacher` passes the cache reader's tensors through (task distillation reads
+  the Parquet cache only: no teacher forward);
+* :class:`OnlineTeacher` runs the teacher live with
+  :func:`pipeline.teacher_outputs.forward_internals` + ``zero_padding`` -- the very functions
+  the cache writer used -- so the parity test of cache against online is one flag.
+
+The student's own internals come from the same ``forward_internals`` (hooks on query/key keep
+the gradient), the losses from :mod:`distill.losses`, each logged separately.
+
+**Resume.** Every ``checkpoint_every`` steps the full state is written atomically to
+``<out>/checkpoints/last.pt``: student, projections, optimizer, scheduler, the RNG states
+(torch, CUDA, numpy, random), the data position (epoch, batch within it) and the length of
+``metrics.jsonl``. An epoch's order is a pure function of (seed, epoch), so a run killed at
+any point and restarted from that file replays exactly the steps an uninterrupted run takes.
+
+**Failure.** A non-finite loss stops the run naming the step and the loss terms; the last
+checkpoint (written only after finite steps) stays in place for inspection or a retry.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from distill.data import Batch, Prefetcher, num_batches, to_device
+from distill.losses import (ATTENTION_MODES, PROJECTION_MODES, HiddenProjections, hinton_kd,
+                            intermediate_losses, regression_loss, soft_cross_entropy)
+from pipeline.teacher_outputs import forward_internals, zero_padding
+
+LOSS_NAMES = ("embedding", "attention", "hidden", "prediction")
+PREDICTION_LOSSES = ("soft_ce", "kd")
+SCHEDULES = ("constant", "linear")
+CHECKPOINT_NAME = "last.pt"
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised when a loss is NaN/inf; names the step, the loss terms and the last checkpoint."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a distillation run (stage recipes: :func:`recipe`)."""
+
+    # loss weights; a term with weight 0 is not computed
+    embedding_weight: float = 1.0
+    attention_weight: float = 1.0
+    hidden_weight: float = 1.0
+    prediction_weight: float = 0.0
+    attention_mode: str = "reference"
+    projection_mode: str = "shared"
+    prediction_loss: str = "soft_ce"     # regression tasks always use MSE to the teacher
+    temperature: float = 1.0
+    kd_alpha: float = 0.5                # only for prediction_loss="kd"
+    # optimisation
+    learning_rate: float = 5e-5
+    epochs: int = 10
+    max_steps: int = 0                   # > 0: stop after this many steps
+    batch_size: int = 32
+    schedule: str = "constant"
+    warmup_proportion: float = 0.0
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    # bookkeeping (do not change results)
+    eval_every: int = 0                  # steps; 0 = only at the end
+    checkpoint_every: int = 500
+    log_every: int = 50
+    device: str = "auto"
+    amp: bool = False                    # CUDA only: bf16 autocast
+    prefetch: int = 4
+    num_threads: int = 0                 # CPU intra-op threads; 0 = torch default
+
+    def validate(self) -> None:
+        if self.attention_mode not in ATTENTION_MODES:
+            raise ValueError(f"attention_mode {self.attention_mode!r} not in {ATTENTION_MODES}")
+        if self.projection_mode not in PROJECTION_MODES:
+            raise ValueError(f"projection_mode {self.projection_mode!r} not in {PROJECTION_MODES}")
+        if self.prediction_loss not in PREDICTION_LOSSES:
+            raise ValueError(f"prediction_loss {self.prediction_loss!r} not in {PREDICTION_LOSSES}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} not in {SCHEDULES}")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be positive")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise ValueError("kd_alpha must be within [0, 1]")
+        if self.batch_size < 1 or (self.epochs < 1 and self.max_steps < 1):
+            raise ValueError("batch_size and epochs (or max_steps) must be positive")
+
+    @property
+    def uses_intermediate(self) -> bool:
+        return any(w > 0 for w in (self.embedding_weight, self.attention_weight, self.hidden_weight))
+
+    @property
+    def uses_prediction(self) -> bool:
+        return self.prediction_weight > 0
+
+
+def recipe(stage: str, **overrides) -> TrainConfig:
+    """SPEC §3 defaults. ``intermediate``: stage 1 (and general distillation), lr 5e-5 constant,
+    10 epochs; ``prediction``: stage 2, lr 3e-5, 3 epochs, 10 % linear warm-up then decay."""
+    if stage == "intermediate":
+        base = dict(embedding_weight=1.0, attention_weight=1.0, hidden_weight=1.0,
+                    prediction_weight=0.0, learning_rate=5e-5, epochs=10, schedule="constant",
+                    warmup_proportion=0.0)
+    elif stage == "prediction":
+        base = dict(embedding_weight=0.0, attention_weight=0.0, hidden_weight=0.0,
+                    prediction_weight=1.0, learning_rate=3e-5, epochs=3, schedule="linear",
+                    warmup_proportion=0.1, eval_every=50)
+    else:
+        raise ValueError(f"unknown stage {stage!r}; choose 'intermediate' or 'prediction'")
+    base.update(overrides)
+    config = TrainConfig(**base)
+    config.validate()
+    return config
+
+
+# --- teacher providers ---------------------------------------------------------------------
+class CachedTeacher:
+    """Teacher tensors come with the batch (the cache reader filled them in)."""
+
+    online = False
+
+    def __call__(self, batch: Batch) -> Batch:
+        missing = [k for k in ("teacher_logits", "teacher_hidden", "teacher_scores") if k not in batch]
+        if missing:
+            raise KeyError(f"batch has no {missing}: read the cache with teacher outputs")
+        return batch
+
+
+class OnlineTeacher:
+    """Run the teacher live on each batch, producing exactly the cached tensors' form."""
+
+    online = True
+
+    def __init__(self, model: torch.nn.Module, hidden_layers: Sequence[int],
+                 attention_layers: Sequence[int], with_logits: bool = True):
+        self.model = model.eval()
+        self.hidden_layers = list(hidden_layers)
+        self.attention_layers = list(attention_layers)
+        self.with_logits = with_logits
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> Batch:
+        internals = forward_internals(self.model, batch["input_ids"], batch["token_type_ids"],
+                                      batch["attention_mask"], self.hidden_layers,
+                                      self.attention_layers, with_logits=self.with_logits)
+        hidden, scores = dict(internals.hidden), dict(internals.scores)
+        zero_padding(hidden, scores, batch["attention_mask"])
+        out = dict(batch)
+        if internals.logits is not None:
+            out["teacher_logits"] = internals.logits.float()
+        out["teacher_hidden"] = {k: v.float() for k, v in hidden.items()}
+        out["teacher_scores"] = {k: v.float() for k, v in scores.items()}
+        return out
+
+
+# --- the loop -------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    steps: int
+    step_losses: list[dict] = field(default_factory=list)   # this process's steps only
+    best: dict | None = None
+    final_eval: dict | None = None
+    data_wait_share: float = 0.0
+    seconds: float = 0.0
+    resumed_from: int | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _parameter_groups(modules: Sequence[torch.nn.Module], weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and LayerNorm weights (as BERT's recipe)."""
+    decay, no_decay = [], []
+    for module in modules:
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _make_scheduler(optimizer, config: TrainConfig, total_steps: int):
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    warmup = int(config.warmup_proportion * total_steps)
+    if config.schedule == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+def _atomic_torch_save(value: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(value, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """One distillation run into ``out_dir`` (normally the stage's partial directory).
+
+    ``layer_pairs`` maps student layers 1..M to teacher layers (``pipeline.layer_map``);
+    ``evaluate`` (optional) is called with the student and returns a metrics dict holding
+    ``primary``; ``on_best`` is called with the student when ``primary`` improves.
+    """
+
+    def __init__(self, config: TrainConfig, student: torch.nn.Module, source, teacher: Callable,
+                 out_dir: Path, layer_pairs: Sequence[tuple[int, int]], teacher_hidden_size: int,
+                 task_type: str = "classification", evaluate: Callable | None = None,
+                 on_best: Callable | None = None, projections: HiddenProjections | None = None):
+        config.validate()
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.student = student.to(self.device)
+        self.source = source
+        self.teacher = teacher
+        self.out_dir = Path(out_dir)
+        self.layer_pairs = [(int(s), int(t)) for s, t in layer_pairs]
+        self.task_type = task_type
+        self.evaluate_fn = evaluate
+        self.on_best = on_best
+        student_layers = [0] + [s for s, _ in self.layer_pairs]
+        if projections is None and config.uses_intermediate:
+            projections = HiddenProjections(student.config.hidden_size, teacher_hidden_size,
+                                            student_layers, config.projection_mode)
+        self.projections = projections.to(self.device) if projections is not None else None
+        self.student_hidden_layers = student_layers if config.uses_intermediate else []
+        self.student_attention_layers = ([s for s, _ in self.layer_pairs]
+                                         if config.uses_intermediate and config.attention_weight > 0 else [])
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.batches_per_epoch = num_batches(source.num_examples, config.batch_size)
+        self.total_steps = self.batches_per_epoch * config.epochs
+        if config.max_steps > 0:
+            self.total_steps = min(self.total_steps, config.max_steps) if config.epochs > 0 else config.max_steps
+
+    # -- state --------------------------------------------------------------------------
+    def _modules(self) -> list[torch.nn.Module]:
+        return [self.student] + ([self.projections] if self.projections is not None else [])
+
+    def _save_checkpoint(self, step: int, epoch: int, batch_in_epoch: int, best: dict | None) -> None:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        metrics_bytes = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+        state = {
+            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best,
+            "student": self.student.state_dict(),
+            "projections": self.projections.state_dict() if self.projections is not None else None,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(), "metrics_bytes": metrics_bytes,
+            "config": asdict(self.config), "total_steps": self.total_steps,
+        }
+        _atomic_torch_save(state, self.checkpoint_dir / CHECKPOINT_NAME)
+
+    def _load_checkpoint(self) -> dict | None:
+        path = self.checkpoint_dir / CHECKPOINT_NAME
+        if not path.exists():
+            return None
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state["total_steps"] != self.total_steps:
+            raise ValueError(f"{path}: checkpoint of a run with {state['total_steps']} steps, this run "
+                             f"has {self.total_steps}; settings differ, remove it to start over")
+        self.student.load_state_dict(state["student"])
+        if self.projections is not None:
+            self.projections.load_state_dict(state["projections"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        # drop log lines written after the checkpoint: they will be written again
+        if self.metrics_path.exists():
+            with open(self.metrics_path, "r+b") as handle:
+                handle.truncate(state["metrics_bytes"])
+        return state
+
+    def _log(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+    # -- one step -----------------------------------------------------------------------
+    def compute_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Unweighted loss terms for one batch (teacher tensors already in the batch)."""
+        config = self.config
+        mask = batch["attention_mask"]
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                                  enabled=config.amp and self.device.type == "cuda")
+        with autocast:
+            internals = forward_internals(self.student, batch["input_ids"], batch["token_type_ids"], mask,
+                                          self.student_hidden_layers, self.student_attention_layers)
+        losses: dict[str, torch.Tensor] = {}
+        if config.uses_intermediate:
+            losses.update(intermediate_losses(
+                internals.hidden, internals.scores, batch["teacher_hidden"],
+                batch.get("teacher_scores", {}), self.layer_pairs, mask, self.projections,
+                config.attention_mode, with_attention=bool(self.student_attention_layers)))
+        if config.uses_prediction:
+            logits, teacher_logits = internals.logits, batch["teacher_logits"]
+            if self.task_type == "regression":
+                losses["prediction"] = regression_loss(logits, teacher_logits)
+            elif config.prediction_loss == "kd":
+                losses["prediction"] = hinton_kd(logits, teacher_logits, batch["labels"],
+                                                 config.temperature, config.kd_alpha)
+            else:
+                losses["prediction"] = soft_cross_entropy(logits, teacher_logits, config.temperature)
+        return losses
+
+    def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        weights = {"embedding": self.config.embedding_weight, "attention": self.config.attention_weight,
+                   "hidden": self.config.hidden_weight, "prediction": self.config.prediction_weight}
+        return sum(weights[name] * value for name, value in losses.items() if weights[name] > 0)
+
+    # -- the run ------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        config = self.config
+        if config.num_threads > 0:
+            torch.set_num_threads(config.num_threads)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        _seed_everything(config.seed)
+        self.optimizer = torch.optim.AdamW(_parameter_groups(self._modules(), config.weight_decay),
+                                           lr=config.learning_rate)
+        self.scheduler = _make_scheduler(self.optimizer, config, self.total_steps)
+        state = self._load_checkpoint()
+        step, epoch, batch_in_epoch, best = 0, 0, 0, None
+        if state is not None:
+            step, epoch, batch_in_epoch, best = (state["step"], state["epoch"], state["batch_in_epoch"],
+                                                 state["best"])
+        result = TrainResult(steps=step, best=best, resumed_from=step if state is not None else None)
+        last_checkpoint = step if state is not None else None
+        for module in self._modules():
+            module.train()
+        started = time.perf_counter()
+        wait_seconds = 0.0
+        params = [p for m in self._modules() for p in m.parameters() if p.requires_grad]
+        while step < self.total_steps:
+            if batch_in_epoch >= self.batches_per_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
+            iterator = self.source.batches(config.batch_size, config.seed, epoch, start_batch=batch_in_epoch)
+            prefetcher = Prefetcher(iterator, config.prefetch, pin_memory=self.device.type == "cuda") \
+                if config.prefetch > 0 else iter(iterator)
+            try:
+                while step < self.total_steps:
+                    step_start = time.perf_counter()
+                    try:
+                        batch = next(prefetcher)
+                    except StopIteration:
+                        batch_in_epoch = self.batches_per_epoch
+                        break
+                    waited = time.perf_counter() - step_start
+                    wait_seconds += waited
+                    batch = self.teacher(to_device(batch, self.device))
+                    losses = self.compute_losses(batch)
+                    total = self.weighted_total(losses)
+                    values = {name: float(value.detach()) for name, value in losses.items()}
+                    values["total"] = float(total.detach())
+                    if not all(math.isfinite(v) for v in values.values()):
+                        where = (f"last good checkpoint: step {last_checkpoint}, "
+                                 f"{self.checkpoint_dir / CHECKPOINT_NAME}" if last_checkpoint is not None
+                                 else "no checkpoint written yet")
+                        raise NonFiniteLoss(f"non-finite loss at step {step + 1} (epoch {epoch}, batch "
+                                            f"{batch_in_epoch}, ids {batch['ids'][:3]}...): "
+                                            f"{json.dumps(values)}; {where}")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    total.backward()
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)) \
+                        if config.max_grad_norm > 0 else float("nan")
+                    lr = self.scheduler.get_last_lr()[0]
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    step += 1
+                    batch_in_epoch += 1
+                    values.update(step=step, epoch=epoch, lr=lr, grad_norm=grad_norm)
+                    result.step_losses.append(values)
+                    if config.log_every > 0 and (step % config.log_every == 0 or step == self.total_steps):
+                        self._log({**values, "data_wait_s": round(waited, 6),
+                                   "step_s": round(time.perf_counter() - step_start, 6)})
+                    if self.evaluate_fn is not None and (
+                            (config.eval_every > 0 and step % config.eval_every == 0)
+                            or step == self.total_steps):
+                        best = self._evaluate(step, epoch, best, result)
+                    if config.checkpoint_every > 0 and step % config.checkpoint_every == 0 \
+                            and step < self.total_steps:
+                        self._save_checkpoint(step, epoch, batch_in_epoch, best)
+                        last_checkpoint = step
+            finally:
+                if isinstance(prefetcher, Prefetcher):
+                    prefetcher.close()
+        result.steps = step
+        result.best = best
+        result.seconds = time.perf_counter() - started
+        result.data_wait_share = wait_seconds / result.seconds if result.seconds > 0 else 0.0
+        return result
+
+    def _evaluate(self, step: int, epoch: int, best: dict | None, result: TrainResult) -> dict | None:
+        self.student.eval()
+        try:
+            metrics = self.evaluate_fn(self.student)
+        finally:
+            self.student.train()
+        record = {"step": step, "epoch": epoch, "eval": metrics}
+        self._log(record)
+        result.final_eval = metrics
+        if best is None or metrics["primary"] > best["metrics"]["primary"]:
+            best = {"step": step, "epoch": epoch, "metrics": metrics}
+            if self.on_best is not None:
+                self.on_best(self.student, best)
+        return best
+
+    def cleanup_checkpoints(self) -> None:
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
+
+@torch.no_grad()
+def predict_logits(student: torch.nn.Module, batches: Iterator[Batch], device: torch.device):
+    """Student logits and labels over a batch source (evaluation mode is the caller's)."""
+    logits, labels = [], []
+    for batch in batches:
+        batch = to_device(batch, device)
+        out = student(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                      attention_mask=batch["attention_mask"])
+        logits.append(out.logits.float().cpu())
+        labels.append(batch["labels"].cpu())
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
