@@ -1,0 +1,146 @@
+"""Luigi wiring of the prepare-data stage (``<workdir>/prepare_data/<fingerprint>/``).
+
+The stage reads a task's raw train and dev data (a GLUE directory, a Hugging Face dataset, or
+CSV/TSV/JSONL/Parquet files), validates every row and writes ``train.parquet`` and
+``dev.parquet`` in the normalised layout of :mod:`pipeline.prepare`.
+
+Identity: local paths (``glue_dir``, ``hf_dir``, ``train_file``, ``dev_file``) are *not*
+significant parameters; the files they point to are declared in :meth:`stage_inputs` and
+hashed into the fingerprint instead, so moving the data keeps the output while editing a
+single byte of it builds a new one. What the data *means* (task, column mapping, label names,
+subsetting, bad-row policy, hub name and revision) is significant.
+
+Values can come from the command line or from the ``[PrepareData]`` section of luigi.cfg.
+Relative paths are resolved against the current directory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import luigi
+
+from pipeline.stage import StageBuild
+from tasks.base import StageTask
+
+
+class PrepareData(StageTask):
+    """Validate and normalise a task's train/dev data into Parquet."""
+
+    stage_name = "prepare_data"
+    stage_version = "1"
+
+    source = luigi.ChoiceParameter(
+        default="glue", choices=["glue", "hf", "files"], significant=True,
+        description="Where the data comes from: 'glue' (a GLUE directory), 'hf' (a Hugging Face "
+                    "dataset by hub name or a save_to_disk directory) or 'files' (CSV/TSV/JSONL/"
+                    "Parquet train and dev files with a column mapping).")
+    task = luigi.Parameter(
+        default="SST-2", significant=True,
+        description="GLUE task name (SST-2, MRPC, CoLA, RTE, STS-B, QNLI, QQP, MNLI, WNLI). For "
+                    "source=glue it picks the directory, columns and labels; for source=hf it "
+                    "supplies default columns/splits/labels (empty: none); for source=files it "
+                    "only names the task in the manifest.")
+    glue_dir = luigi.Parameter(
+        default="", significant=False,
+        description="source=glue: the GLUE root holding <TASK>/train.tsv and <TASK>/dev.tsv "
+                    "(MNLI: dev_matched.tsv). Empty: $GLUE_DIR. Not significant: the two files' "
+                    "contents are hashed into the fingerprint.")
+    hf_name = luigi.Parameter(
+        default="", significant=True,
+        description="source=hf: hub dataset name for datasets.load_dataset (e.g. nyu-mll/glue). "
+                    "Needs network access; the hub's data is identified by name, config and "
+                    "revision only.")
+    hf_config = luigi.Parameter(
+        default="", significant=True,
+        description="source=hf: dataset configuration name (e.g. sst2); empty: the default (or, "
+                    "with a GLUE task, that task's configuration).")
+    hf_revision = luigi.Parameter(
+        default="", significant=True,
+        description="source=hf: hub revision (tag or commit) to pin; empty: the latest.")
+    hf_dir = luigi.Parameter(
+        default="", significant=False,
+        description="source=hf: a Dataset.save_to_disk / DatasetDict.save_to_disk directory, used "
+                    "instead of hf_name. Not significant: its contents are hashed.")
+    hf_splits = luigi.DictParameter(
+        default={}, significant=True,
+        description="source=hf: map of our split names to the dataset's, e.g. "
+                    "{\"train\": \"train\", \"dev\": \"validation\"} (the default; MNLI: "
+                    "validation_matched).")
+    train_file = luigi.Parameter(
+        default="", significant=False,
+        description="source=files: the train file (.csv, .tsv, .jsonl, .parquet). Not "
+                    "significant: its contents are hashed.")
+    dev_file = luigi.Parameter(
+        default="", significant=False,
+        description="source=files: the dev file. Not significant: its contents are hashed.")
+    file_format = luigi.Parameter(
+        default="", significant=True,
+        description="source=files: csv, tsv, jsonl or parquet; empty: from the file extension. "
+                    "TSV is read without quoting (like GLUE), CSV with standard double quotes.")
+    columns = luigi.DictParameter(
+        default={}, significant=True,
+        description="Column mapping {\"text_a\": ..., \"text_b\": ..., \"label\": ...} from our "
+                    "fields to the source's columns; text_b absent = single-sentence task. "
+                    "Required for source=files; for source=hf it overrides the GLUE defaults.")
+    label_names = luigi.ListParameter(
+        default=[], significant=True,
+        description="Classification label values in class-index order (as written in the data). "
+                    "Empty: the task's own (GLUE, Hugging Face ClassLabel) or the distinct train "
+                    "labels, sorted. Integer labels are taken as class indices when no name is an "
+                    "integer.")
+    task_type = luigi.ChoiceParameter(
+        default="", choices=["", "classification", "regression"], significant=True,
+        description="classification (int labels) or regression (float labels); empty: the GLUE "
+                    "task's type, else classification.")
+    skip_bad_rows = luigi.BoolParameter(
+        default=False, significant=True,
+        description="Drop bad rows (wrong column count, missing field, empty text, invalid UTF-8, "
+                    "label outside the label set) and list them in the manifest, instead of "
+                    "failing on the first one.")
+    max_train_examples = luigi.IntParameter(
+        default=0, significant=True,
+        description="Keep a seeded uniform random sample of this many train rows (kept in source "
+                    "order, ids unchanged); 0 keeps all.")
+    max_dev_examples = luigi.IntParameter(
+        default=0, significant=True,
+        description="Same for the dev split; 0 keeps all (use only for quick runs: metrics on a "
+                    "dev sample are not comparable with published ones).")
+    subset_seed = luigi.IntParameter(
+        default=0, significant=True,
+        description="Seed of the train/dev sampling (max_*_examples).")
+
+    def source_spec(self) -> dict[str, Any]:
+        """The parameters as the source mapping :func:`pipeline.prepare.prepare` takes."""
+        if self.source == "glue":
+            import os
+
+            glue_dir = self.glue_dir or os.environ.get("GLUE_DIR", "")
+            return {"kind": "glue", "glue_dir": _resolved(glue_dir), "task": self.task}
+        common = {"columns": dict(self.columns), "label_names": list(self.label_names),
+                  "task_type": self.task_type, "task": self.task}
+        if self.source == "hf":
+            return {"kind": "hf", "name": self.hf_name, "config": self.hf_config,
+                    "revision": self.hf_revision, "dir": _resolved(self.hf_dir),
+                    "splits": dict(self.hf_splits), **common}
+        return {"kind": "files", "train": _resolved(self.train_file), "dev": _resolved(self.dev_file),
+                "format": self.file_format, **common}
+
+    def stage_inputs(self) -> dict[str, str | Path]:
+        from pipeline.prepare import source_inputs
+
+        return source_inputs(self.source_spec())
+
+    def build(self, out: StageBuild) -> None:
+        from pipeline.prepare import prepare
+
+        with out.timed("prepare"):
+            result = prepare(self.source_spec(), out.path, skip_bad_rows=self.skip_bad_rows,
+                             max_train_examples=self.max_train_examples,
+                             max_dev_examples=self.max_dev_examples, subset_seed=self.subset_seed)
+        out.rows.update(result["rows"])
+        out.info.update(result["info"])
+
+
+def _resolved(path: str) -> str:
+    return str(Path(path).expanduser().resolve()) if path else ""
