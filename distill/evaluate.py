@@ -1,0 +1,53 @@
+"""Evaluate the student alone on the dev split (no teacher involved).
+
+The dev split of the prepare_data stage is tokenised with the teacher's tokenizer and maximum
+length -- the same tokenisation the teacher cache used for the training data -- and held in
+memory; every evaluation runs the student in eval mode and scores its logits with the task's
+GLUE metrics (:mod:`distill.metrics`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from distill.data import TokenizedExamples, tokenize_rows
+from distill.metrics import task_metrics
+from distill.trainer import predict_logits
+
+
+def load_dev(prepared_dir: Path | str, tokenizer, max_seq_length: int, task_type: str,
+             limit: int = 0) -> TokenizedExamples:
+    """The prepared dev split, tokenised (first ``limit`` rows when > 0)."""
+    from pipeline.prepare import read_split
+
+    table = read_split(prepared_dir, "dev")
+    if limit > 0:
+        table = table.slice(0, limit)
+    rows = table.select(["id", "text_a", "text_b", "label"]).to_pylist()
+    return TokenizedExamples(tokenize_rows(tokenizer, rows, max_seq_length), task_type,
+                             pad_token_id=tokenizer.pad_token_id or 0)
+
+
+class Evaluator:
+    """Callable ``student -> metrics dict`` over a fixed dev source (in file order)."""
+
+    def __init__(self, source: TokenizedExamples, task: str | None, task_type: str,
+                 batch_size: int = 128, device: torch.device | None = None):
+        self.source = source
+        self.task = task
+        self.task_type = task_type
+        self.batch_size = batch_size
+        self.device = device or torch.device("cpu")
+
+    def __call__(self, student: torch.nn.Module) -> dict:
+        was_training = student.training
+        student.eval()
+        try:
+            logits, labels = predict_logits(student, self.source.batches(self.batch_size, seed=None),
+                                            self.device)
+        finally:
+            student.train(was_training)
+        metrics = task_metrics(self.task, self.task_type, logits, labels)
+        metrics["examples"] = int(len(labels))
+        return metrics

@@ -1,0 +1,221 @@
+"""The trainer loop on tiny real models: parity of stored vs live teacher, resume, NaN, export."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.data import TokenizedExamples, collate, tokenize_rows
+from distill.student import StudentSpec, build_student, export_student
+from distill.trainer import NonFiniteLoss, OnlineTeacher, CachedTeacher, Trainer, recipe
+from pipeline.layer_map import cached_layers, layer_map
+from pipeline.teacher_outputs import forward_internals
+
+WORDS = "good bad movie plot actor great boring fun story scene long short film music".split()
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    import random
+    rng = random.Random(seed)
+    return [{"id": f"train-{i}", "text_a": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))),
+             "text_b": None, "label": i % 2} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(minilm_dir)
+
+
+@pytest.fixture(scope="module")
+def teacher(tokenizer):
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=4,
+                        num_attention_heads=4, intermediate_size=96, max_position_embeddings=64,
+                        num_labels=2)
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer):
+    return tokenize_rows(tokenizer, make_rows(48), max_length=32)
+
+
+class StoredTeacherSource:
+    """Teacher outputs computed one example at a time and stored unpadded (as the cache does),
+    re-padded with zeros per batch: what the cache reader yields, without Parquet."""
+
+    def __init__(self, teacher, examples, hidden_layers, attention_layers):
+        self.inner = TokenizedExamples(examples, "classification")
+        self.stored = {}
+        for example in examples:
+            batch = collate([example], "classification")
+            with torch.no_grad():
+                out = forward_internals(teacher, batch["input_ids"], batch["token_type_ids"],
+                                        batch["attention_mask"], hidden_layers, attention_layers)
+            self.stored[example["id"]] = out
+
+    @property
+    def num_examples(self):
+        return self.inner.num_examples
+
+    def batches(self, batch_size, seed=None, epoch=0, start_batch=0):
+        for batch in self.inner.batches(batch_size, seed, epoch, start_batch):
+            size, length = batch["input_ids"].shape
+            rows = [self.stored[i] for i in batch["ids"]]
+            batch["teacher_logits"] = torch.cat([r.logits for r in rows])
+            batch["teacher_hidden"], batch["teacher_scores"] = {}, {}
+            for layer, first in rows[0].hidden.items():
+                padded = first.new_zeros(size, length, first.shape[-1])
+                for b, r in enumerate(rows):
+                    padded[b, :r.hidden[layer].shape[1]] = r.hidden[layer][0]
+                batch["teacher_hidden"][layer] = padded
+            for layer, first in rows[0].scores.items():
+                padded = first.new_zeros(size, first.shape[1], length, length)
+                for b, r in enumerate(rows):
+                    n = r.scores[layer].shape[-1]
+                    padded[b, :, :n, :n] = r.scores[layer][0]
+                batch["teacher_scores"][layer] = padded
+            yield batch
+
+
+def make_student(teacher, seed=7):
+    spec = StudentSpec(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, seed=seed)
+    return build_student(spec, teacher.config, num_labels=2)
+
+
+def run(tmp_path, name, teacher, source, provider, config, **kwargs):
+    mapped = layer_map(teacher.config.num_hidden_layers, 2)
+    trainer = Trainer(config, make_student(teacher), source, provider, tmp_path / name,
+                      list(zip((1, 2), mapped)), teacher.config.hidden_size, **kwargs)
+    return trainer, trainer.train()
+
+
+def loss_log(path: Path) -> list[dict]:
+    keep = ("step", "embedding", "hidden", "attention", "prediction", "total", "lr")
+    return [{k: v for k, v in json.loads(line).items() if k in keep}
+            for line in path.read_text().splitlines() if "eval" not in json.loads(line)]
+
+
+@pytest.mark.parametrize("stage", ["intermediate", "prediction"])
+def test_stored_teacher_matches_online_teacher(tmp_path, teacher, examples, stage):
+    hidden, attention = cached_layers(layer_map(4, 2))
+    config = recipe(stage, batch_size=8, epochs=2, log_every=1, device="cpu", eval_every=0)
+    stored = StoredTeacherSource(teacher, examples, hidden, attention)
+    _, cached = run(tmp_path, "cached", teacher, stored, CachedTeacher(), config)
+    _, online = run(tmp_path, "online", teacher, TokenizedExamples(examples, "classification"),
+                    OnlineTeacher(teacher, hidden, attention), config)
+    assert cached.steps == online.steps == 12
+    for a, b in zip(cached.step_losses, online.step_losses):
+        for name in ("embedding", "hidden", "attention", "prediction", "total"):
+            if name in a:
+                assert a[name] == pytest.approx(b[name], rel=1e-6, abs=1e-9), (a["step"], name)
+    if stage == "intermediate":   # training really moves the student (a random teacher's
+        # soft targets are near uniform, so the prediction loss has nowhere to fall)
+        assert online.step_losses[-1]["total"] < online.step_losses[0]["total"]
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+class FailingTeacher(OnlineTeacher):
+    """Online teacher that raises on its n-th call (a crash in the middle of a step)."""
+
+    def __init__(self, *args, fail_at: int, poison: bool = False):
+        super().__init__(*args)
+        self.calls, self.fail_at, self.poison = 0, fail_at, poison
+
+    def __call__(self, batch):
+        self.calls += 1
+        out = super().__call__(batch)
+        if self.calls == self.fail_at:
+            if self.poison:
+                out["teacher_hidden"][0] = out["teacher_hidden"][0] * float("nan")
+            else:
+                raise Interrupt(f"killed at call {self.calls}")
+        return out
+
+
+def test_resume_after_crash_equals_uninterrupted_run(tmp_path, teacher, examples):
+    hidden, attention = cached_layers(layer_map(4, 2))
+    source = TokenizedExamples(examples, "classification")
+    # 48 examples / batch 10 = 5 batches per epoch (the last one short), 3 epochs = 15 steps;
+    # checkpoints every 4 steps fall inside epochs, crashes after them lose some steps.
+    config = recipe("intermediate", batch_size=10, epochs=3, log_every=1, checkpoint_every=4,
+                    device="cpu", learning_rate=1e-3)
+    reference, _ = run(tmp_path, "reference", teacher, source, OnlineTeacher(teacher, hidden, attention), config)
+
+    out = tmp_path / "resumed"
+    mapped = list(zip((1, 2), layer_map(4, 2)))
+    for fail_at in (7, 6):   # crash in step 7 (checkpoint at 4), then again 6 calls into the rerun
+        trainer = Trainer(config, make_student(teacher), source,
+                          FailingTeacher(teacher, hidden, attention, fail_at=fail_at), out, mapped, 48)
+        with pytest.raises(Interrupt):
+            trainer.train()
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"] == 8
+    trainer = Trainer(config, make_student(teacher, seed=99), source,
+                      OnlineTeacher(teacher, hidden, attention), out, mapped, 48)
+    result = trainer.train()
+    assert result.resumed_from == 8 and result.steps == 15
+
+    assert loss_log(out / "metrics.jsonl") == loss_log(tmp_path / "reference" / "metrics.jsonl")
+    for name, value in reference.student.state_dict().items():
+        assert torch.equal(value, trainer.student.state_dict()[name]), name
+    for name, value in reference.projections.state_dict().items():
+        assert torch.equal(value, trainer.projections.state_dict()[name]), name
+
+
+def test_nan_loss_stops_with_step_named_and_keeps_last_checkpoint(tmp_path, teacher, examples):
+    hidden, attention = cached_layers(layer_map(4, 2))
+    config = recipe("intermediate", batch_size=8, epochs=2, log_every=1, checkpoint_every=2, device="cpu")
+    provider = FailingTeacher(teacher, hidden, attention, fail_at=5, poison=True)
+    with pytest.raises(NonFiniteLoss, match=r"at step 5 .*\"embedding\": NaN.*last good checkpoint: step 4"):
+        run(tmp_path, "nan", teacher, TokenizedExamples(examples, "classification"), provider, config)
+    state = torch.load(tmp_path / "nan" / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
+def test_prediction_stage_evaluates_and_keeps_the_best(tmp_path, teacher, examples, tokenizer):
+    from distill.evaluate import Evaluator
+    hidden, attention = cached_layers(layer_map(4, 2))
+    dev = TokenizedExamples(examples[:16], "classification")
+    evaluator = Evaluator(dev, task="SST-2", task_type="classification", batch_size=8,
+                          device=torch.device("cpu"))
+    bests = []
+    config = recipe("prediction", batch_size=8, epochs=2, log_every=1, eval_every=3, device="cpu",
+                    learning_rate=1e-3)
+    trainer, result = run(tmp_path, "stage2", teacher, TokenizedExamples(examples, "classification"),
+                          OnlineTeacher(teacher, hidden, attention), config, evaluate=evaluator,
+                          on_best=lambda student, best: bests.append(best["step"]))
+    evals = [json.loads(l) for l in (tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()
+             if "eval" in json.loads(l)]
+    assert [e["step"] for e in evals] == [3, 6, 9, 12]
+    best = max(evals, key=lambda e: (e["eval"]["primary"], -e["step"]))
+    assert result.best["step"] == best["step"] and bests[-1] == best["step"]
+    assert result.best["metrics"]["accuracy"] == best["eval"]["accuracy"]
+
+
+def test_export_works_with_transformers_pipeline(tmp_path, teacher, tokenizer):
+    from transformers import pipeline
+    student = build_student(StudentSpec(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4),
+                            teacher.config, num_labels=2, label_names=["negative", "positive"])
+    export_student(student, tokenizer, tmp_path / "student", {"task": "SST-2"})
+    classify = pipeline("text-classification", model=str(tmp_path / "student"), device="cpu")
+    got = classify(["a good movie", "boring plot"])
+    assert {g["label"] for g in got} <= {"negative", "positive"}
+    encoded = tokenizer(["a good movie"], return_tensors="pt")
+    with torch.no_grad():
+        probs = student.eval()(**encoded).logits.softmax(-1)[0]
+    assert got[0]["score"] == pytest.approx(float(probs.max()), rel=1e-5)
+
+
+def test_attention_heads_mismatch_is_a_clear_error(teacher):
+    from pipeline.errors import InputError
+    with pytest.raises(InputError, match="attention heads"):
+        build_student(StudentSpec(num_layers=2, hidden_size=36, intermediate_size=64, num_heads=6),
+                      teacher.config, num_labels=2)
