@@ -133,15 +133,23 @@ GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in (
     GlueTask("WNLI", "sentence1", "sentence2", "label", _BINARY,
              hf_config="wnli", hf_columns=_hf_cols("sentence1", "sentence2")),
 )}
+#: Hub names of the GLUE benchmark dataset (their configurations are GlueTask.hf_config).
+GLUE_HUB_NAMES = ("nyu-mll/glue", "glue")
 _GLUE_ALIASES = {k.lower().replace("-", ""): k for k in GLUE_TASKS}
 
 
-def glue_task(name: str) -> GlueTask:
-    """Look a GLUE task up by its directory name (case and '-' insensitive: 'sst2' works)."""
+def find_glue_task(name: str) -> GlueTask | None:
+    """The GLUE task called ``name`` (case and '-' insensitive: 'sst2' works), or None."""
     key = _GLUE_ALIASES.get(str(name).lower().replace("-", "").replace("_", ""))
-    if key is None:
+    return GLUE_TASKS[key] if key else None
+
+
+def glue_task(name: str) -> GlueTask:
+    """Like :func:`find_glue_task`, but an unknown name is an error."""
+    task = find_glue_task(name)
+    if task is None:
         raise InputError(f"unknown GLUE task {name!r}; known: {', '.join(GLUE_TASKS)}")
-    return GLUE_TASKS[key]
+    return task
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,20 +173,21 @@ class RowProblems:
 
     def __init__(self, skip: bool):
         self.skip = skip
+        self.found: list[tuple[int, int, str]] = []  # (split order, line, "file:line: problem")
         self.count = {split: 0 for split in SPLITS}
-        self.locations: list[str] = []
 
     def report(self, split: str, path: str, line: int | None, problem: str) -> None:
         if not self.skip:
             raise InputError(problem, path, line)
         self.count[split] += 1
-        if len(self.locations) < MAX_REPORTED_PROBLEMS:
-            self.locations.append(str(InputError(problem, path, line)))
+        self.found.append((SPLITS.index(split), line or 0, str(InputError(problem, path, line))))
 
     def summary(self) -> dict:
-        total = sum(self.count.values())
-        return {"count": total, "by_split": dict(self.count), "rows": list(self.locations),
-                "capped": total > len(self.locations)}
+        """Counts per split and the first :data:`MAX_REPORTED_PROBLEMS` locations, in file order."""
+        # Rows are checked in two passes (layout while reading, values afterwards): sort.
+        ordered = [text for _, _, text in sorted(self.found, key=lambda item: item[:2])]
+        return {"count": len(ordered), "by_split": dict(self.count),
+                "rows": ordered[:MAX_REPORTED_PROBLEMS], "capped": len(ordered) > MAX_REPORTED_PROBLEMS}
 
 
 @dataclass
@@ -211,6 +220,11 @@ class TaskSpec:
             return None, "missing field 'label'"
         if self.task_type == REGRESSION:
             return self._score(value)
+        if isinstance(value, bool):  # JSON/Parquet booleans match names True/False or true/false
+            for form in (str(value), str(value).lower()):
+                if form in self._index:
+                    return self._index[form], None
+            return None, f"label {value!r} is not in the task's label set {list(self._index)}"
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, str) and value in self._index:
@@ -559,7 +573,8 @@ def _load_files(source: Mapping[str, Any], problems: RowProblems):
 def _load_hf(source: Mapping[str, Any], problems: RowProblems):
     import datasets
 
-    default_task = glue_task(source["task"]) if source.get("task") else None
+    # A GLUE task name supplies default columns, splits and labels; any other name is a label.
+    default_task = find_glue_task(source.get("task") or "")
     splits = {"train": "train", "dev": default_task.hf_dev_split if default_task else "validation"}
     splits.update(dict(source.get("splits") or {}))
     if source.get("dir"):
@@ -572,8 +587,11 @@ def _load_hf(source: Mapping[str, Any], problems: RowProblems):
             raise InputError("save_to_disk directory holds a single Dataset; a DatasetDict with "
                              f"splits {sorted(set(splits.values()))} is needed", where)
     elif source.get("name"):
-        where = source["name"] + (f"/{source['config']}" if source.get("config") else "")
-        loaded = datasets.load_dataset(source["name"], source.get("config") or None,
+        config = source.get("config") or ""
+        if not config and default_task and source["name"] in GLUE_HUB_NAMES:
+            config = default_task.hf_config
+        where = source["name"] + (f"/{config}" if config else "")
+        loaded = datasets.load_dataset(source["name"], config or None,
                                        revision=source.get("revision") or None)
     else:
         raise InputError("source kind 'hf' needs a dataset name or a save_to_disk dir")
@@ -600,7 +618,7 @@ def _load_hf(source: Mapping[str, Any], problems: RowProblems):
                       for i in range(dataset.num_rows)]
     described = {"kind": "hf", "splits": splits}
     if source.get("name"):
-        described.update(name=source["name"], config=source.get("config") or "")
+        described.update(name=source["name"], config=config)
     return spec, raw, described
 
 
