@@ -1,0 +1,408 @@
+"""Read a teacher cache back as padded, length-bucketed training batches.
+
+The cache (:mod:`pipeline.teacher_cache`) stores one ragged row per example. The trainer
+wants the ``Batch`` of docs/DESIGN.md: ``[B, T]`` token tensors with an attention mask and
+the teacher tensors padded to the batch's longest example, padding positions zero (exactly
+what :func:`pipeline.teacher_outputs.zero_padding` does to live teacher outputs).
+
+**Streaming, with a bounded shuffle.** The reader never loads the cache: it permutes the row
+groups of all shards (the unit Parquet decompresses), reads them in *windows* of about
+``shuffle_buffer`` examples, shuffles the window's examples, sorts chunks of
+``bucket_batches`` batches by length (so little of a batch is padding) and emits the window's
+batches in random order. Memory is one window plus fewer than ``batch_size`` examples carried
+to the next window, however large the cache. The carry makes every batch but the last full,
+so an epoch has exactly ``ceil(N / batch_size)`` batches.
+
+**Deterministic.** The order is a function of (seed, epoch, batch_size, shuffle_buffer,
+bucket_batches) and the cache, nothing else: the trainer's resume skips ``start_batch``
+batches by planning them from the tiny ``length`` column alone, and DataLoader workers each
+materialise every k-th batch of the same plan, so ``num_workers`` does not change the order.
+
+**Zero-copy where possible.** Arrow's list values become numpy arrays without a copy
+(``to_numpy(zero_copy_only=True)``) and torch tensors without another (``torch.from_numpy``);
+the one copy left is the padding itself, which also widens fp16/bf16 to fp32.
+
+**Checked.** Opening checks the manifest against the request (layers, dtype) and every
+shard's presence, size, footer and row count, naming the file at fault; :meth:`verify` also
+re-checksums and decodes every row group.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError
+from pipeline.stage import MANIFEST_NAME, sha256_file
+from pipeline.teacher_cache import STORAGE_DTYPES, attention_column, hidden_column
+
+DEFAULT_SHUFFLE_BUFFER = 4096
+DEFAULT_BUCKET_BATCHES = 32
+BASE_COLUMNS = ("id", "label", "length", "input_ids", "token_type_ids")
+
+
+def load_cache_info(cache_dir: Path | str) -> dict:
+    """The ``info`` section of a teacher cache's manifest, with a clear error if absent."""
+    import json
+
+    cache_dir = Path(cache_dir)
+    path = cache_dir / MANIFEST_NAME
+    if not path.exists():
+        raise InputError("no manifest.json: not a completed teacher cache", cache_dir)
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise InputError(f"manifest is not valid JSON ({exc})", path) from None
+    info = manifest.get("info", {})
+    if "shards" not in info or "hidden_layers" not in info:
+        raise InputError("manifest describes no teacher cache (no shards/hidden_layers)", path)
+    return info
+
+
+@dataclass
+class _RowGroup:
+    shard: int
+    index: int
+    rows: int
+
+
+class _Loaded:
+    """One table's columns as numpy: ``offsets[col]`` and ``values[col]`` for list columns."""
+
+    def __init__(self, table: pa.Table):
+        self.ids = table.column("id").to_pylist()
+        self.labels = table.column("label").to_pylist()
+        self.length = table.column("length").to_numpy()
+        self.offsets: dict[str, np.ndarray] = {}
+        self.values: dict[str, np.ndarray] = {}
+        for name in table.column_names:
+            column = table.column(name)
+            if not pa.types.is_list(column.type):
+                continue
+            array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+            # Offsets index the (possibly sliced) values buffer; keep both, no copy.
+            self.offsets[name] = array.offsets.to_numpy()
+            self.values[name] = array.values.to_numpy(zero_copy_only=True)
+
+    def row(self, column: str, row: int) -> np.ndarray:
+        offsets = self.offsets[column]
+        return self.values[column][offsets[row]:offsets[row + 1]]
+
+
+class CacheReader:
+    """A teacher cache opened for training; see the module docstring.
+
+    ``hidden_layers`` / ``attention_layers``: the layers the trainer needs (None = every cached
+    one, ``[]`` = none: the columns are not even read). ``dtype``: the storage dtype the trainer
+    expects (None = any). ``with_teacher=False`` reads only tokens, labels and ids (the
+    online-teacher mode).
+    """
+
+    def __init__(self, cache_dir: Path | str, hidden_layers: Sequence[int] | None = None,
+                 attention_layers: Sequence[int] | None = None, dtype: str | None = None,
+                 with_teacher: bool = True, with_logits: bool | None = None):
+        self.cache_dir = Path(cache_dir)
+        self.info = load_cache_info(self.cache_dir)
+        self.dtype = self.info["dtype"]
+        cached_hidden = [int(x) for x in self.info["hidden_layers"]]
+        cached_attn = [int(x) for x in self.info["attention_layers"]]
+        if dtype is not None and dtype != self.dtype:
+            raise InputError(f"cache stores {self.dtype}, the trainer asked for {dtype}", self.cache_dir)
+        self.hidden_layers = self._check_layers("hidden", hidden_layers, cached_hidden)
+        self.attention_layers = self._check_layers("attention", attention_layers, cached_attn)
+        self.with_teacher = with_teacher
+        cached_logits = bool(self.info.get("with_logits", True))
+        if with_logits and not cached_logits:
+            raise InputError("cache holds no logits (bare-encoder teacher); the trainer asked for "
+                             "logits", self.cache_dir)
+        self.with_logits = with_teacher and cached_logits if with_logits is None else with_logits and with_teacher
+        if not with_teacher:
+            self.hidden_layers, self.attention_layers = [], []
+        self.hidden_size = int(self.info.get("hidden_size", 0))
+        self.num_heads = int(self.info.get("num_heads", 0))
+        self.columns = list(BASE_COLUMNS)
+        if self.with_logits:
+            self.columns.append("logits")
+        self.columns += [hidden_column(l) for l in self.hidden_layers]
+        self.columns += [attention_column(l) for l in self.attention_layers]
+        self.shard_files = [self.cache_dir / s["file"] for s in self.info["shards"]]
+        self._files: dict[int, pq.ParquetFile] = {}
+        self.row_groups: list[_RowGroup] = []
+        self._check_shards()
+
+    # --- opening and checks ---------------------------------------------------------------
+    def _check_layers(self, kind: str, requested, cached: list[int]) -> list[int]:
+        if requested is None:
+            return list(cached)
+        requested = [int(x) for x in requested]
+        missing = [l for l in requested if l not in cached]
+        if missing:
+            raise InputError(f"the trainer needs {kind} layer(s) {missing} but the cache holds "
+                             f"{cached}; rebuild the cache with the trainer's layer map",
+                             self.cache_dir)
+        return requested
+
+    def _check_shards(self) -> None:
+        for number, (shard, file) in enumerate(zip(self.info["shards"], self.shard_files)):
+            if not file.exists():
+                raise InputError("shard listed in the manifest is missing", file)
+            size = file.stat().st_size
+            if "bytes" in shard and size != shard["bytes"]:
+                raise InputError(f"shard is truncated or modified: {size} bytes, the manifest "
+                                 f"says {shard['bytes']}", file)
+            parquet = self._open(number)
+            if parquet.metadata.num_rows != shard["rows"]:
+                raise InputError(f"shard holds {parquet.metadata.num_rows} rows, the manifest says "
+                                 f"{shard['rows']}", file)
+            for index in range(parquet.metadata.num_row_groups):
+                self.row_groups.append(_RowGroup(number, index, parquet.metadata.row_group(index).num_rows))
+
+    def _open(self, number: int) -> pq.ParquetFile:
+        if number not in self._files:
+            file = self.shard_files[number]
+            try:
+                self._files[number] = pq.ParquetFile(file, memory_map=True)
+            except (OSError, pa.ArrowException) as exc:
+                raise InputError(f"corrupt shard: cannot read its Parquet footer ({exc})", file) from None
+        return self._files[number]
+
+    def __getstate__(self):  # ParquetFile handles are per process (DataLoader workers)
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
+
+    @property
+    def num_examples(self) -> int:
+        return sum(int(s["rows"]) for s in self.info["shards"])
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        n = self.num_examples
+        return n // batch_size if drop_last else -(-n // batch_size)
+
+    def verify(self) -> list[str]:
+        """Re-checksum every shard and decode every row group; a list of problems (empty: OK)."""
+        problems = []
+        for number, (shard, file) in enumerate(zip(self.info["shards"], self.shard_files)):
+            if "sha256" in shard and sha256_file(file) != shard["sha256"]:
+                problems.append(f"{file}: checksum differs from the manifest (corrupt shard)")
+                continue
+            try:
+                parquet = self._open(number)
+                for index in range(parquet.metadata.num_row_groups):
+                    problems += self._check_row_group(file, parquet.read_row_group(index), index)
+            except (OSError, pa.ArrowException, InputError) as exc:
+                problems.append(f"{file}: cannot decode ({exc})")
+        return problems
+
+    def _check_row_group(self, file: Path, table: pa.Table, index: int) -> list[str]:
+        lengths = table.column("length").to_numpy()
+        expected = {"input_ids": lengths, "token_type_ids": lengths}
+        for layer in self.info["hidden_layers"]:
+            expected[hidden_column(layer)] = lengths * self.hidden_size
+        for layer in self.info["attention_layers"]:
+            expected[attention_column(layer)] = self.num_heads * lengths * lengths
+        problems = []
+        for column, sizes in expected.items():
+            actual = table.column(column).combine_chunks().value_lengths().to_numpy()
+            bad = np.nonzero(actual != sizes)[0]
+            if len(bad):
+                problems.append(f"{file}: row group {index} column {column}: {len(bad)} row(s) with "
+                                f"the wrong number of values (first: row {int(bad[0])})")
+        return problems
+
+    # --- reading ---------------------------------------------------------------------------
+    def _read(self, rg: _RowGroup, columns: Sequence[str]) -> pa.Table:
+        file = self.shard_files[rg.shard]
+        try:
+            return self._open(rg.shard).read_row_group(rg.index, columns=list(columns))
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"corrupt shard: row group {rg.index} cannot be read ({exc})", file) from None
+
+    def batches(self, batch_size: int, seed: int = 0, epoch: int = 0, start_batch: int = 0,
+                shuffle: bool = True, drop_last: bool = False,
+                shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                bucket_batches: int = DEFAULT_BUCKET_BATCHES,
+                worker: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Any]]:
+        """Yield the epoch's batches from ``start_batch`` on (see the module docstring).
+
+        ``worker=(w, k)`` yields only global batches ``j`` with ``j % k == w`` (DataLoader
+        workers; merged round-robin they give the single-process order).
+        """
+        worker_id, num_workers = worker
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(self.row_groups)) if shuffle else np.arange(len(self.row_groups))
+        windows: list[list[_RowGroup]] = [[]]
+        rows_in_window = 0
+        for position in order:
+            if rows_in_window >= shuffle_buffer:
+                windows.append([])
+                rows_in_window = 0
+            windows[-1].append(self.row_groups[position])
+            rows_in_window += self.row_groups[position].rows
+        carry: _Loaded | None = None
+        carry_lengths = np.zeros(0, dtype=np.int64)
+        emitted = 0
+        for number, window in enumerate(windows):
+            last = number == len(windows) - 1
+            lengths = [carry_lengths] + [self._read(rg, ["length"]).column("length").to_numpy()
+                                         for rg in window]
+            sources = np.concatenate([np.full(len(l), t, dtype=np.int64) for t, l in enumerate(lengths)])
+            rows = np.concatenate([np.arange(len(l)) for l in lengths])
+            all_lengths = np.concatenate(lengths)
+            pool = rng.permutation(len(all_lengths)) if shuffle else np.arange(len(all_lengths))
+            full = len(pool) // batch_size * batch_size
+            body, rest = pool[:full], pool[full:]
+            plan = []
+            chunk = batch_size * bucket_batches
+            for start in range(0, len(body), chunk):
+                piece = body[start:start + chunk]
+                piece = piece[np.argsort(all_lengths[piece], kind="stable")]
+                plan += [piece[i:i + batch_size] for i in range(0, len(piece), batch_size)]
+            if shuffle and plan:
+                plan = [plan[i] for i in rng.permutation(len(plan))]
+            if last and len(rest) and not drop_last:
+                plan.append(rest[np.argsort(all_lengths[rest], kind="stable")])
+                rest = rest[:0]
+            wanted = [j for j in range(len(plan)) if emitted + j >= start_batch
+                      and (emitted + j) % num_workers == worker_id]
+            tables: list[_Loaded | None] = [carry] + [None] * len(window)
+            needed = {int(sources[i]) for j in wanted for i in plan[j]}
+            needed |= {int(sources[i]) for i in rest}
+            for t in sorted(needed - {0}):
+                tables[t] = _Loaded(self._read(window[t - 1], self.columns))
+            for j in wanted:
+                yield self._collate([(tables[sources[i]], rows[i]) for i in plan[j]])
+            emitted += len(plan)
+            # Carry the leftover rows' data (not their row groups) into the next window.
+            if len(rest):
+                carry = _Loaded(pa.concat_tables(
+                    [_take(tables[sources[i]], rows[i], self.columns) for i in rest]))
+            else:
+                carry = None
+            carry_lengths = all_lengths[rest]
+
+    def _collate(self, refs: list[tuple[_Loaded, int]]) -> dict[str, Any]:
+        # Arrow buffers are read-only; torch warns on wrapping them, but we only read them.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return self._collate_rows(refs)
+
+    def _collate_rows(self, refs: list[tuple[_Loaded, int]]) -> dict[str, Any]:
+        import torch
+
+        lengths = [int(t.length[r]) for t, r in refs]
+        batch, width = len(refs), max(lengths)
+        input_ids = torch.zeros((batch, width), dtype=torch.long)
+        token_types = torch.zeros((batch, width), dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        out: dict[str, Any] = {"ids": [t.ids[r] for t, r in refs]}
+        labels = [t.labels[r] for t, r in refs]
+        for b, ((table, row), length) in enumerate(zip(refs, lengths)):
+            input_ids[b, :length] = torch.from_numpy(table.row("input_ids", row))
+            token_types[b, :length] = torch.from_numpy(table.row("token_type_ids", row))
+            mask[b, :length] = 1
+        out.update(input_ids=input_ids, token_type_ids=token_types, attention_mask=mask)
+        if any(label is None for label in labels):
+            out["labels"] = None
+        elif all(isinstance(label, int) for label in labels):
+            out["labels"] = torch.tensor(labels, dtype=torch.long)
+        else:
+            out["labels"] = torch.tensor(labels, dtype=torch.float32)
+        out["teacher_logits"] = (torch.stack([torch.from_numpy(t.row("logits", r)) for t, r in refs])
+                                 if self.with_logits else None)
+        hidden, scores = {}, {}
+        for layer in self.hidden_layers:
+            value = torch.zeros((batch, width, self.hidden_size), dtype=torch.float32)
+            for b, ((table, row), length) in enumerate(zip(refs, lengths)):
+                value[b, :length] = self._tensor(table.row(hidden_column(layer), row)).view(length, -1)
+            hidden[layer] = value
+        for layer in self.attention_layers:
+            value = torch.zeros((batch, self.num_heads, width, width), dtype=torch.float32)
+            for b, ((table, row), length) in enumerate(zip(refs, lengths)):
+                value[b, :, :length, :length] = self._tensor(
+                    table.row(attention_column(layer), row)).view(self.num_heads, length, length)
+            scores[layer] = value
+        out["teacher_hidden"] = hidden
+        out["teacher_scores"] = scores
+        return out
+
+    def _tensor(self, values: np.ndarray):
+        import torch
+
+        if self.dtype == "bfloat16":  # raw bf16 bits stored as uint16
+            return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(values)
+
+    def dataset(self, batch_size: int, seed: int = 0, epoch: int = 0, **kwargs) -> "CacheBatchDataset":
+        return CacheBatchDataset(self, batch_size, seed=seed, epoch=epoch, **kwargs)
+
+
+def _take(table: _Loaded, row: int, columns: Sequence[str]) -> pa.Table:
+    """One row of a loaded table back as a one-row Arrow table (for the carry)."""
+    arrays = {"id": pa.array([table.ids[row]], pa.string()),
+              "label": pa.array([table.labels[row]]),
+              "length": pa.array([table.length[row]], pa.int32())}
+    for column in columns:
+        if column in table.values:
+            values = table.row(column, row)
+            arrays[column] = pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()),
+                                                      pa.array(values))
+    if pa.types.is_null(arrays["label"].type):
+        arrays["label"] = arrays["label"].cast(pa.int64())
+    return pa.table(arrays)
+
+
+def open_cache(cache_dir: Path | str, hidden_layers: Sequence[int] | None = None,
+               attention_layers: Sequence[int] | None = None, dtype: str | None = None,
+               with_teacher: bool = True, with_logits: bool | None = None) -> CacheReader:
+    """Open a teacher cache for training; see :class:`CacheReader`."""
+    return CacheReader(cache_dir, hidden_layers, attention_layers, dtype, with_teacher, with_logits)
+
+
+def _iterable_dataset_base():
+    import torch.utils.data
+
+    return torch.utils.data.IterableDataset
+
+
+class CacheBatchDataset(_iterable_dataset_base()):
+    """A torch ``IterableDataset`` of ready batches; use ``DataLoader(ds, batch_size=None)``.
+
+    With ``num_workers=k`` each worker materialises every k-th batch of the same plan, and
+    the DataLoader's in-order round-robin merge gives the single-process order.
+    Call :meth:`set_epoch` between epochs.
+    """
+
+    def __init__(self, reader: CacheReader, batch_size: int, seed: int = 0, epoch: int = 0,
+                 start_batch: int = 0, **batch_kwargs):
+        super().__init__()
+        self.reader = reader
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = epoch
+        self.start_batch = start_batch
+        self.batch_kwargs = batch_kwargs
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return max(0, self.reader.num_batches(self.batch_size, self.batch_kwargs.get("drop_last", False))
+                   - self.start_batch)
+
+    def __iter__(self):
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        worker = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The worker split is on the global batch index, counted from start_batch.
+        offset = self.start_batch
+        worker = ((worker[0] + offset) % worker[1], worker[1])
+        return self.reader.batches(self.batch_size, seed=self.seed, epoch=self.epoch,
+                                   start_batch=self.start_batch, worker=worker, **self.batch_kwargs)

