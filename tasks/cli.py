@@ -1,5 +1,7 @@
 """``tinykd``: run the DAG, explain what is stale, collect garbage, inspect a teacher cache.
 
+    tinykd [--config FILE ...] COMMAND ...
+
     tinykd run TASK [--PARAM VALUE ...] [--workers N] [--scheduler-host HOST]
     tinykd explain TASK [--PARAM VALUE ...]
     tinykd gc [--delete] [TASK [--PARAM VALUE ...]]
@@ -9,7 +11,8 @@
 ``run`` is Luigi's own command line (``luigi --module tasks TASK``) with the local scheduler
 as default; pass ``--scheduler-host`` to use a central ``luigid``. Task parameters come from
 the command line, then ``luigi.cfg`` (Luigi's configuration mechanism), then defaults.
-``explain`` and ``gc`` walk the same DAG without running anything.
+``--config FILE`` adds a configuration file read after luigi.cfg (a profile such as
+``configs/sst2.cfg``). ``explain`` and ``gc`` walk the same DAG without running anything.
 """
 from __future__ import annotations
 
@@ -31,10 +34,14 @@ from tasks.base import PROJECT_ROOT, StageTask, walk_dag, workdir
 DEFAULT_GC_ROOTS = ("Pipeline",)
 
 
-def _load_project_config() -> None:
-    """Read the project's luigi.cfg when tinykd runs from another directory."""
+def _load_project_config(extra: list[str]) -> None:
+    """Read the project's luigi.cfg (also when run from elsewhere), then ``--config`` files."""
     if not Path("luigi.cfg").exists() and (PROJECT_ROOT / "luigi.cfg").exists():
         luigi.configuration.add_config_path(str(PROJECT_ROOT / "luigi.cfg"))
+    for path in extra:
+        if not Path(path).is_file():
+            raise SystemExit(f"tinykd: --config {path}: no such file")
+        luigi.configuration.add_config_path(str(Path(path).resolve()))
 
 
 def _task_from_argv(argv: list[str]) -> luigi.Task:
@@ -170,11 +177,15 @@ COMMANDS = {"run": cmd_run, "explain": cmd_explain, "gc": cmd_gc, "inspect": cmd
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    configs = []
+    while len(argv) >= 2 and argv[0] == "--config":
+        configs.append(argv[1])
+        argv = argv[2:]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _load_project_config()
+    _load_project_config(configs)
     return COMMANDS[argv[0]](argv[1:])
 
 
