@@ -492,17 +492,33 @@ def file_format(path: Path | str, declared: str = "") -> str:
 
 
 def source_inputs(source: Mapping[str, Any]) -> dict[str, Path]:
-    """The local files/directories a source reads (hashed into the stage fingerprint)."""
+    """The local files/directories a source reads (hashed into the stage fingerprint).
+
+    Raises :class:`InputError` when one is missing, so that the error names the expected
+    layout before anything runs.
+    """
     kind = source.get("kind")
     if kind == "glue":
         task = glue_task(source["task"])
         glue_dir = _required_path(source, "glue_dir")
-        return {split: task.split_file(glue_dir, split) for split in SPLITS}
+        inputs = {split: task.split_file(glue_dir, split) for split in SPLITS}
+        for split, path in inputs.items():
+            if not path.is_file():
+                raise InputError(f"GLUE {task.name} {split} file not found (expected "
+                                 f"<glue_dir>/{task.name}/{path.name})", path)
+        return inputs
     if kind == "hf":
-        return {"hf_dir": _required_path(source, "dir")} if source.get("dir") else {}
-    if kind == "files":
-        return {split: _required_path(source, split) for split in SPLITS}
-    raise InputError(f"unknown source kind {kind!r}; use 'glue', 'hf' or 'files'")
+        if not source.get("dir"):
+            return {}
+        inputs = {"hf_dir": _required_path(source, "dir")}
+    elif kind == "files":
+        inputs = {split: _required_path(source, split) for split in SPLITS}
+    else:
+        raise InputError(f"unknown source kind {kind!r}; use 'glue', 'hf' or 'files'")
+    for path in inputs.values():
+        if not path.exists():
+            raise InputError("not found", path)
+    return inputs
 
 
 def _required_path(source: Mapping[str, Any], key: str) -> Path:
@@ -514,17 +530,12 @@ def _required_path(source: Mapping[str, Any], key: str) -> Path:
 
 def _load_glue(source: Mapping[str, Any], problems: RowProblems):
     task = glue_task(source["task"])
-    glue_dir = _required_path(source, "glue_dir")
     spec = TaskSpec(task.name, task.task_type, task.is_pair, task.label_names, task.label_range)
     columns = {"text_a": task.text_a, "label": task.label}
     if task.text_b is not None:
         columns["text_b"] = task.text_b
     raw = {}
-    for split in SPLITS:
-        path = task.split_file(glue_dir, split)
-        if not path.exists():
-            raise InputError(f"GLUE {task.name} {split} file not found (expected "
-                             f"<glue_dir>/{task.name}/{path.name})", path)
+    for split, path in source_inputs(source).items():
         raw[split] = read_delimited(path, split, columns, problems, has_header=task.has_header,
                                     num_columns=task.num_columns)
     return spec, raw, {"kind": "glue", "task": task.name}

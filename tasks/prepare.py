@@ -20,6 +20,7 @@ from typing import Any
 
 import luigi
 
+from pipeline.errors import InputError
 from pipeline.stage import StageBuild
 from tasks.base import StageTask
 
@@ -36,7 +37,7 @@ class PrepareData(StageTask):
                     "dataset by hub name or a save_to_disk directory) or 'files' (CSV/TSV/JSONL/"
                     "Parquet train and dev files with a column mapping).")
     task = luigi.Parameter(
-        default="SST-2", significant=True,
+        default="", significant=True,
         description="GLUE task name (SST-2, MRPC, CoLA, RTE, STS-B, QNLI, QQP, MNLI, WNLI). For "
                     "source=glue it picks the directory, columns and labels; for source=hf it "
                     "supplies default columns/splits/labels (empty: none); for source=files it "
@@ -116,6 +117,10 @@ class PrepareData(StageTask):
             import os
 
             glue_dir = self.glue_dir or os.environ.get("GLUE_DIR", "")
+            if not glue_dir:
+                raise InputError("source=glue needs PrepareData's glue_dir (or $GLUE_DIR)")
+            if not self.task:
+                raise InputError("source=glue needs PrepareData's task (e.g. SST-2, MRPC)")
             return {"kind": "glue", "glue_dir": _resolved(glue_dir), "task": self.task}
         common = {"columns": dict(self.columns), "label_names": list(self.label_names),
                   "task_type": self.task_type, "task": self.task}

@@ -213,7 +213,7 @@ def test_glue_bad_input_names_file_line_and_problem(tmp_path, task, content, lin
 def test_glue_missing_file_is_an_input_error(tmp_path):
     (tmp_path / "SST-2").mkdir()
     (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\nok\t1\n")
-    with pytest.raises(InputError, match=r"dev file not found .*SST-2/dev.tsv"):
+    with pytest.raises(InputError, match=r"SST-2 dev file not found .*SST-2/dev.tsv"):
         prepare({"kind": "glue", "glue_dir": tmp_path, "task": "SST-2"}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -480,3 +480,19 @@ def test_stage_files_source_from_parameters(tmp_path):
     assert run_luigi(task).status.name == "SUCCESS"
     assert rows_of(task.output_dir(), "train") == [("why", "because", 1), ("how", "somehow", 0)]
     assert task_info(task.output_dir())["label_names"] == ["False", "True"]
+
+
+def test_stage_with_missing_data_fails_before_running(tmp_path, isolated_workdir, monkeypatch):
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\nok\t1\n")
+    missing_dev = PrepareData(source="glue", glue_dir=str(tmp_path), task="SST-2")
+    with pytest.raises(InputError, match=r"GLUE SST-2 dev file not found \(expected <glue_dir>/SST-2/dev.tsv\)"):
+        missing_dev.stage_inputs()
+    no_dir = PrepareData(source="glue", task="SST-2")
+    with pytest.raises(InputError, match=r"needs PrepareData's glue_dir \(or \$GLUE_DIR\)"):
+        no_dir.source_spec()
+    for task in (missing_dev, no_dir):
+        result = run_luigi(task)
+        assert not result.scheduling_succeeded and result.status.name == "SCHEDULING_FAILED"
+    assert not (isolated_workdir / "prepare_data").exists()
