@@ -6,7 +6,8 @@ the same four columns, whatever the data came from:
 * ``id``     string, stable ``"<split>-<n>"`` where *n* is the 0-based index of the example
   among the data rows of its source split (skipped or subsampled rows leave gaps, so an id
   always points back to the same source row);
-* ``text_a`` string, never empty;
+* ``text_a`` string, never empty (blank-only is rejected too); kept verbatim, e.g. with the
+  trailing space of SST-2's sentences, since tokenisers ignore it and ids map back to bytes;
 * ``text_b`` string for sentence-pair tasks, null for single-sentence tasks;
 * ``label``  int64 index into ``label_names`` (classification) or float64 (regression).
 
@@ -38,7 +39,6 @@ the Luigi wiring can import the task registry cheaply.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import random
