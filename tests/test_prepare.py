@@ -496,3 +496,36 @@ def test_stage_with_missing_data_fails_before_running(tmp_path, isolated_workdir
         result = run_luigi(task)
         assert not result.scheduling_succeeded and result.status.name == "SCHEDULING_FAILED"
     assert not (isolated_workdir / "prepare_data").exists()
+
+
+def test_skipped_rows_list_is_capped_but_counted(tmp_path):
+    from pipeline.prepare import MAX_REPORTED_PROBLEMS
+
+    bad = "".join(f"row {i}\t3\n" for i in range(MAX_REPORTED_PROBLEMS + 5))
+    root = write_glue(tmp_path, "SST-2", "sentence\tlabel\nkeep me\t1\n" + bad)
+    result = prepare({"kind": "glue", "glue_dir": root, "task": "SST-2"}, tmp_path / "out", skip_bad_rows=True)
+    skipped = result["info"]["skipped"]
+    assert skipped["count"] == MAX_REPORTED_PROBLEMS + 5 and skipped["capped"] is True
+    assert len(skipped["rows"]) == MAX_REPORTED_PROBLEMS
+    assert skipped["rows"][0].endswith("train.tsv:3: label '3' is not in the task's label set ['0', '1']")
+    assert result["rows"]["train"] == 1
+
+
+@pytest.mark.parametrize("names,value,expected", [
+    (["0", "1"], "1", 1),
+    (["0", "1"], 1, 1),            # numeric names: an int matches by its text
+    (["1", "0"], 1, 0),            # ... never by position
+    (["neg", "pos"], 1, 1),        # textual names: an int is a class index
+    (["neg", "pos"], "pos", 1),
+    (["neg", "pos"], 2, None),
+    (["neg", "pos"], "1", None),   # a digit string is not an index
+    (["False", "True"], True, 1),
+    (["0", "1"], 1.0, 1),
+    (["0", "1"], " 1", None),      # labels are exact
+])
+def test_label_matching_rules(names, value, expected):
+    from pipeline.prepare import TaskSpec
+
+    label, problem = TaskSpec("t", "classification", False, tuple(names)).label_value(value)
+    assert label == expected
+    assert (problem is None) == (expected is not None)
