@@ -529,3 +529,29 @@ def test_label_matching_rules(names, value, expected):
     label, problem = TaskSpec("t", "classification", False, tuple(names)).label_value(value)
     assert label == expected
     assert (problem is None) == (expected is not None)
+
+
+def test_parameters_from_luigi_cfg_section(tmp_path, monkeypatch):
+    from luigi.configuration import LuigiConfigParser
+
+    (tmp_path / "train.csv").write_text("review,stars\ngreat fun,pos\ndull,neg\n")
+    (tmp_path / "dev.csv").write_text("review,stars\nfine,pos\n")
+    config = tmp_path / "luigi.cfg"
+    config.write_text(
+        "[PrepareData]\n"
+        "source = files\n"
+        "task = reviews\n"
+        f"train_file = {tmp_path / 'train.csv'}\n"
+        f"dev_file = {tmp_path / 'dev.csv'}\n"
+        'columns = {"text_a": "review", "label": "stars"}\n'
+        'label_names = ["neg", "pos"]\n'
+        "max_train_examples = 1\n")
+    # a private parser for this test; conftest's empty configuration is restored afterwards
+    monkeypatch.setattr(LuigiConfigParser, "_config_paths", [str(config)])
+    monkeypatch.setattr(LuigiConfigParser, "_instance", None)
+    task = PrepareData()
+    assert (task.source, task.task, dict(task.columns), list(task.label_names)) == (
+        "files", "reviews", {"text_a": "review", "label": "stars"}, ["neg", "pos"])
+    assert run_luigi(task).status.name == "SUCCESS"
+    info = task_info(task.output_dir())
+    assert info["task"] == "reviews" and info["subsampled"]["train"] == {"from": 2, "kept": 1, "seed": 0}
