@@ -81,7 +81,8 @@ class TrainConfig:
     log_every: int = 50
     device: str = "auto"
     amp: bool = False                    # CUDA only: bf16 autocast
-    prefetch: int = 4
+    prefetch: int = 4                    # batches a background thread reads ahead (0: none)
+    num_workers: int = 0                 # > 0: DataLoader worker processes (sources with .dataset)
     num_threads: int = 0                 # CPU intra-op threads; 0 = torch default
 
     def validate(self) -> None:
@@ -369,9 +370,7 @@ class Trainer:
         while step < self.total_steps:
             if batch_in_epoch >= self.batches_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
-            iterator = self.source.batches(config.batch_size, config.seed, epoch, start_batch=batch_in_epoch)
-            prefetcher = Prefetcher(iterator, config.prefetch, pin_memory=self.device.type == "cuda") \
-                if config.prefetch > 0 else iter(iterator)
+            prefetcher = self._epoch_batches(epoch, batch_in_epoch)
             try:
                 while step < self.total_steps:
                     step_start = time.perf_counter()
@@ -424,6 +423,26 @@ class Trainer:
         result.seconds = time.perf_counter() - started
         result.data_wait_share = wait_seconds / result.seconds if result.seconds > 0 else 0.0
         return result
+
+    def _epoch_batches(self, epoch: int, start_batch: int):
+        """The epoch's batches from ``start_batch`` on, read ahead of the training step.
+
+        Worker processes (DataLoader over the source's ``dataset``; each worker builds every
+        k-th batch of the same plan, so the order does not depend on k) when asked for, else
+        one background thread; pinned memory on CUDA so the copy overlaps compute.
+        """
+        config = self.config
+        pin_memory = self.device.type == "cuda"
+        if config.num_workers > 0 and hasattr(self.source, "dataset"):
+            from torch.utils.data import DataLoader
+            dataset = self.source.dataset(config.batch_size, seed=config.seed, epoch=epoch,
+                                          start_batch=start_batch)
+            return iter(DataLoader(dataset, batch_size=None, num_workers=config.num_workers,
+                                   pin_memory=pin_memory, prefetch_factor=max(2, config.prefetch)))
+        iterator = self.source.batches(config.batch_size, config.seed, epoch, start_batch=start_batch)
+        if config.prefetch > 0:
+            return Prefetcher(iterator, config.prefetch, pin_memory=pin_memory)
+        return iter(iterator)
 
     def _evaluate(self, step: int, epoch: int, best: dict | None, result: TrainResult) -> dict | None:
         self.student.eval()

@@ -1,0 +1,190 @@
+"""One distillation stage from a teacher cache: the plain function behind the Luigi tasks.
+
+``distill_from_cache`` opens the cache, checks that it fits the student (layers the layer map
+needs, heads, tokenizer, task), builds or loads the student, trains it with
+:class:`distill.trainer.Trainer` and writes the stage output:
+
+* ``student/``: the student (``save_pretrained``) with the teacher's tokenizer, so
+  ``transformers.pipeline("text-classification", model=...)`` loads it; for stage 2 the
+  checkpoint with the best dev metric, for stage 1 the last one. ``tinykd_distill.json``
+  beside it records the task and cache it was distilled for (stage 2 checks it).
+* ``projections.pt`` (intermediate stage): the learned hidden-state projections.
+* ``metrics.jsonl`` (per logged step: each loss, lr, gradient norm, data wait; per evaluation:
+  the dev metrics) and ``metrics.json`` (summary: best, final, throughput, data-wait share).
+
+Checkpoints live in ``<out>/checkpoints`` while training (the stage is resumable, so the
+partial directory survives a crash) and are removed once the output is complete.
+
+The teacher is read from the cache only, unless ``online=True``: then the cache supplies just
+the token ids (same batches, same order) and the teacher named in the cache's manifest runs
+live -- the parity check of the cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+from distill.student import (StudentSpec, build_student, export_student, read_distill_info,
+                             vocab_sha256)
+from distill.trainer import CachedTeacher, OnlineTeacher, Trainer, TrainConfig, resolve_device
+from pipeline.errors import InputError
+from pipeline.layer_map import cached_layers, layer_map
+
+
+def _load_teacher_side(info: dict, cache_dir: Path):
+    """The teacher's config and tokenizer, from the path the cache manifest names."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    teacher_path = (info.get("teacher") or {}).get("path")
+    if not teacher_path:
+        raise InputError("cache manifest names no teacher path", cache_dir / "manifest.json")
+    try:
+        config = AutoConfig.from_pretrained(teacher_path)
+        tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the cache's teacher config/tokenizer ({exc})", teacher_path) from None
+    if vocab_sha256(tokenizer) != info.get("tokenizer_vocab_sha256"):
+        raise InputError("the teacher's tokenizer no longer matches the one the cache was built with "
+                         "(vocabulary sha256 differs)", teacher_path)
+    return teacher_path, config, tokenizer
+
+
+def check_student_tokenizer(student_dir: Path, info: dict) -> None:
+    """A checkpoint student that ships a tokenizer must share the cache's vocabulary."""
+    from transformers import AutoTokenizer
+
+    if not any((student_dir / name).exists() for name in ("tokenizer.json", "vocab.txt",
+                                                            "tokenizer_config.json")):
+        return
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    if vocab_sha256(tokenizer) != info.get("tokenizer_vocab_sha256"):
+        raise InputError("the student's tokenizer differs from the one the teacher cache was built "
+                         "with; a student must read the teacher's token ids", student_dir)
+
+
+def check_stage1_output(stage1_dir: Path, info: dict) -> Path:
+    """Stage 2 starts from a stage-1 student distilled for the same task and teacher."""
+    student_dir = Path(stage1_dir) / "student"
+    recorded = read_distill_info(student_dir)
+    if recorded is None:
+        raise InputError("not a distillation output (no student/tinykd_distill.json)", stage1_dir)
+    for key in ("task", "task_type", "label_names", "tokenizer_vocab_sha256"):
+        if recorded.get(key) != info.get(key):
+            raise InputError(f"stage-1 student was distilled for {key}={recorded.get(key)!r} but "
+                             f"this cache has {key}={info.get(key)!r}: a stage-1 output of another "
+                             "task or teacher", student_dir / "tinykd_distill.json")
+    return student_dir
+
+
+def _export_atomic(student, tokenizer, directory: Path, distill_info: dict) -> None:
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_student(student, tokenizer, tmp, distill_info)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
+def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: TrainConfig,
+                       student_spec: StudentSpec | None = None, *, stage1_dir: Path | str | None = None,
+                       prepared_dir: Path | str | None = None, layer_strategy: str = "uniform",
+                       explicit_layers: Sequence[int] = (), online: bool = False,
+                       dev_limit: int = 0, eval_batch_size: int = 128) -> dict:
+    """Train one stage into ``out_dir``; return the summary also written to metrics.json."""
+    import torch
+
+    from distill.evaluate import Evaluator, load_dev
+    from pipeline.cache_reader import load_cache_info, open_cache
+
+    cache_dir, out_dir = Path(cache_dir), Path(out_dir)
+    started = time.perf_counter()
+    info = load_cache_info(cache_dir)
+    teacher_path, teacher_config, tokenizer = _load_teacher_side(info, cache_dir)
+    task, task_type = info.get("task"), info.get("task_type") or "classification"
+    label_names = info.get("label_names")
+    if config.uses_prediction and not info.get("with_logits", True):
+        raise InputError("the prediction loss needs teacher logits, but this cache was built from a "
+                         "bare encoder (general distillation)", cache_dir)
+    num_labels = int(info.get("num_labels") or (len(label_names) if label_names else 2))
+
+    if stage1_dir is not None:
+        student_spec = StudentSpec(init="checkpoint", checkpoint=str(check_stage1_output(stage1_dir, info)),
+                                   seed=config.seed)
+    student_spec = student_spec or StudentSpec(seed=config.seed)
+    if student_spec.init == "checkpoint":
+        check_student_tokenizer(Path(student_spec.checkpoint), info)
+    if student_spec.init == "teacher_layers" and not student_spec.checkpoint:
+        student_spec.checkpoint = teacher_path
+    student = build_student(student_spec, teacher_config, num_labels, task_type, label_names)
+
+    teacher_layers = int((info.get("teacher") or {}).get("num_layers") or teacher_config.num_hidden_layers)
+    mapped = layer_map(teacher_layers, student.config.num_hidden_layers, layer_strategy,
+                       list(explicit_layers) or None)
+    hidden_needed, attention_needed = cached_layers(mapped) if config.uses_intermediate else ([], [])
+    if not config.attention_weight > 0:
+        attention_needed = []
+    if attention_needed and int(info.get("num_heads", 0)) != student.config.num_attention_heads:
+        raise InputError(f"cache holds {info.get('num_heads')}-head attention scores, the student has "
+                         f"{student.config.num_attention_heads} heads", cache_dir)
+    try:
+        reader = open_cache(cache_dir, hidden_needed, attention_needed, with_teacher=not online,
+                            with_logits=config.uses_prediction)
+    except InputError as exc:   # name the map that asked for the missing layers
+        raise InputError(f"{exc.problem} (student layer map {layer_strategy!r}: student layers "
+                         f"1..{len(mapped)} -> teacher layers {mapped})", exc.path, exc.line) from None
+    if online:
+        from transformers import AutoModel, AutoModelForSequenceClassification
+        cls = AutoModelForSequenceClassification if config.uses_prediction else AutoModel
+        teacher_model = cls.from_pretrained(teacher_path).to(resolve_device(config.device))
+        provider = OnlineTeacher(teacher_model, hidden_needed, attention_needed,
+                                 with_logits=config.uses_prediction)
+    else:
+        provider = CachedTeacher()
+
+    distill_info = {"task": task, "task_type": task_type, "label_names": label_names,
+                    "tokenizer_vocab_sha256": info.get("tokenizer_vocab_sha256"),
+                    "teacher": info.get("teacher"), "layer_map": mapped,
+                    "stage": "prediction" if config.uses_prediction else "intermediate",
+                    "student_init": student_spec.as_dict()}
+    evaluator = None
+    if prepared_dir is not None and config.uses_prediction:
+        dev = load_dev(prepared_dir, tokenizer, int(info.get("max_seq_length", 128)), task_type, dev_limit)
+        evaluator = Evaluator(dev, task, task_type, eval_batch_size, resolve_device(config.device))
+    best_dir = out_dir / "best_student"
+
+    def keep_best(model, best):
+        _export_atomic(model, tokenizer, best_dir, {**distill_info, "best": best})
+
+    trainer = Trainer(config, student, reader, provider, out_dir, list(zip(range(1, len(mapped) + 1), mapped)),
+                      int(info.get("hidden_size", teacher_config.hidden_size)), task_type,
+                      evaluate=evaluator, on_best=keep_best)
+    result = trainer.train()
+
+    final_dir = out_dir / "student"
+    if result.best is not None and best_dir.exists():
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(best_dir, final_dir)
+    else:
+        _export_atomic(trainer.student, tokenizer, final_dir, distill_info)
+    if trainer.projections is not None:
+        torch.save(trainer.projections.state_dict(), out_dir / "projections.pt")
+    trainer.cleanup_checkpoints()
+    summary = {
+        "stage": distill_info["stage"], "task": task, "steps": result.steps,
+        "epochs": config.epochs, "examples": reader.num_examples, "online_teacher": online,
+        "best": result.best, "final_eval": result.final_eval,
+        "final_losses": result.step_losses[-1] if result.step_losses else None,
+        "resumed_from": result.resumed_from, "train_seconds": round(result.seconds, 3),
+        "data_wait_share": round(result.data_wait_share, 5),
+        "layer_map": mapped, "config": asdict(config),
+        "student_parameters": sum(p.numel() for p in trainer.student.parameters()),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    return summary
