@@ -166,7 +166,8 @@ class CacheReader:
         if number not in self._files:
             file = self.shard_files[number]
             try:
-                self._files[number] = pq.ParquetFile(file, memory_map=True)
+                self._files[number] = pq.ParquetFile(file, memory_map=True,
+                                                     page_checksum_verification=True)
             except (OSError, pa.ArrowException) as exc:
                 raise InputError(f"corrupt shard: cannot read its Parquet footer ({exc})", file) from None
         return self._files[number]

@@ -446,6 +446,8 @@ def write_cache_shard(examples: pa.Table, model, tokenizer, out_file: Path | str
         writer = pq.ParquetWriter(
             out_file, schema, compression="zstd", compression_level=compression_level,
             use_dictionary=["id", "orig_id"], write_statistics=["length", "label"],
+            # Page CRCs let the reader detect a corrupt data page when it decodes it.
+            write_page_checksum=True,
             use_byte_stream_split=[f.name for f in schema if f.name.startswith(("hidden_", "attn_"))]
             if byte_stream_split else False)
         with writer:
