@@ -113,16 +113,11 @@ class TrainConfig:
 def recipe(stage: str, **overrides) -> TrainConfig:
     """SPEC §3 defaults. ``intermediate``: stage 1 (and general distillation), lr 5e-5 constant,
     10 epochs; ``prediction``: stage 2, lr 3e-5, 3 epochs, 10 % linear warm-up then decay."""
-    if stage == "intermediate":
-        base = dict(embedding_weight=1.0, attention_weight=1.0, hidden_weight=1.0,
-                    prediction_weight=0.0, learning_rate=5e-5, epochs=10, schedule="constant",
-                    warmup_proportion=0.0)
-    elif stage == "prediction":
-        base = dict(embedding_weight=0.0, attention_weight=0.0, hidden_weight=0.0,
-                    prediction_weight=1.0, learning_rate=3e-5, epochs=3, schedule="linear",
-                    warmup_proportion=0.1, eval_every=50)
-    else:
-        raise ValueError(f"unknown stage {stage!r}; choose 'intermediate' or 'prediction'")
+    from distill.recipes import RECIPES
+
+    if stage not in RECIPES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(RECIPES)}")
+    base = dict(RECIPES[stage])
     base.update(overrides)
     config = TrainConfig(**base)
     config.validate()

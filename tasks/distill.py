@@ -1,0 +1,285 @@
+"""Luigi wiring of the distillation stages (plain code: :func:`distill.run.distill_from_cache`).
+
+* ``DistillIntermediate`` (stage ``distill_stage1``): intermediate-layer losses (embedding,
+  attention, hidden states) on the teacher cache -- by default the augmented data.
+* ``DistillPrediction`` (stage ``distill_stage2``): the prediction loss, starting from stage 1's
+  student, evaluated on the prepared dev split every ``eval_every`` steps; the best is kept.
+* ``DistillGeneral`` (stage ``distill_general``): general distillation -- the intermediate losses
+  from a pre-trained (not fine-tuned) encoder on a plain-text corpus, cached by the same cache
+  stage (``GeneralTeacherCache``, configured in its own ``[GeneralTeacherCache]`` section with
+  ``examples=corpus``). Stage 1 can start from its student (``student_init=general``).
+
+Only trainer parameters are declared here, so changing one reruns only the distillation
+stages, never augmentation or the cache. The student's depth and the layer map are cache
+parameters (the cache holds exactly the mapped teacher layers) and are read from the cache
+task; a student that needs other layers is refused with a clear error.
+
+All three stages are resumable: checkpoints live in the partial output directory, and a
+rerun after a crash continues from the last one with the same result.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import luigi
+
+from distill.recipes import RECIPES
+from pipeline.stage import StageBuild
+from tasks.base import StageTask
+from tasks.prepare import PrepareData
+from tasks.teacher import TeacherCache
+
+
+class GeneralTeacherCache(TeacherCache):
+    """The teacher cache of general distillation (own config section; set examples=corpus)."""
+
+
+def _trainer_parameters(stage: str):
+    """A parameter mixin for one stage, with that stage's recipe (SPEC §3) as defaults."""
+    from dataclasses import fields
+
+    from distill.recipes import RECIPES
+
+    defaults = RECIPES[stage]
+
+    class TrainerParameters:
+        embedding_weight = luigi.FloatParameter(
+            default=defaults["embedding_weight"], significant=True,
+            description="Weight of the embedding-layer MSE (0: not computed).")
+        attention_weight = luigi.FloatParameter(
+            default=defaults["attention_weight"], significant=True,
+            description="Weight of the attention-score MSE summed over mapped layers (0: off).")
+        hidden_weight = luigi.FloatParameter(
+            default=defaults["hidden_weight"], significant=True,
+            description="Weight of the hidden-state MSE summed over mapped layers (0: off).")
+        prediction_weight = luigi.FloatParameter(
+            default=defaults["prediction_weight"], significant=True,
+            description="Weight of the prediction loss (0: off).")
+        attention_mode = luigi.ChoiceParameter(
+            default="reference", choices=["reference", "masked"], significant=True,
+            description="reference: zero padded (and <= -100) scores, average over every element "
+                        "as the reference code; masked: average over real query/key pairs only.")
+        projection_mode = luigi.ChoiceParameter(
+            default="shared", choices=["shared", "per_layer"], significant=True,
+            description="Student-to-teacher width projection: one shared matrix (reference code) "
+                        "or one per layer (paper's W_e, W_h).")
+        prediction_loss = luigi.ChoiceParameter(
+            default="soft_ce", choices=["soft_ce", "kd"], significant=True,
+            description="soft_ce: soft cross-entropy to the teacher (TinyBERT); kd: Hinton KD, "
+                        "alpha*t^2*KL + (1-alpha)*CE(labels). Regression tasks always use MSE to "
+                        "the teacher's prediction.")
+        temperature = luigi.FloatParameter(default=1.0, significant=True,
+                                           description="Softmax temperature of the prediction loss.")
+        kd_alpha = luigi.FloatParameter(default=0.5, significant=True,
+                                        description="prediction_loss=kd: weight of the soft term.")
+        learning_rate = luigi.FloatParameter(default=defaults["learning_rate"], significant=True,
+                                             description="AdamW peak learning rate.")
+        epochs = luigi.IntParameter(default=defaults["epochs"], significant=True,
+                                    description="Epochs over the cached examples.")
+        max_steps = luigi.IntParameter(default=0, significant=True,
+                                       description="Stop after this many steps (0: all epochs).")
+        batch_size = luigi.IntParameter(default=defaults["batch_size"], significant=True,
+                                        description="Training batch size.")
+        schedule = luigi.ChoiceParameter(
+            default=defaults["schedule"], choices=["constant", "linear"], significant=True,
+            description="Learning-rate schedule after warm-up: constant, or linear decay to 0.")
+        warmup_proportion = luigi.FloatParameter(
+            default=defaults["warmup_proportion"], significant=True,
+            description="Share of the steps with linear warm-up.")
+        weight_decay = luigi.FloatParameter(default=0.01, significant=True,
+                                            description="AdamW weight decay (not on biases/LayerNorm).")
+        max_grad_norm = luigi.FloatParameter(default=1.0, significant=True,
+                                             description="Gradient clipping norm (0: off).")
+        seed = luigi.IntParameter(default=42, significant=True,
+                                  description="Seed of the student's initialisation, data order and dropout.")
+        amp = luigi.BoolParameter(default=False, significant=True,
+                                  description="CUDA only: bf16 autocast for the student (changes results).")
+        online_teacher = luigi.BoolParameter(
+            default=False, significant=True,
+            description="Run the teacher live instead of reading its outputs from the cache (the "
+                        "parity check; same batches, same order).")
+        checkpoint_every = luigi.IntParameter(default=500, significant=False,
+                                              description="Steps between resumable checkpoints.")
+        log_every = luigi.IntParameter(default=50, significant=False,
+                                       description="Steps between metrics.jsonl loss lines.")
+        device = luigi.Parameter(default="auto", significant=False,
+                                 description="auto (CUDA when available, else CPU), cpu, cuda, ...")
+        num_workers = luigi.IntParameter(
+            default=-1, significant=False,
+            description="DataLoader worker processes reading the cache (order-preserving); "
+                        "-1: 4 on CUDA, else 0 (a background thread reads ahead).")
+        num_threads = luigi.IntParameter(default=0, significant=False,
+                                         description="CPU intra-op threads (0: torch default).")
+
+        def train_config(self):
+            from distill.trainer import TrainConfig
+
+            names = {f.name for f in fields(TrainConfig)}
+            values = {name: getattr(self, name) for name in names
+                      if hasattr(self, name) and name not in ("num_workers", "eval_every")}
+            values["eval_every"] = getattr(self, "eval_every", 0)
+            workers = self.num_workers
+            if workers < 0:
+                import torch
+                workers = 4 if self.device != "cpu" and torch.cuda.is_available() else 0
+            values["num_workers"] = workers
+            config = TrainConfig(**values)
+            config.validate()
+            return config
+
+    return TrainerParameters
+
+
+class StudentParameters:
+    """How stage 1 (or general distillation) obtains its student."""
+
+    student_init = luigi.ChoiceParameter(
+        default="config", choices=["config", "general", "checkpoint", "teacher_layers"], significant=True,
+        description="config: a fresh BERT of the shape below; general: DistillGeneral's student; "
+                    "checkpoint: student_checkpoint; teacher_layers: copy the teacher's embeddings "
+                    "and the layer-mapped teacher layers (widths must match).")
+    student_hidden_size = luigi.IntParameter(default=312, significant=True,
+                                             description="Student width (TinyBERT4: 312).")
+    student_intermediate_size = luigi.IntParameter(default=1200, significant=True,
+                                                   description="Student FFN width (TinyBERT4: 1200).")
+    student_heads = luigi.IntParameter(
+        default=12, significant=True,
+        description="Student attention heads; must equal the teacher's (attention loss per head).")
+    student_checkpoint = luigi.Parameter(
+        default="", significant=False,
+        description="student_init=checkpoint: a save_pretrained directory (content-hashed, path "
+                    "not significant).")
+
+    def student_spec(self, num_layers: int, teacher_layers: list[int]):
+        from distill.student import StudentSpec
+
+        init = "checkpoint" if self.student_init == "general" else self.student_init
+        checkpoint = self.student_checkpoint
+        if self.student_init == "general":
+            checkpoint = str(self.upstream_dir("general") / "student")
+        if self.student_init == "checkpoint" and not checkpoint:
+            from pipeline.errors import InputError
+            raise InputError("student_init=checkpoint needs student_checkpoint")
+        return StudentSpec(init=init, num_layers=num_layers, hidden_size=self.student_hidden_size,
+                           intermediate_size=self.student_intermediate_size, num_heads=self.student_heads,
+                           checkpoint=str(Path(checkpoint).expanduser().resolve()) if checkpoint else "",
+                           teacher_layers=teacher_layers, seed=self.seed)
+
+    def student_inputs(self) -> dict[str, str | Path]:
+        if self.student_init == "checkpoint" and self.student_checkpoint:
+            return {"student_checkpoint": str(Path(self.student_checkpoint).expanduser().resolve())}
+        return {}
+
+
+def _layer_map_of(cache_task: TeacherCache) -> tuple[str, list[int], int]:
+    from pipeline.layer_map import parse_layer_list
+
+    return (cache_task.layer_map, parse_layer_list(cache_task.explicit_layers), cache_task.student_layers)
+
+
+def _teacher_mapped_layers(cache_task: TeacherCache) -> list[int]:
+    from pipeline.layer_map import layer_map
+    from tasks.teacher import _teacher_num_layers
+
+    strategy, explicit, depth = _layer_map_of(cache_task)
+    return layer_map(_teacher_num_layers(cache_task.teacher_source()), depth, strategy, explicit or None)
+
+
+class _DistillStage(StageTask):
+    resumable = True
+
+    def cache_task(self) -> TeacherCache:
+        return self.requires()["cache"]
+
+    def record(self, out: StageBuild, summary: dict) -> None:
+        out.rows["steps"] = summary["steps"]
+        out.rows["examples"] = summary["examples"]
+        out.info.update({k: summary[k] for k in ("stage", "task", "best", "final_losses", "layer_map",
+                                                 "data_wait_share", "train_seconds", "student_parameters",
+                                                 "resumed_from")})
+
+
+class DistillGeneral(_trainer_parameters("intermediate"), StudentParameters, _DistillStage):
+    """General distillation: intermediate losses from a pre-trained encoder on plain text."""
+
+    stage_name = "distill_general"
+    stage_version = "1"
+
+    def requires(self):
+        required = {"cache": GeneralTeacherCache()}
+        if self.student_init == "general":
+            from pipeline.errors import InputError
+            raise InputError("DistillGeneral cannot start from itself (student_init=general)")
+        return required
+
+    def stage_inputs(self):
+        return self.student_inputs()
+
+    def build(self, out: StageBuild) -> None:
+        from distill.run import distill_from_cache
+
+        strategy, explicit, depth = _layer_map_of(self.cache_task())
+        spec = self.student_spec(depth, _teacher_mapped_layers(self.cache_task()))
+        with out.timed("distill"):
+            summary = distill_from_cache(self.upstream_dir("cache"), out.path, self.train_config(), spec,
+                                         layer_strategy=strategy, explicit_layers=explicit,
+                                         online=self.online_teacher)
+        self.record(out, summary)
+
+
+class DistillIntermediate(_trainer_parameters("intermediate"), StudentParameters, _DistillStage):
+    """Stage 1 of task distillation: embedding, attention and hidden-state losses."""
+
+    stage_name = "distill_stage1"
+    stage_version = "1"
+
+    def requires(self):
+        required: dict[str, luigi.Task] = {"cache": TeacherCache()}
+        if self.student_init == "general":
+            required["general"] = DistillGeneral()
+        return required
+
+    def stage_inputs(self):
+        return self.student_inputs()
+
+    def build(self, out: StageBuild) -> None:
+        from distill.run import distill_from_cache
+
+        strategy, explicit, depth = _layer_map_of(self.cache_task())
+        spec = self.student_spec(depth, _teacher_mapped_layers(self.cache_task()))
+        with out.timed("distill"):
+            summary = distill_from_cache(self.upstream_dir("cache"), out.path, self.train_config(), spec,
+                                         layer_strategy=strategy, explicit_layers=explicit,
+                                         online=self.online_teacher)
+        self.record(out, summary)
+
+
+class DistillPrediction(_trainer_parameters("prediction"), _DistillStage):
+    """Stage 2: prediction loss from stage 1's student; dev evaluation keeps the best."""
+
+    stage_name = "distill_stage2"
+    stage_version = "1"
+
+    eval_every = luigi.IntParameter(
+        default=RECIPES["prediction"]["eval_every"], significant=True,
+        description="Evaluate the student on dev every N steps (and at the end); the best is kept.")
+    eval_batch_size = luigi.IntParameter(default=128, significant=False,
+                                         description="Batch size of dev evaluation.")
+
+    def requires(self):
+        return {"cache": TeacherCache(), "data": PrepareData(), "stage1": DistillIntermediate()}
+
+    def build(self, out: StageBuild) -> None:
+        from distill.run import distill_from_cache
+
+        strategy, explicit, _ = _layer_map_of(self.cache_task())
+        with out.timed("distill"):
+            summary = distill_from_cache(self.upstream_dir("cache"), out.path, self.train_config(),
+                                         stage1_dir=self.upstream_dir("stage1"),
+                                         prepared_dir=self.upstream_dir("data"), layer_strategy=strategy,
+                                         explicit_layers=explicit, online=self.online_teacher,
+                                         eval_batch_size=self.eval_batch_size)
+        self.record(out, summary)
+        if summary["best"]:
+            out.info["dev_metrics"] = summary["best"]["metrics"]
