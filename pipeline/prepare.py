@@ -603,7 +603,8 @@ def _load_hf(source: Mapping[str, Any], problems: RowProblems):
             config = default_task.hf_config
         where = source["name"] + (f"/{config}" if config else "")
         loaded = datasets.load_dataset(source["name"], config or None,
-                                       revision=source.get("revision") or None)
+                                       revision=source.get("revision") or None,
+                                       cache_dir=source.get("cache_dir") or None)
     else:
         raise InputError("source kind 'hf' needs a dataset name or a save_to_disk dir")
     columns, spec = _mapping_and_spec(
@@ -668,7 +669,7 @@ def prepare(source: Mapping[str, Any], out_dir: Path | str, *, skip_bad_rows: bo
     """Validate a source's train and dev splits and write ``{train,dev}.parquet`` to ``out_dir``.
 
     ``source`` is a mapping with ``kind`` = ``"glue"`` (``glue_dir``, ``task``), ``"hf"``
-    (``name`` [+ ``config``, ``revision``] or ``dir``; optional ``task`` for GLUE defaults,
+    (``name`` [+ ``config``, ``revision``, ``cache_dir``] or ``dir``; optional ``task`` for GLUE defaults,
     ``splits`` {train, dev -> dataset split}, ``columns``, ``label_names``, ``task_type``) or
     ``"files"`` (``train``, ``dev`` paths, optional ``format``, ``columns``, ``label_names``,
     ``task_type``, ``task``). ``max_*_examples`` > 0 keep a seeded random sample of that many

@@ -59,6 +59,10 @@ class PrepareData(StageTask):
     hf_revision = luigi.Parameter(
         default="", significant=True,
         description="source=hf: hub revision (tag or commit) to pin; empty: the latest.")
+    hf_cache_dir = luigi.Parameter(
+        default="", significant=False,
+        description="source=hf with hf_name: the datasets cache directory; empty: the datasets "
+                    "default ($HF_DATASETS_CACHE). Where the download is kept, not what it holds.")
     hf_dir = luigi.Parameter(
         default="", significant=False,
         description="source=hf: a Dataset.save_to_disk / DatasetDict.save_to_disk directory, used "
@@ -126,7 +130,8 @@ class PrepareData(StageTask):
                   "task_type": self.task_type, "task": self.task}
         if self.source == "hf":
             return {"kind": "hf", "name": self.hf_name, "config": self.hf_config,
-                    "revision": self.hf_revision, "dir": _resolved(self.hf_dir),
+                    "revision": self.hf_revision, "cache_dir": _resolved(self.hf_cache_dir),
+                    "dir": _resolved(self.hf_dir),
                     "splits": dict(self.hf_splits), **common}
         return {"kind": "files", "train": _resolved(self.train_file), "dev": _resolved(self.dev_file),
                 "format": self.file_format, **common}

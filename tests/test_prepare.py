@@ -555,3 +555,20 @@ def test_parameters_from_luigi_cfg_section(tmp_path, monkeypatch):
     assert run_luigi(task).status.name == "SUCCESS"
     info = task_info(task.output_dir())
     assert info["task"] == "reviews" and info["subsampled"]["train"] == {"from": 2, "kept": 1, "seed": 0}
+
+
+def test_hf_by_name_goes_through_load_dataset(tmp_path):
+    """The hub code path, offline: datasets.load_dataset also accepts a local data directory."""
+    pytest.importorskip("datasets")
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"question": ["why?", "how?"], "answer": ["so", "thus"], "label": [0, 1]}),
+                   tmp_path / "repo" / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"question": ["who?"], "answer": ["me"], "label": [1]}),
+                   tmp_path / "repo" / "data" / "validation-00000-of-00001.parquet")
+    source = {"kind": "hf", "name": str(tmp_path / "repo"), "cache_dir": str(tmp_path / "cache"),
+              "columns": {"text_a": "question", "text_b": "answer", "label": "label"}, "task": "qa"}
+    out = tmp_path / "out"
+    result = prepare(source, out)
+    assert rows_of(out, "train") == [("why?", "so", 0), ("how?", "thus", 1)]
+    assert result["info"]["label_names"] == ["0", "1"] and result["info"]["task"] == "qa"
+    assert source_inputs(source) == {}  # a hub dataset is identified by name/config/revision
