@@ -226,9 +226,8 @@ class Augmenter:
         self.counts["glove_distinct_words_absent"] += sum(1 for w in new if w not in found)
 
     # -- the batch --------------------------------------------------------------------------
-    def augment(self, examples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Augmented rows (original first) for ``examples`` (dicts: id, text_a, text_b, label)."""
-        counts = self.counts
+    def _plan_all(self, examples: Sequence[dict[str, Any]]) -> tuple[list[list[_Side]], list]:
+        """Plan every side, then resolve all GloVe words and all MLM queries in bulk."""
         queries: list[MaskQuery] = []
         plans: list[list[_Side]] = []
         for number, example in enumerate(examples):
@@ -239,32 +238,49 @@ class Augmenter:
         self._glove_candidates(plan.words[pos] for sides in plans for plan in sides
                                for pos, src in zip(plan.positions, plan.sources) if src == "glove")
         mlm_results = self.mlm.candidates(queries) if queries else []
+        self.counts["mlm_queries"] += len(queries)
+        return plans, mlm_results
 
+    def _resolve(self, plan: _Side, mlm_results: list[list[str]]) -> list[list[str]]:
+        """Each position's candidates (never empty: a position without any keeps its word)."""
+        counts = self.counts
+        candidates = []
+        for pos, src, query in zip(plan.positions, plan.sources, plan.query_index):
+            word = plan.words[pos]
+            counts[f"positions_{src}"] += 1
+            if src == "mlm":
+                found = mlm_results[query]
+            else:
+                found = self._glove.get(word)
+                if found is None:
+                    counts["positions_glove_word_absent"] += 1
+                    found = []
+                elif word.istitle():  # reference: keep a capitalised word capitalised
+                    found = [c.title() for c in found]
+            if not found:
+                counts[f"positions_without_candidates_{src}"] += 1
+                found = [word]
+            candidates.append(found)
+        return candidates
+
+    def position_candidates(self, examples: Sequence[dict[str, Any]]
+                            ) -> list[list[tuple[int, list[str]]]]:
+        """For every side of every example: ``[(word index, candidates), ...]`` (for tests)."""
+        plans, mlm_results = self._plan_all(examples)
+        return [list(zip(plan.positions, self._resolve(plan, mlm_results)))
+                for sides in plans for plan in sides]
+
+    def augment(self, examples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Augmented rows (original first) for ``examples`` (dicts: id, text_a, text_b, label)."""
+        plans, mlm_results = self._plan_all(examples)
         rows: list[dict[str, Any]] = []
         for example, sides in zip(examples, plans):
             variants = {}
             for plan in sides:
-                candidates = []
-                for pos, src, q in zip(plan.positions, plan.sources, plan.query_index):
-                    word = plan.words[pos]
-                    counts[f"positions_{src}"] += 1
-                    if src == "mlm":
-                        found = mlm_results[q]
-                    else:
-                        found = self._glove.get(word)
-                        if found is None:
-                            counts["positions_glove_word_absent"] += 1
-                            found = []
-                        elif word.istitle():  # reference: keep a capitalised word capitalised
-                            found = [c.title() for c in found]
-                    if not found:
-                        counts[f"positions_without_candidates_{src}"] += 1
-                        found = [word]
-                    candidates.append(found)
                 rng = example_rng(self.config.seed, str(example["id"]), plan.side)
-                variants[plan.side] = sample_variants(plan.words, plan.positions, candidates,
-                                                      self.config.n_attempts, self.config.p,
-                                                      rng, plan.text)
+                variants[plan.side] = sample_variants(
+                    plan.words, plan.positions, self._resolve(plan, mlm_results),
+                    self.config.n_attempts, self.config.p, rng, plan.text)
             texts = [(example["text_a"], example.get("text_b"))]
             texts += [(v, example.get("text_b")) for v in variants.get("a", [])]
             texts += [(example["text_a"], v) for v in variants.get("b", [])]
@@ -272,9 +288,8 @@ class Augmenter:
                 rows.append({"id": f"{example['id']}-aug{k}", "orig_id": str(example["id"]),
                              "aug_index": k, "text_a": text_a, "text_b": text_b,
                              "label": example["label"]})
-        counts["examples_in"] += len(examples)
-        counts["examples_out"] += len(rows)
-        counts["mlm_queries"] += len(queries)
+        self.counts["examples_in"] += len(examples)
+        self.counts["examples_out"] += len(rows)
         return rows
 
 

