@@ -1,0 +1,226 @@
+"""The augmentation stage: determinism, resuming, bad input, the MLM guard and the Luigi wiring."""
+from __future__ import annotations
+
+import json
+
+import luigi
+import pyarrow as pa
+import pytest
+
+from pipeline.augment import (AugmentConfig, AugmentResources, Augmenter, augment_split,
+                              build_augmenter, default_num_aug, read_augmented)
+from pipeline.errors import InputError
+from pipeline.stage import load_manifest
+from pipeline.wordvectors import convert_source
+
+SENTENCES = [
+    "it 's a charming and often affecting journey .",
+    "unflinchingly bleak and desperate",
+    "the acting , costumes , music , cinematography and sound are all astounding given the "
+    "production 's austere locales .",
+    "a gorgeous , witty , seductive movie .",
+    "the story is also as unoriginal as they come , already having been recycled more times "
+    "than i 'd care to count .",
+    "Handsomely photographed, the picture is overlong; still, its melancholy lingers.",
+    "This is a film well worth seeing , talking and singing heads and all .",
+    "what really surprises about wisegirls is its low-key quality and genuine tenderness .",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def glove_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("glove")
+    convert_source("packaged", out)
+    return out
+
+
+def split_table(texts, pairs=False):
+    text_b = [t[::-1].split(" ", 1)[-1][::-1] if pairs else None for t in texts]
+    return pa.table({"id": [f"train-{i}" for i in range(len(texts))], "text_a": texts,
+                     "text_b": pa.array(text_b, pa.string()),
+                     "label": pa.array([i % 2 for i in range(len(texts))], pa.int64())})
+
+
+def test_output_does_not_depend_on_shard_count_or_batch_size(tmp_path, glove_dir, tiny_mlm_dir):
+    table = split_table(SENTENCES * 3)
+    config = AugmentConfig(mode="tinybert", n_attempts=12, seed=3)
+    outputs = []
+    for per_shard, batch in ((1000, 64), (5, 3), (2, 1)):
+        resources = AugmentResources(vectors_dir=glove_dir, mlm_model=str(tiny_mlm_dir),
+                                     batch_size=batch)
+        result = augment_split(table, tmp_path / f"out-{per_shard}", config, resources,
+                               examples_per_shard=per_shard, progress=False)
+        outputs.append((read_augmented(tmp_path / f"out-{per_shard}"), result))
+    first, result = outputs[0]
+    for table_k, result_k in outputs[1:]:
+        assert table_k.equals(first)
+        assert result_k["counts"] == result["counts"]
+    assert result["counts"]["positions_mlm"] > 0 and result["counts"]["positions_glove"] > 0
+    assert first.column("aug_index").to_pylist()[0] == 0
+    assert first.schema.field("aug_index").type == pa.int32()
+    # a different seed gives different variants, the same originals
+    other = augment_split(table, tmp_path / "seed4", AugmentConfig(mode="tinybert", n_attempts=12,
+                          seed=4), AugmentResources(vectors_dir=glove_dir, mlm_model=str(tiny_mlm_dir)),
+                          progress=False)
+    assert other["counts"]["examples_in"] == result["counts"]["examples_in"]
+    assert not read_augmented(tmp_path / "seed4").equals(first)
+
+
+def test_killed_run_resumes_from_finished_shards(tmp_path, glove_dir):
+    table = split_table(SENTENCES, pairs=True)
+    config = AugmentConfig(mode="glove", n_attempts=10)
+    resources = AugmentResources(vectors_dir=glove_dir)
+    reference = augment_split(table, tmp_path / "whole", config, resources,
+                              examples_per_shard=3, progress=False)
+
+    class DiesOnSecondShard(Augmenter):
+        calls = 0
+
+        def augment(self, examples):
+            DiesOnSecondShard.calls += 1
+            if DiesOnSecondShard.calls == 2:
+                raise KeyboardInterrupt("killed")
+            return super().augment(examples)
+
+    dying = build_augmenter(config, resources)
+    dying.__class__ = DiesOnSecondShard
+    with pytest.raises(KeyboardInterrupt):
+        augment_split(table, tmp_path / "resumed", config, resources, examples_per_shard=3,
+                      progress=False, augmenter=dying)
+    assert sorted(p.name for p in (tmp_path / "resumed" / "shards").iterdir()) == ["part-00000.parquet"]
+    resumed = augment_split(table, tmp_path / "resumed", config, resources,
+                            examples_per_shard=3, progress=False)
+    assert resumed["shards_resumed"] == 1 and resumed["shards"] == 3
+    assert resumed["counts"] == reference["counts"]
+    assert read_augmented(tmp_path / "resumed").equals(read_augmented(tmp_path / "whole"))
+
+
+def test_bad_input_is_counted_never_a_crash(tmp_path, glove_dir, tiny_mlm_dir):
+    texts = ["", "   ", "the of and to it", "... !!! , ;", "Über naïve café crème brûlée 東京 😀",
+             "zyzzyvaqq flurbbish grommetxx", "a normal sentence about movies ."]
+    table = split_table(texts)
+    result = augment_split(table, tmp_path / "out", AugmentConfig(mode="tinybert", n_attempts=8),
+                           AugmentResources(vectors_dir=glove_dir, mlm_model=str(tiny_mlm_dir)),
+                           progress=False)
+    counts = result["counts"]
+    assert counts["examples_in"] == len(texts)
+    assert counts["empty_sentences"] == 2
+    assert counts["sentences_without_positions"] == 2      # stop words only, punctuation only
+    assert counts["non_ascii_words"] >= 3                  # 東, 京, 😀 (accents are stripped)
+    assert counts["positions_glove_word_absent"] >= 2      # invented multi-piece words
+    assert counts["positions_without_candidates_glove"] == counts["positions_glove_word_absent"]
+    out = read_augmented(tmp_path / "out")
+    originals = [r for r in out.to_pylist() if r["aug_index"] == 0]
+    assert [r["text_a"] for r in originals] == texts        # every original kept, unchanged
+    for row in out.to_pylist():
+        if row["orig_id"] in ("train-0", "train-1", "train-2", "train-3"):
+            assert row["aug_index"] == 0                   # nothing to replace: no variants
+
+
+def test_sentence_pair_sides_are_augmented_separately(tmp_path, glove_dir):
+    table = pa.table({"id": ["p-0"], "text_a": ["The committee approved the ambitious budget."],
+                      "text_b": ["Lawmakers rejected the controversial proposal."],
+                      "label": pa.array([1.5])})
+    augment_split(table, tmp_path / "out", AugmentConfig(mode="glove", n_attempts=15),
+                  AugmentResources(vectors_dir=glove_dir), progress=False)
+    rows = read_augmented(tmp_path / "out").to_pylist()
+    a0, b0 = table["text_a"][0].as_py(), table["text_b"][0].as_py()
+    side_a = [r for r in rows[1:] if r["text_b"] == b0]
+    side_b = [r for r in rows[1:] if r["text_a"] == a0]
+    assert side_a and side_b and len(side_a) + len(side_b) == len(rows) - 1
+    assert rows[0]["text_a"] == a0 and rows[0]["text_b"] == b0
+    assert [r["aug_index"] for r in rows] == list(range(len(rows)))
+    assert {r["label"] for r in rows} == {1.5}            # regression labels pass through
+
+
+def test_checkpoint_without_trained_mlm_head_is_refused(minilm_dir):
+    from pipeline.mlm_candidates import load_masked_lm
+
+    with pytest.raises(InputError, match=r"no trained masked-LM head.*cls\.predictions"):
+        load_masked_lm(str(minilm_dir))
+
+
+def test_per_task_default_n():
+    assert default_num_aug("SST-2") == 20 and default_num_aug("mrpc") == 30
+    assert default_num_aug("MNLI") == 10 and default_num_aug("my-task") == 20
+    with pytest.raises(InputError):
+        AugmentConfig(mode="bert")
+
+
+# --- the Luigi stages ----------------------------------------------------------------------
+
+def write_sst2(root, sentences):
+    task_dir = root / "SST-2"
+    task_dir.mkdir(parents=True)
+    for split, rows in (("train", sentences), ("dev", sentences[:2])):
+        lines = ["sentence\tlabel"] + [f"{s}\t{i % 2}" for i, s in enumerate(rows)]
+        (task_dir / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def run_luigi(*tasks):
+    return luigi.build(list(tasks), local_scheduler=True, detailed_summary=True,
+                       log_level="WARNING")
+
+
+@pytest.mark.slow
+def test_luigi_augment_with_packaged_glove_and_a_local_mlm(tmp_path, tiny_mlm_dir):
+    from tasks.augment import Augment, WordVectors
+
+    glue = write_sst2(tmp_path / "glue", [s.replace("\t", " ") for s in SENTENCES])
+    common = dict(source="glue", glue_dir=str(glue), task="SST-2")
+    task = Augment(mode="tinybert", mlm_model=str(tiny_mlm_dir), examples_per_shard=3,
+                   aug_progress=False, **common)
+    result = run_luigi(task)
+    assert result.status.name == "SUCCESS", result.summary_text
+    manifest = load_manifest(task.output_dir())
+    counts = manifest["info"]["counts"]
+    assert manifest["info"]["n_attempts"] == 20            # SST-2's reference N
+    assert counts["examples_in"] == len(SENTENCES)
+    assert manifest["rows"]["examples_out"] == read_augmented(task.output_dir()).num_rows
+    assert counts["positions_mlm"] > 0 and counts["positions_glove"] > 0
+    assert len(list((task.output_dir() / "shards").glob("part-*.parquet"))) == 3
+    vectors = load_manifest(WordVectors(**common).output_dir())
+    assert vectors["info"]["vocab_size"] == 400_000 and vectors["info"]["dim"] == 50
+    # a no-op rerun; a glove-mode run reuses the same word vectors
+    assert run_luigi(task).status.name == "SUCCESS"
+    glove_task = Augment(mode="glove", aug_progress=False, **common)
+    assert glove_task.requires()["vectors"].output_dir() == WordVectors(**common).output_dir()
+    assert run_luigi(glove_task).status.name == "SUCCESS"
+    assert "mlm_model" not in load_manifest(glove_task.output_dir())["params"]
+
+
+@pytest.mark.slow
+def test_luigi_glove_trained_on_sst2_is_a_working_source(shared_glue):
+    from tasks.augment import Augment, WordVectors
+
+    common = dict(source="glue", glue_dir=str(shared_glue), task="SST-2",
+                  max_train_examples=3000, vectors_source="trained", glove_epochs=5,
+                  glove_dimensions=32, glove_min_count=2)
+    task = Augment(mode="glove", aug_progress=False, examples_per_shard=1000, **common)
+    result = run_luigi(task)
+    assert result.status.name == "SUCCESS", result.summary_text
+    vectors = load_manifest(WordVectors(**common).output_dir())
+    assert vectors["info"]["source"] == "glove-python" and vectors["info"]["dim"] == 32
+    assert 2000 < vectors["info"]["vocab_size"] < 10000
+    counts = load_manifest(task.output_dir())["info"]["counts"]
+    assert counts["examples_in"] == 3000
+    assert counts["positions_glove"] > counts["positions_glove_word_absent"] > 0
+    assert counts["examples_out"] > 5 * counts["examples_in"]
+    # the trained vectors depend on the data; the packaged ones would not
+    other = WordVectors(**{**common, "max_train_examples": 2000})
+    assert other.fingerprint() != WordVectors(**common).fingerprint()
+    packaged = {**common, "vectors_source": "packaged"}
+    assert (WordVectors(**packaged).fingerprint()
+            == WordVectors(**{**packaged, "max_train_examples": 2000}).fingerprint())
+    assert json.dumps(load_manifest(task.output_dir())["info"]["n_attempts"]) == "20"
