@@ -90,7 +90,14 @@ class WordVectors(StageTask):
 
     def stage_inputs(self) -> dict[str, str | Path]:
         if self.vectors_source in ("glove_text", "word2vec"):
-            return {"vectors": Path(self.vectors_path).expanduser().resolve()}
+            from pipeline.errors import InputError
+
+            if not self.vectors_path:
+                raise InputError(f"vectors_source={self.vectors_source} needs vectors_path")
+            path = Path(self.vectors_path).expanduser().resolve()
+            if not path.is_file():
+                raise InputError("word-vector file not found", path)
+            return {"vectors": path}
         if self.vectors_source == "packaged":
             from pipeline.wordvectors import packaged_glove_dir
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 import zipfile
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import InputError
+from pipeline.stage import load_manifest
 from pipeline.wordvectors import (VECTORS_FILE, VOCAB_FILE, WordVectors, convert_source,
                                   train_glove)
 
@@ -142,3 +144,29 @@ def test_glove_python_training_orders_vocabulary_by_frequency(tmp_path):
     assert info.source == "glove-python" and info.vocab_size == 9   # every distinct word
     with pytest.raises(InputError, match="min_count=1000"):
         train_glove(corpus, min_count=1000)
+
+
+def test_luigi_word_vectors_from_a_glove_file_identified_by_content(tmp_path, isolated_workdir):
+    import luigi
+
+    from tasks.augment import WordVectors
+
+    (tmp_path / "a").mkdir()
+    path = write(tmp_path / "a" / "vectors.txt", glove_lines())
+    task = WordVectors(vectors_source="glove_text", vectors_path=str(path))
+    assert luigi.build([task], local_scheduler=True, log_level="WARNING")
+    out = task.output_dir()
+    assert (out / VOCAB_FILE).read_text(encoding="utf-8").split() == WORDS
+    assert str(path) not in json.dumps(load_manifest(out)["params"])
+    (tmp_path / "b").mkdir()
+    moved = (tmp_path / "b" / "same.txt")
+    moved.write_bytes(path.read_bytes())
+    assert WordVectors(vectors_source="glove_text", vectors_path=str(moved)).output_dir() == out
+    bad = write(tmp_path / "b" / "bad.txt", glove_lines()[:2] + ["dog 1 2"])
+    failing = WordVectors(vectors_source="glove_text", vectors_path=str(bad))
+    assert not luigi.build([failing], local_scheduler=True, log_level="CRITICAL")
+    assert not failing.output_dir().exists()
+    with pytest.raises(InputError, match="bad.txt:3: expected a word and 6 numbers, found 2"):
+        convert_source("glove_text", tmp_path / "b", path=bad)
+    with pytest.raises(InputError, match="needs vectors_path"):
+        WordVectors(vectors_source="word2vec").fingerprint()
