@@ -44,14 +44,14 @@ SENTENCES = [
 
 
 def make_teacher(directory: Path, tokenizer_dir: Path, layers: int = 4, num_labels: int = 2,
-                 vocab_size: int | None = None, bare: bool = False) -> Path:
+                 vocab_size: int | None = None, bare: bool = False, hidden_size: int = 32) -> Path:
     """A small random BERT with the real bert-base-uncased vocabulary, saved like a checkpoint."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=vocab_size or tokenizer.vocab_size, hidden_size=32,
-                        num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+    config = BertConfig(vocab_size=vocab_size or tokenizer.vocab_size, hidden_size=hidden_size,
+                        num_hidden_layers=layers, num_attention_heads=4, intermediate_size=2 * hidden_size,
                         max_position_embeddings=128, num_labels=num_labels)
     model = BertModel(config) if bare else BertForSequenceClassification(config)
     model.save_pretrained(directory)

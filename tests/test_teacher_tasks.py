@@ -19,16 +19,26 @@ from tests.test_cache import SENTENCES, make_teacher
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def glue_dir(tmp_path) -> Path:
-    """A small SST-2 in the GLUE layout (36 train rows, 8 dev rows)."""
-    root = tmp_path / "glue" / "SST-2"
+def write_glue(root: Path, rows: int = 36) -> Path:
+    """A small SST-2 in the GLUE layout (``rows`` train rows, 8 dev rows)."""
+    root = root / "glue" / "SST-2"
     root.mkdir(parents=True)
-    train = [f"{SENTENCES[i % len(SENTENCES)]} {'good' if i % 2 else 'bad'}\t{i % 2}" for i in range(36)]
+    train = [f"{SENTENCES[i % len(SENTENCES)]} {'good' if i % 2 else 'bad'}\t{i % 2}" for i in range(rows)]
     dev = [f"{SENTENCES[i]} {'good' if i % 2 else 'bad'}\t{i % 2}" for i in range(8)]
     (root / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(train) + "\n")
     (root / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(dev) + "\n")
     return root.parent
+
+
+@pytest.fixture
+def glue_dir(tmp_path) -> Path:
+    return write_glue(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def slower_classifier_dir(tmp_path_factory, minilm_dir) -> Path:
+    """Wide enough that a shard takes a moment, so a second worker has time to join."""
+    return make_teacher(tmp_path_factory.mktemp("clf-wide"), minilm_dir, hidden_size=256)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +54,8 @@ def _config_args(glue_dir: Path, teacher: Path) -> list[str]:
 
 CACHE_ARGS = ["--examples", "train", "--shard-size", "6", "--student-layers", "2",
               "--max-seq-length", "64"]
+WIDE_ARGS = ["--examples", "train", "--shard-size", "40", "--student-layers", "2",
+             "--max-seq-length", "64", "--forward-batch-size", "8"]
 
 
 def test_local_workers_build_every_shard_then_the_cache(glue_dir, classifier_dir, isolated_workdir):
@@ -99,12 +111,14 @@ DONE = re.compile(r"done\s+TeacherCacheShard\(.*?shard_index=(\d+)")
 
 
 @pytest.mark.slow
-def test_two_workers_under_luigid_split_the_shards_and_run_each_once(glue_dir, classifier_dir, tmp_path):
+def test_two_workers_under_luigid_split_the_shards_and_run_each_once(slower_classifier_dir, tmp_path):
     """A real central scheduler, two worker processes: every shard runs exactly once."""
+    glue_dir, classifier_dir = write_glue(tmp_path, rows=240), slower_classifier_dir
     workdir = tmp_path / "work"
     env = _environment(workdir, tmp_path)
     port = _free_port()
     luigid_bin = Path(sys.executable).parent / "luigid"
+    (tmp_path / "luigid-logs").mkdir()
     scheduler = subprocess.Popen(
         [str(luigid_bin), "--port", str(port), "--logdir", str(tmp_path / "luigid-logs"),
          "--state-path", str(tmp_path / "luigid-state.pickle")],
@@ -116,11 +130,14 @@ def test_two_workers_under_luigid_split_the_shards_and_run_each_once(glue_dir, c
                 socket.create_connection(("localhost", port), timeout=1).close()
                 break
             except OSError:
-                assert time.time() < deadline, "luigid did not start"
+                assert scheduler.poll() is None and time.time() < deadline, "luigid did not start"
                 time.sleep(0.2)
         # Build the upstream first, so both workers see the six shards in requires().
-        argv = [*CACHE_ARGS, *_config_args(glue_dir, classifier_dir), "--scheduler-host", "localhost",
-                "--scheduler-port", str(port), "--workers", "1"]
+        argv = [*WIDE_ARGS, *_config_args(glue_dir, classifier_dir), "--scheduler-host", "localhost",
+                "--scheduler-port", str(port), "--workers", "1",
+                # Luigi's pid lock refuses a second identical command on one host; on several
+                # hosts (the usual luigid set-up) it is not needed.
+                "--no-lock"]
         prepare = subprocess.run(
             [sys.executable, "-m", "luigi", "--module", "tasks.teacher", "FineTuneTeacher",
              *_config_args(glue_dir, classifier_dir)[:-4], "--teacher", str(classifier_dir),
@@ -138,13 +155,13 @@ def test_two_workers_under_luigid_split_the_shards_and_run_each_once(glue_dir, c
     started = sorted(int(i) for log in logs for i in RUNNING.findall(log))
     assert started == list(range(6)), logs  # each shard started once, by one worker
     assert sorted(ran[0] + ran[1]) == list(range(6))
-    assert ran[0] and ran[1], f"both workers should take shards: {ran}"
+    assert ran[0] and ran[1], f"both workers should take shards: {ran}\n" + logs[0 if not ran[0] else 1]
     stage = workdir / "teacher_cache_shard"
     assert len([d for d in stage.iterdir() if not d.name.startswith(".")]) == 6
     cache_dirs = [d for d in (workdir / "teacher_cache").iterdir() if not d.name.startswith(".")]
     assert len(cache_dirs) == 1
     info = load_manifest(cache_dirs[0])["info"]
-    assert sum(s["rows"] for s in info["shards"]) == 36
+    assert sum(s["rows"] for s in info["shards"]) == 240
     pids = {load_manifest(d)["info"]["worker_pid"] for d in stage.iterdir()}
     assert len(pids) >= 2
 
