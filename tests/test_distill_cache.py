@@ -26,6 +26,16 @@ SST2 = {"task": "SST-2", "task_type": "classification", "label_names": ["negativ
 STUDENT = dict(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared machine the threads'
+    barriers stall each other; one thread keeps these tests fast and steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_examples(path: Path, n: int, split: str, seed: int) -> None:
     rng = random.Random(seed)
     rows = [{"id": f"{split}-{i}", "text_a": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))),

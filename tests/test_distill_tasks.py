@@ -12,6 +12,16 @@ import torch
 WORDS = "good bad movie plot actor great boring fun story scene long short film music".split()
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared machine the threads'
+    barriers stall each other; one thread keeps these tests fast and steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_tsv(path, n, seed):
     rng = random.Random(seed)
     lines = ["sentence\tlabel"] + [

@@ -16,6 +16,16 @@ from pipeline.teacher_outputs import forward_internals
 WORDS = "good bad movie plot actor great boring fun story scene long short film music".split()
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared machine the threads'
+    barriers stall each other; one thread keeps these tests fast and steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_rows(n: int, seed: int = 0) -> list[dict]:
     import random
     rng = random.Random(seed)
@@ -219,3 +229,102 @@ def test_attention_heads_mismatch_is_a_clear_error(teacher):
     with pytest.raises(InputError, match="attention heads"):
         build_student(StudentSpec(num_layers=2, hidden_size=36, intermediate_size=64, num_heads=6),
                       teacher.config, num_labels=2)
+
+
+KILL_SCRIPT = r'''
+import os, signal, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+from test_distill_trainer import make_rows, make_student
+from distill.data import TokenizedExamples, tokenize_rows
+from distill.trainer import OnlineTeacher, Trainer, recipe
+from pipeline.layer_map import cached_layers, layer_map
+from transformers import AutoTokenizer, BertForSequenceClassification
+
+class KillingTeacher(OnlineTeacher):
+    calls = 0
+    def __call__(self, batch):
+        self.calls += 1
+        if self.calls == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)   # no cleanup, no finally: a real kill
+        return super().__call__(batch)
+
+torch.set_num_threads(1)   # as the test process (reduction order)
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+teacher = BertForSequenceClassification.from_pretrained(sys.argv[2]).eval()
+examples = tokenize_rows(tokenizer, make_rows(48), max_length=32)
+hidden, attention = cached_layers(layer_map(4, 2))
+config = recipe("intermediate", batch_size=10, epochs=3, log_every=1, checkpoint_every=4,
+                device="cpu", learning_rate=1e-3)
+Trainer(config, make_student(teacher), TokenizedExamples(examples, "classification"),
+        KillingTeacher(teacher, hidden, attention), Path(sys.argv[4]), list(zip((1, 2), layer_map(4, 2))),
+        teacher.config.hidden_size).train()
+'''
+
+
+def test_sigkilled_run_resumes_to_the_same_result(tmp_path, teacher, examples, minilm_dir):
+    """A process killed with SIGKILL mid-step (a checkpoint at step 8, killed in step 11)."""
+    import signal
+    import subprocess
+    import sys
+
+    teacher.save_pretrained(tmp_path / "teacher")
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    out = tmp_path / "killed"
+    done = subprocess.run([sys.executable, str(script), str(minilm_dir), str(tmp_path / "teacher"), "11",
+                           str(out)], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"] == 8
+
+    hidden, attention = cached_layers(layer_map(4, 2))
+    source = TokenizedExamples(examples, "classification")
+    config = recipe("intermediate", batch_size=10, epochs=3, log_every=1, checkpoint_every=4,
+                    device="cpu", learning_rate=1e-3)
+    reference, _ = run(tmp_path, "reference", teacher, source, OnlineTeacher(teacher, hidden, attention), config)
+    resumed = Trainer(config, make_student(teacher), source, OnlineTeacher(teacher, hidden, attention), out,
+                      list(zip((1, 2), layer_map(4, 2))), teacher.config.hidden_size)
+    assert resumed.train().resumed_from == 8
+    assert loss_log(out / "metrics.jsonl") == loss_log(tmp_path / "reference" / "metrics.jsonl")
+    for name, value in reference.student.state_dict().items():
+        assert torch.equal(value, resumed.student.state_dict()[name]), name
+
+
+def test_regression_task_learns_the_teachers_prediction(tmp_path, tokenizer):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from distill.evaluate import Evaluator
+    torch.manual_seed(5)
+    regressor = BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=96, max_position_embeddings=64, num_labels=1, problem_type="regression")).eval()
+    rows = [{**r, "label": float(i % 5)} for i, r in enumerate(make_rows(32, seed=3))]
+    source = TokenizedExamples(tokenize_rows(tokenizer, rows, 32), "regression")
+    student = build_student(StudentSpec(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4),
+                            regressor.config, num_labels=1, task_type="regression")
+    assert student.config.problem_type == "regression"
+    evaluator = Evaluator(source, "STS-B", "regression", device=torch.device("cpu"))
+    config = recipe("prediction", batch_size=8, epochs=3, log_every=1, device="cpu", learning_rate=1e-3,
+                    eval_every=0)
+    trainer = Trainer(config, student, source, OnlineTeacher(regressor, [], []), tmp_path / "reg",
+                      [], 48, task_type="regression", evaluate=evaluator)
+    result = trainer.train()
+    losses = [s["prediction"] for s in result.step_losses]
+    # MSE to the teacher's outputs (near 0), not to the labels 0..4 (which would be ~ 6)
+    assert losses[-1] < losses[0] and max(losses) < 1.0
+    assert set(result.final_eval) >= {"pearson", "spearman", "corr"}
+
+
+def test_student_from_teacher_layers_copies_them(tmp_path, teacher):
+    teacher.save_pretrained(tmp_path / "teacher")
+    student = build_student(StudentSpec(init="teacher_layers", checkpoint=str(tmp_path / "teacher"),
+                                        teacher_layers=[2, 4]), teacher.config, num_labels=2)
+    assert student.config.num_hidden_layers == 2
+    t_layers, s_layers = teacher.bert.encoder.layer, student.bert.encoder.layer
+    for s_index, t_index in ((0, 1), (1, 3)):
+        for name, value in s_layers[s_index].state_dict().items():
+            assert torch.equal(value, t_layers[t_index].state_dict()[name]), name
+    assert torch.equal(student.bert.embeddings.word_embeddings.weight,
+                       teacher.bert.embeddings.word_embeddings.weight)
