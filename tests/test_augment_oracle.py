@@ -58,7 +58,10 @@ def real_sentences(limit: int = 30) -> list[str]:
 class ReferenceOracle:
     def __init__(self, model, tokenizer, vectors: WordVectors, mode: str, top_m: int,
                  max_length: int):
-        from transformers.models.bert.tokenization_bert_legacy import BasicTokenizer
+        try:
+            from transformers.models.bert.tokenization_bert_legacy import BasicTokenizer
+        except ImportError:  # transformers < 5
+            from transformers.models.bert.tokenization_bert import BasicTokenizer
 
         self.model, self.tokenizer, self.mode, self.top_m = model, tokenizer, mode, top_m
         self.max_length = max_length
