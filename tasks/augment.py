@@ -10,10 +10,10 @@ GloVe converted for SST-2 is the same output for MRPC.
 TinyBERT's MLM + GloVe word replacement (:mod:`pipeline.augment`). It is resumable: a killed
 run keeps its finished shards and the next run continues after them.
 
-Both classes inherit the parameters of the stages they depend on (``luigi.util.inherits``),
-so ``Augment(task="MRPC", glue_dir=..., source="packaged")`` configures the whole chain; the
-inherited parameters are left out of this stage's own fingerprint because the upstream
-fingerprints already cover them.
+Like every stage of the DAG, upstream tasks are built without arguments (``PrepareData()``,
+``WordVectors()``) and configured through their own luigi.cfg sections or command-line flags
+(``--PrepareData-task MRPC --WordVectors-vectors-source trained``), so every stage that needs
+the prepared data reaches the same output.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import luigi
-from luigi.util import inherits
 
 from pipeline.stage import StageBuild
 from tasks.base import StageTask
@@ -30,13 +29,6 @@ from tasks.prepare import PrepareData
 _VECTOR_SOURCES = ["packaged", "glove_text", "word2vec", "trained"]
 
 
-def _own_params(task: StageTask, inherited_from: type[luigi.Task]) -> dict[str, Any]:
-    inherited = {name for name, _ in inherited_from.get_params()}
-    return {name: value for name, value in StageTask.stage_params(task).items()
-            if name not in inherited}
-
-
-@inherits(PrepareData)
 class WordVectors(StageTask):
     """Convert word vectors (GloVe, word2vec, packaged, or trained on the task) once."""
 
@@ -79,10 +71,10 @@ class WordVectors(StageTask):
                  "glove_learning_rate", "glove_seed")
 
     def requires(self):
-        return {"data": self.clone(PrepareData)} if self.vectors_source == "trained" else {}
+        return {"data": PrepareData()} if self.vectors_source == "trained" else {}
 
     def stage_params(self) -> dict[str, Any]:
-        params = _own_params(self, PrepareData)
+        params = super().stage_params()
         if self.vectors_source != "trained":
             for name in self._TRAINING:
                 params.pop(name)
@@ -136,7 +128,6 @@ def _train_corpus(data_dir: Path) -> list[list[str]]:
     return [splitter.tokenize(text) for text in texts if text]
 
 
-@inherits(WordVectors)
 class Augment(StageTask):
     """TinyBERT augmentation of the prepared train split (MLM + GloVe word replacement)."""
 
@@ -178,12 +169,13 @@ class Augment(StageTask):
         default="auto", significant=False, description="MLM device: auto (CUDA if available), "
                                                         "cpu, cuda, cuda:1, ...")
     aug_progress = luigi.BoolParameter(
-        default=True, significant=False, description="Show a tqdm progress bar (examples/s).")
+        default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="Show a tqdm progress bar (examples/s); --aug-progress false hides it.")
 
     def requires(self):
-        required = {"data": self.clone(PrepareData)}
+        required: dict[str, StageTask] = {"data": PrepareData()}
         if self.mode != "mlm":
-            required["vectors"] = self.clone(WordVectors)
+            required["vectors"] = WordVectors()
         return required
 
     def _local_model(self) -> Path | None:
@@ -191,7 +183,7 @@ class Augment(StageTask):
         return path.resolve() if path.is_dir() else None
 
     def stage_params(self) -> dict[str, Any]:
-        params = _own_params(self, WordVectors)
+        params = super().stage_params()
         if self.mode == "glove":
             params.pop("mlm_model")
         elif self._local_model() is not None:

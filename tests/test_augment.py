@@ -1,7 +1,7 @@
 """The augmentation stage: determinism, resuming, bad input, the MLM guard and the Luigi wiring."""
 from __future__ import annotations
 
-import json
+import contextlib
 
 import luigi
 import pyarrow as pa
@@ -173,16 +173,32 @@ def run_luigi(*tasks):
                        log_level="WARNING")
 
 
+@contextlib.contextmanager
+def configured(task_name, *argv):
+    """Build ``task_name`` with command-line flags, as ``tinykd run`` does (upstream tasks are
+    configured by ``--PrepareData-...`` / ``--WordVectors-...`` flags)."""
+    from luigi.cmdline_parser import CmdlineParser
+
+    import tasks.augment  # noqa: F401  (registers the tasks)
+
+    with CmdlineParser.global_instance([task_name, *argv]) as parser:
+        yield parser.get_task_obj()
+
+
 @pytest.mark.slow
 def test_luigi_augment_with_packaged_glove_and_a_local_mlm(tmp_path, tiny_mlm_dir):
-    from tasks.augment import Augment, WordVectors
+    from tasks.augment import WordVectors
 
     glue = write_sst2(tmp_path / "glue", [s.replace("\t", " ") for s in SENTENCES])
-    common = dict(source="glue", glue_dir=str(glue), task="SST-2")
-    task = Augment(mode="tinybert", mlm_model=str(tiny_mlm_dir), examples_per_shard=3,
-                   aug_progress=False, **common)
-    result = run_luigi(task)
-    assert result.status.name == "SUCCESS", result.summary_text
+    data = ["--PrepareData-source", "glue", "--PrepareData-glue-dir", str(glue),
+            "--PrepareData-task", "SST-2"]
+    with configured("Augment", "--mode", "tinybert", "--mlm-model", str(tiny_mlm_dir),
+                    "--examples-per-shard", "3", "--aug-progress", "false", *data) as task:
+        result = run_luigi(task)
+        assert result.status.name == "SUCCESS", result.summary_text
+        vectors = load_manifest(WordVectors().output_dir())
+        assert task.requires()["vectors"].output_dir() == WordVectors().output_dir()
+        assert run_luigi(task).status.name == "SUCCESS"      # a no-op rerun
     manifest = load_manifest(task.output_dir())
     counts = manifest["info"]["counts"]
     assert manifest["info"]["n_attempts"] == 20            # SST-2's reference N
@@ -190,37 +206,40 @@ def test_luigi_augment_with_packaged_glove_and_a_local_mlm(tmp_path, tiny_mlm_di
     assert manifest["rows"]["examples_out"] == read_augmented(task.output_dir()).num_rows
     assert counts["positions_mlm"] > 0 and counts["positions_glove"] > 0
     assert len(list((task.output_dir() / "shards").glob("part-*.parquet"))) == 3
-    vectors = load_manifest(WordVectors(**common).output_dir())
     assert vectors["info"]["vocab_size"] == 400_000 and vectors["info"]["dim"] == 50
-    # a no-op rerun; a glove-mode run reuses the same word vectors
-    assert run_luigi(task).status.name == "SUCCESS"
-    glove_task = Augment(mode="glove", aug_progress=False, **common)
-    assert glove_task.requires()["vectors"].output_dir() == WordVectors(**common).output_dir()
-    assert run_luigi(glove_task).status.name == "SUCCESS"
-    assert "mlm_model" not in load_manifest(glove_task.output_dir())["params"]
+    assert manifest["params"]["mlm_model"] == "<local directory, hashed>"
+    with configured("Augment", "--mode", "glove", "--aug-progress", "false", *data) as glove_task:
+        assert run_luigi(glove_task).status.name == "SUCCESS"
+    glove_manifest = load_manifest(glove_task.output_dir())
+    assert "mlm_model" not in glove_manifest["params"]
+    assert glove_manifest["upstream"]["vectors"] == manifest["upstream"]["vectors"]
 
 
 @pytest.mark.slow
 def test_luigi_glove_trained_on_sst2_is_a_working_source(shared_glue):
-    from tasks.augment import Augment, WordVectors
+    from tasks.augment import WordVectors
 
-    common = dict(source="glue", glue_dir=str(shared_glue), task="SST-2",
-                  max_train_examples=3000, vectors_source="trained", glove_epochs=5,
-                  glove_dimensions=32, glove_min_count=2)
-    task = Augment(mode="glove", aug_progress=False, examples_per_shard=1000, **common)
-    result = run_luigi(task)
-    assert result.status.name == "SUCCESS", result.summary_text
-    vectors = load_manifest(WordVectors(**common).output_dir())
+    data = ["--PrepareData-source", "glue", "--PrepareData-glue-dir", str(shared_glue),
+            "--PrepareData-task", "SST-2", "--PrepareData-max-train-examples", "3000"]
+    training = ["--WordVectors-vectors-source", "trained", "--WordVectors-glove-epochs", "5",
+                "--WordVectors-glove-dimensions", "32", "--WordVectors-glove-min-count", "2"]
+    with configured("Augment", "--mode", "glove", "--aug-progress", "false",
+                    "--examples-per-shard", "1000", *data, *training) as task:
+        result = run_luigi(task)
+        assert result.status.name == "SUCCESS", result.summary_text
+        trained = WordVectors()
+        vectors = load_manifest(trained.output_dir())
     assert vectors["info"]["source"] == "glove-python" and vectors["info"]["dim"] == 32
     assert 2000 < vectors["info"]["vocab_size"] < 10000
-    counts = load_manifest(task.output_dir())["info"]["counts"]
-    assert counts["examples_in"] == 3000
+    info = load_manifest(task.output_dir())["info"]
+    counts = info["counts"]
+    assert info["n_attempts"] == 20 and counts["examples_in"] == 3000
     assert counts["positions_glove"] > counts["positions_glove_word_absent"] > 0
     assert counts["examples_out"] > 5 * counts["examples_in"]
-    # the trained vectors depend on the data; the packaged ones would not
-    other = WordVectors(**{**common, "max_train_examples": 2000})
-    assert other.fingerprint() != WordVectors(**common).fingerprint()
-    packaged = {**common, "vectors_source": "packaged"}
-    assert (WordVectors(**packaged).fingerprint()
-            == WordVectors(**{**packaged, "max_train_examples": 2000}).fingerprint())
-    assert json.dumps(load_manifest(task.output_dir())["info"]["n_attempts"]) == "20"
+    # trained vectors depend on the data; the packaged ones do not
+    with configured("WordVectors", *data[:-1], "2000", *training[2:]) as other:
+        assert other.fingerprint() != trained.fingerprint()
+    with configured("WordVectors", "--vectors-source", "packaged", *data) as packaged:
+        packaged_a = packaged.fingerprint()
+    with configured("WordVectors", "--vectors-source", "packaged", *data[:-1], "2000") as packaged:
+        assert packaged.fingerprint() == packaged_a
