@@ -293,10 +293,11 @@ class TeacherCacheShard(TeacherCacheParams, StageTask):
             raise InputError(f"shard {self.shard_index} does not exist: {total} examples make "
                              f"{len(ranges)} shard(s) of {self.shard_size}", self.example_source())
         start, stop = ranges[self.shard_index]
+        spec = self.cache_spec()  # bad layer requests fail here, before any work
         with out.timed("cache"):
             info = write_shard_output(
                 self.example_source(), start, stop, self.shard_index, self.teacher_source(), out.path,
-                self.cache_spec(), tokenizer=self.tokenizer or None, batch_size=self.forward_batch_size,
+                spec, tokenizer=self.tokenizer or None, batch_size=self.forward_batch_size,
                 device=self.device, autocast=self.autocast, row_group_bytes=self.row_group_mb << 20,
                 compression_level=self.compression_level, task_info=self.task_info(),
                 progress=self.progress)

@@ -1,0 +1,130 @@
+"""Teacher stage: untrained-head detection, label checks, fine-tuning that keeps the best."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import InputError
+from pipeline.teacher import (check_label_mapping, load_sequence_classifier, prepare_teacher,
+                              warn_if_untrained_head)
+from tests.test_cache import make_teacher
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_label_mapping_checks():
+    assert check_label_mapping({0: "negative", 1: "positive"}, ["negative", "positive"], "t") == "names agree"
+    assert check_label_mapping({0: "LABEL_0", 1: "LABEL_1"}, ["negative", "positive"], "t").startswith("not checked")
+    assert check_label_mapping({0: "negative", 1: "positive"}, ["0", "1"], "t").startswith("not checked")
+    with pytest.raises(InputError, match="label order"):
+        check_label_mapping({0: "positive", 1: "negative"}, ["negative", "positive"], "t")
+    with pytest.raises(InputError, match="not the task's"):
+        check_label_mapping({0: "contradiction", 1: "entailment"}, ["negative", "positive"], "t")
+
+
+def test_untrained_head_is_detected_and_warned_about(minilm_dir, tmp_path):
+    model, trained, _ = load_sequence_classifier(minilm_dir, 2, ["negative", "positive"])
+    assert trained is False and model.config.num_labels == 2  # bare encoder: fresh head
+    with pytest.warns(UserWarning, match="TEACHER HEAD NOT TRAINED"):
+        warn_if_untrained_head(minilm_dir, trained)
+    classifier = make_teacher(tmp_path / "clf", minilm_dir)
+    _, trained, _ = load_sequence_classifier(classifier, 2)
+    assert trained is True
+    with pytest.raises(InputError, match="task has 3 classes but the teacher's head has 2"):
+        load_sequence_classifier(classifier, 3)
+
+
+def _split(path: Path, rows: int, offset: int = 0) -> Path:
+    words = ["great", "wonderful", "superb", "terrible", "awful", "dreadful"]
+    texts, labels = [], []
+    for i in range(offset, offset + rows):
+        word = words[i % len(words)]
+        texts.append(f"the film was {word} from start to finish number {i % 7}")
+        labels.append(0 if word in ("terrible", "awful", "dreadful") else 1)
+    pq.write_table(pa.table({"id": [f"x-{i}" for i in range(rows)], "text_a": texts,
+                             "text_b": pa.nulls(rows, pa.string()),
+                             "label": pa.array(labels, pa.int64())}), path)
+    return path
+
+
+def test_finetune_learns_the_task_and_keeps_the_best(minilm_dir, tmp_path):
+    """The packaged MiniLM encoder (fresh head) on a toy sentiment task, as the offline default."""
+    train, dev = _split(tmp_path / "train.parquet", 64), _split(tmp_path / "dev.parquet", 24, offset=3)
+    info = prepare_teacher(minilm_dir, train, dev, tmp_path / "model", {"task": "SST-2", "task_type": "classification",
+                           "label_names": ["negative", "positive"], "num_labels": 2},
+                           epochs=2, learning_rate=1e-4, batch_size=16, eval_every=2, seed=0)
+    assert info["skipped_finetune"] is False and info["head_trained_before"] is False
+    accuracies = [h["accuracy"] for h in info["history"]]
+    assert info["dev"]["accuracy"] == max(accuracies) >= 0.9, accuracies
+    assert info["dev"]["step"] in [h["step"] for h in info["history"]]
+    # The saved teacher is the best checkpoint, and its head counts as trained now.
+    model, trained, check = load_sequence_classifier(tmp_path / "model", 2, ["negative", "positive"])
+    assert trained is True and check == "names agree"
+    again = prepare_teacher(tmp_path / "model", train, dev, tmp_path / "kept", {
+        "task": "SST-2", "task_type": "classification", "label_names": ["negative", "positive"],
+        "num_labels": 2}, batch_size=16)
+    assert again["skipped_finetune"] is True
+    assert again["dev"]["accuracy"] == pytest.approx(info["dev"]["accuracy"])
+
+
+def test_never_finetune_saves_the_head_as_untrained(minilm_dir, tmp_path):
+    train, dev = _split(tmp_path / "train.parquet", 8), _split(tmp_path / "dev.parquet", 8)
+    base = make_teacher(tmp_path / "base", minilm_dir, bare=True, layers=1)
+    with pytest.warns(UserWarning, match="TEACHER HEAD NOT TRAINED"):
+        info = prepare_teacher(base, train, dev, tmp_path / "model", {"task_type": "classification",
+                               "label_names": ["negative", "positive"], "num_labels": 2}, mode="never")
+    assert info["skipped_finetune"] is True and info["head_trained"] is False
+    # Saved random head weights must not pass for trained ones later.
+    _, trained, _ = load_sequence_classifier(tmp_path / "model", 2)
+    assert trained is False
+
+
+def test_corpus_mode_caches_a_bare_encoder_without_logits(minilm_dir, tmp_path, isolated_workdir):
+    import luigi
+
+    from pipeline.cache_reader import open_cache
+    from tasks.teacher import TeacherCache
+
+    encoder = make_teacher(tmp_path / "encoder", minilm_dir, bare=True, layers=4)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"plain text line number {i} for general distillation" for i in range(10)))
+    task = TeacherCache(examples="corpus", corpus=str(corpus), teacher=str(encoder), shard_size=4,
+                        student_layers=2, max_seq_length=32)
+    assert luigi.build([task], local_scheduler=True, log_level="ERROR")
+    reader = open_cache(task.output_dir())
+    assert reader.info["with_logits"] is False and reader.num_examples == 10
+    assert reader.info["hidden_layers"] == [0, 2, 4]
+    batch = next(iter(reader.batches(4)))
+    assert batch["teacher_logits"] is None and batch["labels"] is None
+    assert set(batch["teacher_scores"]) == {2, 4}
+    with pytest.raises(InputError, match="no logits"):
+        open_cache(task.output_dir(), with_logits=True)
+
+
+def test_layer_index_outside_the_teacher_is_refused_by_the_stage(minilm_dir, tmp_path):
+    import luigi
+
+    from tasks.teacher import TeacherCacheShard
+
+    encoder = make_teacher(tmp_path / "encoder", minilm_dir, bare=True, layers=2)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one line\nanother line\n")
+    task = TeacherCacheShard(examples="corpus", corpus=str(corpus), teacher=str(encoder), shard_index=0,
+                             layer_map="explicit", student_layers=2, explicit_layers="1,5")
+    with pytest.raises(InputError, match=r"teacher layer\(s\) \[5\] outside the teacher's 1..2"):
+        task.cache_spec()
+    assert not luigi.build([task], local_scheduler=True, log_level="CRITICAL")
+    assert not (task.output_dir().parent).exists() or not any(task.output_dir().parent.iterdir())
+
+
+def test_task_modules_import_no_torch_and_a_noop_check_is_cheap():
+    code = ("import sys, tasks.teacher; "
+            "bad = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
