@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
