@@ -224,7 +224,7 @@ class TeacherCacheParams(luigi.Task):
         hidden = parse_layer_list(self.hidden_layers)
         attention = parse_layer_list(self.attention_layers)
         if not hidden or not attention:
-            num_layers = _teacher_num_layers(self.teacher_source())
+            num_layers = self.teacher_num_layers()
             try:
                 mapped = layer_map(num_layers, self.student_layers, self.layer_map,
                                    parse_layer_list(self.explicit_layers) or None)
@@ -234,6 +234,12 @@ class TeacherCacheParams(luigi.Task):
             hidden, attention = hidden or default_hidden, attention or default_attention
         return CacheSpec(hidden, attention, self.dtype, self.max_seq_length,
                          with_logits=self.examples != "corpus")
+
+    def teacher_num_layers(self) -> int:
+        """The teacher's depth, known before the fine-tuned teacher exists (fine-tuning keeps it)."""
+        if self.examples == "corpus":
+            return _teacher_num_layers(self.teacher_source())
+        return _teacher_num_layers(FineTuneTeacher().teacher_source())
 
     def task_info(self) -> dict:
         if self.examples == "corpus":
