@@ -157,7 +157,17 @@ class MaskedLMCandidates:
         return token
 
     def candidates(self, queries: Sequence[MaskQuery]) -> list[list[str]]:
-        """Candidate tokens per query, in rank order, ``##`` pieces dropped."""
+        """Candidate tokens per query, in rank order, ``##`` pieces dropped.
+
+        Identical queries (the same sentence repeated in the data) are computed once.
+        """
+        distinct = list(dict.fromkeys(queries))
+        if len(distinct) < len(queries):
+            found = dict(zip(distinct, self._distinct_candidates(distinct)))
+            return [found[query] for query in queries]
+        return self._distinct_candidates(queries)
+
+    def _distinct_candidates(self, queries: Sequence[MaskQuery]) -> list[list[str]]:
         import time
 
         import torch

@@ -243,3 +243,18 @@ def test_luigi_glove_trained_on_sst2_is_a_working_source(shared_glue):
         packaged_a = packaged.fingerprint()
     with configured("WordVectors", "--vectors-source", "packaged", *data[:-1], "2000") as packaged:
         assert packaged.fingerprint() == packaged_a
+
+
+def test_repeated_sentences_are_forwarded_once(tiny_mlm_dir):
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from pipeline.mlm_candidates import MaskedLMCandidates
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_mlm_dir)
+    mlm = MaskedLMCandidates(BertForMaskedLM.from_pretrained(tiny_mlm_dir).eval(), tokenizer)
+    augmenter = Augmenter(AugmentConfig(mode="mlm"), mlm=mlm, tokenizer=tokenizer)
+    examples = [{"id": str(i), "text_a": SENTENCES[i % 2], "text_b": None, "label": 0}
+                for i in range(6)]
+    candidates = augmenter.position_candidates(examples)
+    assert candidates[0] == candidates[2] == candidates[4] != candidates[1]
+    assert augmenter.counts["mlm_queries"] == 3 * mlm.forwards > 0
