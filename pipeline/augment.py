@@ -400,5 +400,6 @@ def augment_split(table, out_dir: Path | str, config: AugmentConfig,
                               "shards_resumed": resumed, "seconds": round(elapsed, 3)}
     if augmenter is not None and augmenter.mlm is not None:
         result["mlm_forward_seconds"] = round(augmenter.mlm.forward_seconds, 3)
+        result["mlm_forwards"] = augmenter.mlm.forwards
         result["mlm_windowed_inputs"] = augmenter.mlm.windowed
     return result

@@ -222,4 +222,5 @@ class Augment(StageTask):
                         top_m=self.aug_top_m, seed=self.aug_seed, counts=counts,
                         shards=result["shards"], shards_resumed=result["shards_resumed"],
                         mlm_forward_seconds=result.get("mlm_forward_seconds"),
+                        mlm_forwards=result.get("mlm_forwards"),
                         mlm_windowed_inputs=result.get("mlm_windowed_inputs"))
