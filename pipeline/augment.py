@@ -21,7 +21,10 @@ sees identically), or to an earlier variant are dropped.
 
 **Differences from the reference, on purpose.** Sentence pairs are augmented one side at a
 time with the other side original (the reference carried side A's last variant into side B's
-rows). Randomness comes from a generator seeded by ``(seed, example id, side)``, so output
+rows). An attempt that changed nothing is a duplicate of the original (the reference compared
+it with the raw sentence only, so it usually emitted the tokenised original as a "variant").
+Pair inputs longer than the MLM accepts are windowed (:mod:`pipeline.mlm_candidates`); the
+reference cut them at 512 tokens and gave up on words beyond. Randomness comes from a generator seeded by ``(seed, example id, side)``, so output
 does not depend on shard count, batch size or the order examples are processed in. The
 reference's GloVe scores were float64 over float64 vectors; ours are float64 over the stored
 float32 unit vectors (the order can differ only for neighbours within ~1e-7 of each other).
