@@ -52,7 +52,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -426,8 +426,6 @@ def write_cache_shard(examples: pa.Table, model, tokenizer, out_file: Path | str
     a stage's partial directory: on any failure (including a full disk) the exception
     propagates with the file named, and the stage contract removes the partial output.
     """
-    import torch
-
     out_file = Path(out_file)
     device_ = resolve_device(device)
     runner = ForwardRunner(model, spec, device_, autocast)
@@ -448,7 +446,9 @@ def write_cache_shard(examples: pa.Table, model, tokenizer, out_file: Path | str
             use_dictionary=["id", "orig_id"], write_statistics=["length", "label"],
             # Page CRCs let the reader detect a corrupt data page when it decodes it.
             write_page_checksum=True,
-            use_byte_stream_split=[f.name for f in schema if f.name.startswith(("hidden_", "attn_"))]
+            # Options on list columns name the leaf ("<column>.list.element"), not the column.
+            use_byte_stream_split=[f"{f.name}.list.element" for f in schema
+                                   if f.name.startswith(("hidden_", "attn_"))]
             if byte_stream_split else False)
         with writer:
             buffer = RowGroupBuffer(writer, schema, row_group_bytes)
@@ -477,7 +477,6 @@ def write_cache_shard(examples: pa.Table, model, tokenizer, out_file: Path | str
             raise OSError(exc.errno, f"writing teacher-cache shard {out_file} failed: "
                                      f"{exc.strerror or exc} (disk full?); nothing was published") from exc
         raise
-    del torch
     return {"rows": len(ids), "row_groups": buffer.row_groups, "tokens": int(sum(lengths)),
             "bytes": out_file.stat().st_size, "seconds": round(_time() - started, 3)}
 
