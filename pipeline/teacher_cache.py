@@ -13,7 +13,11 @@ real tokens, a BERT-base teacher and a 4-layer student need 5·L·768 hidden val
   cache's identity and is checked by the reader);
 * **half precision** by default (``float16`` via Parquet's Float16 logical type; ``bfloat16``
   has no Parquet type, so its raw bits are stored as ``uint16`` and the manifest says so;
-  ``float32`` for exactness), **zstd**-compressed (pyarrow defaults to snappy);
+  ``float32`` for exactness), **zstd**-compressed (pyarrow defaults to snappy) after
+  Parquet's BYTE_STREAM_SPLIT encoding, which groups the high and low bytes of the floats so
+  zstd sees the repetitive exponent bytes together (scripts/bench_cache.py: 7% smaller than
+  plain fp16+zstd on a BERT-base-shaped teacher's outputs, at no measurable write cost;
+  zstd levels 1-9 differ by under 1%, so level 3);
 * ``input_ids``/``token_type_ids``/``length``/``label``/``id`` travel with the outputs, so the
   trainer reads nothing else (and must tokenise with the same vocabulary: the manifest holds
   the tokenizer vocabulary's sha256).
@@ -418,7 +422,7 @@ def write_cache_shard(examples: pa.Table, model, tokenizer, out_file: Path | str
                       batch_size: int = 64, device: str = "auto", autocast: str = "none",
                       row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
                       sort_window: int = DEFAULT_SORT_WINDOW, compression_level: int = 3,
-                      byte_stream_split: bool = False, metadata: dict | None = None,
+                      byte_stream_split: bool = True, metadata: dict | None = None,
                       source: str = "", progress: bool = False) -> dict:
     """Run the teacher over ``examples`` and write one cache shard to ``out_file``.
 
@@ -575,7 +579,7 @@ def write_shard_output(source: Path | str, start: int, stop: int, shard_index: i
                        tokenizer: str | Path | None = None, batch_size: int = 64,
                        device: str = "auto", autocast: str = "none",
                        row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES, compression_level: int = 3,
-                       byte_stream_split: bool = False, task_info: dict | None = None,
+                       byte_stream_split: bool = True, task_info: dict | None = None,
                        progress: bool = False) -> dict:
     """Cache examples ``[start, stop)`` of ``source`` into ``out_dir/shards/part-NNNNN.parquet``.
 

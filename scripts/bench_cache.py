@@ -143,6 +143,7 @@ def main() -> None:
         "mean_tokens": round(tokens / n, 2), "batch_size": args.batch_size,
         "forward_eps": round(forward_eps, 1), "cache_eps": round(cache_eps, 1),
         "ratio": round(cache_eps / forward_eps, 3),
+        "forward_runs_s": [round(x, 2) for x in forward_s], "cache_runs_s": [round(x, 2) for x in cache_s],
         "bytes_per_example": options, "naive_bytes_per_example": naive,
         "naive_ratio": round(fp16 / naive, 4), "reader_eps": reader_eps,
     }

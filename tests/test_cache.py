@@ -203,6 +203,9 @@ def test_layout_is_ragged_zstd_with_byte_sized_row_groups(teacher_dir, examples,
     for group in range(shard.metadata.num_row_groups):
         column = shard.metadata.row_group(group).column(0)
         assert column.compression == "ZSTD"
+    split = write_shard_output(examples, 0, 5, 0, teacher_dir, tmp_path / "bss", spec, byte_stream_split=True)
+    encodings = pq.read_metadata(tmp_path / "bss" / split["shards"][0]["file"]).row_group(0)
+    assert "BYTE_STREAM_SPLIT" in encodings.column(shard.schema_arrow.get_field_index("attn_4")).encodings
     meta = json.loads(shard.schema_arrow.metadata[b"tinykd.teacher_cache"])
     assert meta["hidden_layers"] == [0, 4] and meta["dtype"] == "float16"
     assert info["tokenizer_vocab_sha256"] and info["teacher"]["head_trained"] is True
@@ -337,3 +340,49 @@ def test_full_disk_mid_shard_is_one_clear_error_and_leaves_nothing(teacher_dir, 
     assert "part-00000.parquet" in last and "disk full" in last, result.stderr[-2000:]
     stage_dir = work / "teacher_cache_shard"
     assert not stage_dir.exists() or list(stage_dir.iterdir()) == []
+
+
+def _synthetic_cache(directory: Path, rows: int, hidden: int = 64, heads: int = 4) -> Path:
+    """A cache of random values written by the real writer classes (no model needed)."""
+    from pipeline.stage import sha256_file
+    from pipeline.teacher_cache import RowGroupBuffer, cache_schema
+
+    spec = CacheSpec([0, 1], [1], "float16", 64)
+    schema = cache_schema(spec, pa.int64())
+    shard = directory / "shards" / "part-00000.parquet"
+    shard.parent.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with pq.ParquetWriter(shard, schema, compression="zstd") as writer:
+        buffer = RowGroupBuffer(writer, schema, 64 << 10)
+        for i in range(rows):
+            length = int(rng.integers(5, 40))
+            buffer.add({"id": f"x-{i}", "orig_id": f"x-{i}", "label": i % 2, "length": length,
+                        "input_ids": np.arange(length, dtype=np.int32),
+                        "token_type_ids": np.zeros(length, np.int8),
+                        "logits": rng.standard_normal(2).astype(np.float32),
+                        "hidden_0": rng.standard_normal(length * hidden).astype(np.float16),
+                        "hidden_1": rng.standard_normal(length * hidden).astype(np.float16),
+                        "attn_1": rng.standard_normal(heads * length * length).astype(np.float16)})
+        buffer.flush()
+    info = {"hidden_layers": [0, 1], "attention_layers": [1], "dtype": "float16", "with_logits": True,
+            "hidden_size": hidden, "num_heads": heads, "num_labels": 2,
+            "shards": [{"file": "shards/part-00000.parquet", "index": 0, "rows": rows,
+                        "bytes": shard.stat().st_size, "sha256": sha256_file(shard)}]}
+    (directory / "manifest.json").write_text(json.dumps({"info": info}))
+    return directory
+
+
+def test_reader_memory_does_not_grow_with_the_cache(tmp_path):
+    """Peak Arrow memory while streaming an epoch: bounded by the shuffle window, not the cache."""
+    peaks = []
+    for rows in (300, 1200):
+        reader = open_cache(_synthetic_cache(tmp_path / f"c{rows}", rows))
+        assert len(reader.row_groups) > 10
+        baseline, peak, count = pa.total_allocated_bytes(), 0, 0
+        for batch in reader.batches(16, seed=0, shuffle_buffer=100):
+            peak = max(peak, pa.total_allocated_bytes() - baseline)
+            count += len(batch["ids"])
+        assert count == rows
+        peaks.append(peak)
+    cache_bytes = (tmp_path / "c1200" / "shards" / "part-00000.parquet").stat().st_size
+    assert peaks[1] < 2 * peaks[0] and peaks[1] < cache_bytes, peaks

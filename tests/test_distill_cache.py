@@ -104,6 +104,17 @@ def test_fp32_cache_equals_online_teacher_and_fp16_is_reported(tmp_path, assets,
         assert fp16 == 0         # logits are cached in fp32 whatever the cache dtype
 
 
+def test_dataloader_workers_give_the_same_batches_and_losses(tmp_path, assets):
+    """The GPU path (worker processes reading the cache) trains exactly as the reader thread."""
+    config = dict(batch_size=8, epochs=2, max_steps=7, log_every=1, device="cpu")
+    for name, workers in (("thread", 0), ("workers", 2)):
+        distill_from_cache(assets["caches"]["float16"], tmp_path / name,
+                           recipe("intermediate", num_workers=workers, **config), StudentSpec(**STUDENT))
+    keep = ("step", "embedding", "hidden", "attention", "total")
+    strip = lambda rows: [{k: r[k] for k in keep} for r in rows]
+    assert strip(losses(tmp_path / "workers")) == strip(losses(tmp_path / "thread"))
+
+
 def test_two_stages_evaluate_export_and_run_in_a_pipeline(tmp_path, assets):
     from transformers import pipeline
 
