@@ -182,6 +182,8 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
         "final_losses": result.step_losses[-1] if result.step_losses else None,
         "resumed_from": result.resumed_from, "train_seconds": round(result.seconds, 3),
         "data_wait_share": round(result.data_wait_share, 5),
+        "startup_wait_share": round(result.startup_wait_share, 5),
+        "torch_threads": result.threads,
         "layer_map": mapped, "config": asdict(config),
         "student_parameters": sum(p.numel() for p in trainer.student.parameters()),
         "seconds": round(time.perf_counter() - started, 3),
