@@ -460,8 +460,12 @@ class Trainer:
             from torch.utils.data import DataLoader
             dataset = self.source.dataset(config.batch_size, seed=config.seed, epoch=epoch,
                                           start_batch=start_batch)
+            # its own generator: the loader draws worker seeds from it, not from the global RNG
+            # that drives dropout (else workers would change the training run)
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
             return iter(DataLoader(dataset, batch_size=None, num_workers=config.num_workers,
-                                   pin_memory=pin_memory, prefetch_factor=max(2, config.prefetch)))
+                                   pin_memory=pin_memory, prefetch_factor=max(2, config.prefetch),
+                                   generator=generator))
         iterator = self.source.batches(config.batch_size, config.seed, epoch, start_batch=start_batch)
         if config.prefetch > 0:
             return Prefetcher(iterator, config.prefetch, pin_memory=pin_memory)
