@@ -15,7 +15,6 @@ The student's heads must equal the teacher's: the attention loss compares scores
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -123,9 +122,11 @@ def check_compatible(student_config, teacher_config, where=None) -> None:
 
 
 def vocab_sha256(tokenizer) -> str:
-    """Fingerprint of a tokenizer's vocabulary (token -> id), to match students and caches."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+    """Fingerprint of a tokenizer's vocabulary: the cache writer's own definition, so a
+    student's tokenizer and a cache's ``tokenizer_vocab_sha256`` compare like for like."""
+    from pipeline.teacher_cache import tokenizer_vocab_sha256
+
+    return tokenizer_vocab_sha256(tokenizer)
 
 
 def export_student(student, tokenizer, directory: Path, distill_info: dict) -> None:
