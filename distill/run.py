@@ -94,8 +94,13 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
                        student_spec: StudentSpec | None = None, *, stage1_dir: Path | str | None = None,
                        prepared_dir: Path | str | None = None, layer_strategy: str = "uniform",
                        explicit_layers: Sequence[int] = (), online: bool = False,
-                       dev_limit: int = 0, eval_batch_size: int = 128) -> dict:
-    """Train one stage into ``out_dir``; return the summary also written to metrics.json."""
+                       originals_only: bool = False, dev_limit: int = 0,
+                       eval_batch_size: int = 128) -> dict:
+    """Train one stage into ``out_dir``; return the summary also written to metrics.json.
+
+    ``originals_only`` trains on the cache's original (not augmented) examples only: the
+    "without augmentation" setting, read from the same shards.
+    """
     import torch
 
     from distill.evaluate import Evaluator, load_dev
@@ -133,7 +138,7 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
                          f"{student.config.num_attention_heads} heads", cache_dir)
     try:
         reader = open_cache(cache_dir, hidden_needed, attention_needed, with_teacher=not online,
-                            with_logits=config.uses_prediction)
+                            with_logits=config.uses_prediction, originals_only=originals_only)
     except InputError as exc:   # name the map that asked for the missing layers
         raise InputError(f"{exc.problem} (student layer map {layer_strategy!r}: student layers "
                          f"1..{len(mapped)} -> teacher layers {mapped})", exc.path, exc.line) from None
@@ -178,6 +183,7 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
     summary = {
         "stage": distill_info["stage"], "task": task, "steps": result.steps,
         "epochs": config.epochs, "examples": reader.num_examples, "online_teacher": online,
+        "originals_only": originals_only,
         "best": result.best, "final_eval": result.final_eval,
         "final_losses": result.step_losses[-1] if result.step_losses else None,
         "resumed_from": result.resumed_from, "train_seconds": round(result.seconds, 3),

@@ -45,6 +45,8 @@ LOSS_NAMES = ("embedding", "attention", "hidden", "prediction")
 PREDICTION_LOSSES = ("soft_ce", "kd")
 SCHEDULES = ("constant", "linear")
 CHECKPOINT_NAME = "last.pt"
+#: On CPU, a background reader thread gets a core of its own only above this many cores.
+READER_THREAD_MIN_CORES = 2
 
 
 class NonFiniteLoss(RuntimeError):
@@ -349,13 +351,19 @@ class Trainer:
     def train(self) -> TrainResult:
         config = self.config
         threads_before = torch.get_num_threads()
+        self.read_ahead = config.prefetch > 0
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
-        elif self.device.type == "cpu" and config.prefetch > 0 and config.num_workers == 0 \
-                and threads_before > 1:
-            # Leave one core to the reader thread: its padding work would otherwise fight the
-            # intra-op threads for the cores (measured 3x slower steps on a 2-core machine).
-            torch.set_num_threads(threads_before - 1)
+        elif self.device.type == "cpu" and config.prefetch > 0 and config.num_workers == 0:
+            if threads_before > READER_THREAD_MIN_CORES:
+                # Leave one core to the reader thread: its padding work would otherwise fight
+                # the intra-op threads for the cores.
+                torch.set_num_threads(threads_before - 1)
+            else:
+                # Too few cores to give one away: every core to the step, the batch read
+                # between steps (measured on 2 cores: stage-1 epochs 1.5x faster than one
+                # thread + a reader thread; reading is ~2% of such a step).
+                self.read_ahead = False
         try:
             return self._train()
         finally:
@@ -467,7 +475,7 @@ class Trainer:
                                    pin_memory=pin_memory, prefetch_factor=max(2, config.prefetch),
                                    generator=generator))
         iterator = self.source.batches(config.batch_size, config.seed, epoch, start_batch=start_batch)
-        if config.prefetch > 0:
+        if self.read_ahead:
             return Prefetcher(iterator, config.prefetch, pin_memory=pin_memory)
         return iter(iterator)
 

@@ -17,18 +17,46 @@ from typing import Any, Mapping
 
 from pipeline.errors import InputError
 
-#: Settings a variant may change. Values are passed to the distillation tasks as parameters.
-TRAINER_SETTINGS = {
-    "attention_weight", "hidden_weight", "embedding_weight", "prediction_weight",
-    "layer_map", "temperature", "alpha", "augmentation", "stage1_epochs", "stage2_epochs",
-}
+#: Settings a variant may change, by the distillation stage whose parameter they set. Names
+#: are the Luigi parameters of DistillIntermediate (stage 1) and DistillPrediction (stage 2).
+STAGE1_SETTINGS = {"embedding_weight", "attention_weight", "hidden_weight", "layer_map",
+                   "attention_mode", "projection_mode"}
+STAGE2_SETTINGS = {"prediction_loss", "temperature", "kd_alpha"}
+#: Settings whose parameter name is the same in both stages: prefixed by the stage.
+PREFIXED_SETTINGS = {"stage1_epochs": ("stage1", "epochs"), "stage2_epochs": ("stage2", "epochs"),
+                     "stage1_learning_rate": ("stage1", "learning_rate"),
+                     "stage2_learning_rate": ("stage2", "learning_rate")}
+#: ``augmentation = false``: both stages train on the cache's original examples only.
+TRAINER_SETTINGS = STAGE1_SETTINGS | STAGE2_SETTINGS | set(PREFIXED_SETTINGS) | {"augmentation"}
 REFERENCE_VARIANT = "full"
+_CHOICES = {"layer_map": ("uniform", "top", "bottom"), "attention_mode": ("reference", "masked"),
+            "projection_mode": ("shared", "per_layer"), "prediction_loss": ("soft_ce", "kd")}
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
     settings: Mapping[str, Any]
+
+    def stage_parameters(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(stage1, stage2)``: the parameters this variant passes to DistillIntermediate and
+        DistillPrediction (over their luigi.cfg sections); ``({}, {})`` for the full recipe."""
+        stage1: dict[str, Any] = {}
+        stage2: dict[str, Any] = {}
+        for name, value in self.settings.items():
+            if name in STAGE1_SETTINGS:
+                stage1[name] = value
+            elif name in STAGE2_SETTINGS:
+                stage2[name] = value
+            elif name in PREFIXED_SETTINGS:
+                stage, parameter = PREFIXED_SETTINGS[name]
+                (stage1 if stage == "stage1" else stage2)[parameter] = value
+            elif name == "augmentation" and not value:
+                stage1["originals_only"] = stage2["originals_only"] = True
+        return stage1, stage2
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.settings.items())) or "the full recipe"
 
 
 def load_grid(path: Path | str) -> list[Variant]:
@@ -51,6 +79,10 @@ def load_grid(path: Path | str) -> list[Variant]:
         if unknown:
             raise InputError(f"variant {name!r}: unknown setting(s) {unknown}; "
                              f"allowed: {sorted(TRAINER_SETTINGS)}", path)
+        for setting, value in settings.items():
+            problem = _setting_problem(setting, value)
+            if problem:
+                raise InputError(f"variant {name!r}: {setting} = {value!r}: {problem}", path)
         if name == REFERENCE_VARIANT:
             if settings:
                 raise InputError(f"variant {REFERENCE_VARIANT!r} is the unmodified recipe; "
@@ -60,13 +92,36 @@ def load_grid(path: Path | str) -> list[Variant]:
     return variants
 
 
+def _setting_problem(name: str, value: Any) -> str:
+    """Why ``value`` cannot be the setting ``name`` ("" when it can)."""
+    if name in _CHOICES:
+        return "" if value in _CHOICES[name] else f"choose one of {list(_CHOICES[name])}"
+    if name == "augmentation":
+        return "" if isinstance(value, bool) else "must be true or false"
+    if name.endswith("_epochs"):
+        return "" if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+            else "must be a positive integer"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "must be a number"
+    if name == "kd_alpha" and not 0 <= value <= 1:
+        return "must be within [0, 1]"
+    if name in ("temperature",) or name.endswith("learning_rate"):
+        return "" if value > 0 else "must be positive"
+    return "" if value >= 0 else "must not be negative"
+
+
 @dataclass
 class VariantResult:
+    """One variant's outcome: its stage-2 student's best dev metrics and what training cost."""
+
     name: str
-    metric_name: str
+    metric_name: str                 # the task's primary metric (accuracy, f1, mcc, corr)
     metric: float
-    train_seconds: float
-    output_dir: str
+    train_seconds: float             # stage 1 + stage 2 training loops
+    output_dir: str                  # the stage-2 output, relative to the workdir
+    settings: str = ""               # Variant.describe()
+    examples: int = 0                # training examples per epoch (augmented or originals)
+    extra_metrics: Mapping[str, float] | None = None   # e.g. MRPC's accuracy beside its F1
 
 
 def report_rows(results: list[VariantResult]) -> list[dict]:
@@ -76,9 +131,12 @@ def report_rows(results: list[VariantResult]) -> list[dict]:
         delta = result.metric - full.metric if full else float("nan")
         rows.append({
             "variant": result.name,
+            "settings": result.settings,
             "metric": result.metric_name,
             "dev": round(result.metric, 4),
             "delta_vs_full": round(delta, 4),
+            **{f"dev_{k}": round(v, 4) for k, v in sorted((result.extra_metrics or {}).items())},
+            "train_examples": result.examples,
             "train_seconds": round(result.train_seconds, 1),
             "output": result.output_dir,
         })
@@ -86,8 +144,11 @@ def report_rows(results: list[VariantResult]) -> list[dict]:
 
 
 def write_report(results: list[VariantResult], out_dir: Path, title: str,
-                 teacher_metric: float | None = None) -> dict[str, Path]:
-    """Write ``ablations.md``, ``ablations.csv`` and ``ablations.png`` into ``out_dir``."""
+                 teacher_metric: float | None = None, notes: list[str] | None = None) -> dict[str, Path]:
+    """Write ``ablations.md``, ``ablations.csv`` and ``ablations.png`` into ``out_dir``.
+
+    ``notes``: lines printed under the title (what was run, on which data).
+    """
     rows = report_rows(results)
     csv_buffer = io.StringIO()
     writer = csv.DictWriter(csv_buffer, fieldnames=list(rows[0]))
@@ -97,15 +158,22 @@ def write_report(results: list[VariantResult], out_dir: Path, title: str,
              "png": out_dir / "ablations.png"}
     paths["csv"].write_text(csv_buffer.getvalue())
 
+    metric = rows[0]["metric"]
+    extra = [k for k in rows[0] if k.startswith("dev_")]
     lines = [f"# {title}", ""]
+    if notes:
+        lines += [*notes, ""]
     if teacher_metric is not None:
-        lines += [f"Teacher dev {rows[0]['metric']}: {teacher_metric:.4f}", ""]
-    lines += ["| variant | dev " + rows[0]["metric"] + " | Δ vs full | % of teacher | training time (s) |",
-              "|---|---:|---:|---:|---:|"]
+        lines += [f"Teacher dev {metric}: {teacher_metric:.4f}", ""]
+    lines += ["| variant | dev " + metric + " | Δ vs full | % of teacher | "
+              + "".join(f"dev {k[4:]} | " for k in extra)
+              + "train examples | training time (s) | settings |",
+              "|---|---:|---:|---:|" + "---:|" * len(extra) + "---:|---:|---|"]
     for row in rows:
         share = f"{100 * row['dev'] / teacher_metric:.1f}%" if teacher_metric else "–"
-        lines.append(f"| {row['variant']} | {row['dev']:.4f} | {row['delta_vs_full']:+.4f} | {share} "
-                     f"| {row['train_seconds']:.0f} |")
+        lines.append(f"| {row['variant']} | {row['dev']:.4f} | {row['delta_vs_full']:+.4f} | {share} | "
+                     + "".join(f"{row[k]:.4f} | " for k in extra)
+                     + f"{row['train_examples']} | {row['train_seconds']:.0f} | {row['settings']} |")
     paths["md"].write_text("\n".join(lines) + "\n")
     _plot(rows, paths["png"], title, teacher_metric)
     return paths

@@ -22,6 +22,12 @@ materialise every k-th batch of the same plan, so ``num_workers`` does not chang
 (``to_numpy(zero_copy_only=True)``) and torch tensors without another (``torch.from_numpy``);
 the one copy left is the padding itself, which also widens fp16/bf16 to fp32.
 
+**Originals only.** ``originals_only=True`` trains on the rows with ``aug_index == 0`` (the
+examples before augmentation) of the same shards: the "without augmentation" ablation re-reads
+the augmented cache instead of running the teacher again. The selection is made once, at
+opening, from the tiny ``aug_index`` column; row groups are still read whole, so an epoch
+reads about as many bytes as an augmented one while it trains on a fraction of the rows.
+
 **Checked.** Opening checks the manifest against the request (layers, dtype) and every
 shard's presence, size, footer and row count, naming the file at fault; :meth:`verify` also
 re-checksums and decodes every row group.
@@ -68,7 +74,11 @@ def load_cache_info(cache_dir: Path | str) -> dict:
 class _RowGroup:
     shard: int
     index: int
-    rows: int
+    rows: int                               # rows taken from it (all, or the originals)
+    selected: np.ndarray | None = None      # their row numbers; None: every row
+
+    def row_numbers(self) -> np.ndarray:
+        return np.arange(self.rows) if self.selected is None else self.selected
 
 
 class _Loaded:
@@ -100,13 +110,15 @@ class CacheReader:
     ``hidden_layers`` / ``attention_layers``: the layers the trainer needs (None = every cached
     one, ``[]`` = none: the columns are not even read). ``dtype``: the storage dtype the trainer
     expects (None = any). ``with_teacher=False`` reads only tokens, labels and ids (the
-    online-teacher mode).
+    online-teacher mode). ``originals_only``: only the rows with ``aug_index == 0``.
     """
 
     def __init__(self, cache_dir: Path | str, hidden_layers: Sequence[int] | None = None,
                  attention_layers: Sequence[int] | None = None, dtype: str | None = None,
-                 with_teacher: bool = True, with_logits: bool | None = None):
+                 with_teacher: bool = True, with_logits: bool | None = None,
+                 originals_only: bool = False):
         self.cache_dir = Path(cache_dir)
+        self.originals_only = originals_only
         self.info = load_cache_info(self.cache_dir)
         self.dtype = self.info["dtype"]
         cached_hidden = [int(x) for x in self.info["hidden_layers"]]
@@ -159,8 +171,18 @@ class CacheReader:
             if parquet.metadata.num_rows != shard["rows"]:
                 raise InputError(f"shard holds {parquet.metadata.num_rows} rows, the manifest says "
                                  f"{shard['rows']}", file)
+            if self.originals_only and "aug_index" not in parquet.schema_arrow.names:
+                raise InputError("originals_only needs the aug_index column, which this cache "
+                                 "predates; rebuild the cache", file)
             for index in range(parquet.metadata.num_row_groups):
-                self.row_groups.append(_RowGroup(number, index, parquet.metadata.row_group(index).num_rows))
+                rows = parquet.metadata.row_group(index).num_rows
+                if not self.originals_only:
+                    self.row_groups.append(_RowGroup(number, index, rows))
+                    continue
+                aug_index = parquet.read_row_group(index, columns=["aug_index"]).column(0).to_numpy()
+                selected = np.flatnonzero(aug_index == 0)
+                if len(selected):
+                    self.row_groups.append(_RowGroup(number, index, len(selected), selected))
 
     def _open(self, number: int) -> pq.ParquetFile:
         if number not in self._files:
@@ -179,7 +201,8 @@ class CacheReader:
 
     @property
     def num_examples(self) -> int:
-        return sum(int(s["rows"]) for s in self.info["shards"])
+        """Examples an epoch visits (every cached row, or the originals)."""
+        return sum(rg.rows for rg in self.row_groups)
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         n = self.num_examples
@@ -250,10 +273,11 @@ class CacheReader:
         emitted = 0
         for number, window in enumerate(windows):
             last = number == len(windows) - 1
-            lengths = [carry_lengths] + [self._read(rg, ["length"]).column("length").to_numpy()
-                                         for rg in window]
+            row_numbers = [np.arange(len(carry_lengths))] + [rg.row_numbers() for rg in window]
+            lengths = [carry_lengths] + [self._read(rg, ["length"]).column("length").to_numpy()[numbers]
+                                         for rg, numbers in zip(window, row_numbers[1:])]
             sources = np.concatenate([np.full(len(l), t, dtype=np.int64) for t, l in enumerate(lengths)])
-            rows = np.concatenate([np.arange(len(l)) for l in lengths])
+            rows = np.concatenate(row_numbers)
             all_lengths = np.concatenate(lengths)
             pool = rng.permutation(len(all_lengths)) if shuffle else np.arange(len(all_lengths))
             full = len(pool) // batch_size * batch_size
@@ -360,9 +384,11 @@ def _take(table: _Loaded, row: int, columns: Sequence[str]) -> pa.Table:
 
 def open_cache(cache_dir: Path | str, hidden_layers: Sequence[int] | None = None,
                attention_layers: Sequence[int] | None = None, dtype: str | None = None,
-               with_teacher: bool = True, with_logits: bool | None = None) -> CacheReader:
+               with_teacher: bool = True, with_logits: bool | None = None,
+               originals_only: bool = False) -> CacheReader:
     """Open a teacher cache for training; see :class:`CacheReader`."""
-    return CacheReader(cache_dir, hidden_layers, attention_layers, dtype, with_teacher, with_logits)
+    return CacheReader(cache_dir, hidden_layers, attention_layers, dtype, with_teacher, with_logits,
+                       originals_only)
 
 
 def _iterable_dataset_base():

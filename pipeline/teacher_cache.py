@@ -76,7 +76,7 @@ DEFAULT_ROW_GROUP_BYTES = 32 << 20
 DEFAULT_SORT_WINDOW = 4096
 SCHEMA_METADATA_KEY = b"tinykd.teacher_cache"
 SHARD_NAME = "part-{:05d}.parquet"
-EXAMPLE_COLUMNS = ("id", "orig_id", "text_a", "text_b", "label")
+EXAMPLE_COLUMNS = ("id", "orig_id", "aug_index", "text_a", "text_b", "label")
 
 
 def hidden_column(layer: int) -> str:
@@ -138,8 +138,8 @@ def shard_ranges(num_examples: int, shard_size: int) -> list[tuple[int, int]]:
 
 def read_example_range(source: Path | str, start: int, stop: int) -> pa.Table:
     """Examples ``[start, stop)`` of ``source`` in source order, as a table with
-    ``id, orig_id, text_a, text_b, label`` (``orig_id`` = ``id`` and ``label`` null where the
-    source has none, e.g. a plain-text corpus for general distillation)."""
+    ``id, orig_id, aug_index, text_a, text_b, label`` (``orig_id`` = ``id``, ``aug_index`` = 0
+    and ``label`` null where the source has none: unaugmented data, a plain-text corpus)."""
     pieces = []
     offset = 0
     for file in source_files(source):
@@ -180,11 +180,16 @@ def _normalise_examples(table: pa.Table, file: Path) -> pa.Table:
     n = table.num_rows
     ids = table.column("id") if "id" in table.column_names else pa.array([f"row-{i}" for i in range(n)])
     orig = table.column("orig_id") if "orig_id" in table.column_names else ids
+    # 0 marks an original example (the augmentation stage's convention): the reader's
+    # originals_only selection trains on exactly these rows, without another teacher run.
+    aug_index = (table.column("aug_index") if "aug_index" in table.column_names
+                 else pa.array(np.zeros(n, dtype=np.int32)))
     text_b = table.column("text_b") if "text_b" in table.column_names else pa.nulls(n, pa.string())
     label = table.column("label") if "label" in table.column_names else pa.nulls(n, pa.int64())
     if pa.types.is_null(label.type):
         label = label.cast(pa.int64())
     return pa.table({"id": ids.cast(pa.string()), "orig_id": orig.cast(pa.string()),
+                     "aug_index": aug_index.cast(pa.int32()),
                      "text_a": table.column("text_a").cast(pa.string()),
                      "text_b": text_b.cast(pa.string()), "label": label})
 
@@ -249,7 +254,8 @@ def check_layers(spec: CacheSpec, num_layers: int, teacher: str) -> None:
 def cache_schema(spec: CacheSpec, label_type: pa.DataType, metadata: dict | None = None) -> pa.Schema:
     value_type = STORAGE_DTYPES[spec.dtype][1]
     fields = [pa.field("id", pa.string()), pa.field("orig_id", pa.string()),
-              pa.field("label", label_type), pa.field("length", pa.int32()),
+              pa.field("aug_index", pa.int32()), pa.field("label", label_type),
+              pa.field("length", pa.int32()),
               pa.field("input_ids", pa.list_(pa.int32())),
               pa.field("token_type_ids", pa.list_(pa.int8()))]
     if spec.with_logits:
@@ -439,6 +445,7 @@ def write_cache_shard(examples: pa.Table, model, tokenizer, out_file: Path | str
     schema = cache_schema(spec, label_type, metadata)
     ids = examples.column("id").to_pylist()
     orig_ids = examples.column("orig_id").to_pylist()
+    aug_indices = examples.column("aug_index").to_pylist()
     labels = examples.column("label").to_pylist()
     if spec.with_logits and model.config.num_labels:
         _check_labels(labels, label_type, model.config.num_labels, source)
@@ -469,7 +476,8 @@ def write_cache_shard(examples: pa.Table, model, tokenizer, out_file: Path | str
                 # Batches are sorted within windows; rows are written back in source order.
                 while next_row in pending:
                     row = pending.pop(next_row)
-                    row.update(id=ids[next_row], orig_id=orig_ids[next_row], label=labels[next_row],
+                    row.update(id=ids[next_row], orig_id=orig_ids[next_row],
+                               aug_index=aug_indices[next_row], label=labels[next_row],
                                length=lengths[next_row],
                                input_ids=np.asarray(input_ids[next_row], dtype=np.int32),
                                token_type_ids=np.asarray(token_type_ids[next_row], dtype=np.int8))

@@ -72,7 +72,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-workers", type=int, default=-1,
                         help="DataLoader workers (-1: 4 on CUDA, else a reader thread)")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="trainer intra-op threads (0: the trainer's default, which leaves a "
+                             "core to the reader thread on CPU)")
+    parser.add_argument("--prefetch", type=int, default=4,
+                        help="batches the reader thread reads ahead (0: read in the training thread)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="alternating cache/online runs per stage; the fastest of each counts "
                              "(the machine is shared)")
@@ -89,8 +93,6 @@ def main() -> None:
     from pipeline.teacher import default_teacher_dir
     from pipeline.teacher_cache import CacheSpec, build_cache
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-distill-"))
     work.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
@@ -116,7 +118,8 @@ def main() -> None:
                    "cache_bytes": info["bytes"], "tokens_per_example": round(info["tokens"] / args.examples, 1)}
         for stage in args.stages.split(","):
             config = recipe(stage, batch_size=args.batch_size, epochs=1, device=str(device),
-                            log_every=0, checkpoint_every=0, eval_every=0, num_workers=workers)
+                            log_every=0, checkpoint_every=0, eval_every=0, num_workers=workers,
+                            num_threads=args.threads, prefetch=args.prefetch)
             runs = {}
             for _ in range(args.repeats):
                 for mode in ("cache", "online"):

@@ -6,7 +6,7 @@
     tinykd explain TASK [--PARAM VALUE ...]
     tinykd gc [--delete] [TASK [--PARAM VALUE ...]]
     tinykd inspect CACHE_DIR [--verify]
-    tinykd demo
+    tinykd demo [--PARAM VALUE ...]
 
 ``run`` is Luigi's own command line (``luigi --module tasks TASK``) with the local scheduler
 as default; pass ``--scheduler-host`` to use a central ``luigid``. Task parameters come from
@@ -30,8 +30,13 @@ from luigi.task import flatten
 from pipeline.stage import PARTIAL_SUFFIX, directory_bytes
 from tasks.base import PROJECT_ROOT, StageTask, walk_dag, workdir
 
-#: Tasks that ``gc`` keeps (with their whole DAG) when none is named.
-DEFAULT_GC_ROOTS = ("Pipeline",)
+#: Tasks that ``gc`` keeps (with their whole DAG) when none is named: the ablation grid,
+#: whose ``full`` variant is the main job (DistillPrediction) itself.
+DEFAULT_GC_ROOTS = ("Ablations",)
+#: The offline demo's configuration profile (read after luigi.cfg).
+DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.cfg"
+#: The demo's GLUE-layout data (written by scripts/make_demo_data.py, committed).
+DEMO_DATA = PROJECT_ROOT / "data" / "demo"
 
 
 def _load_project_config(extra: list[str]) -> None:
@@ -167,8 +172,32 @@ def cmd_inspect(argv: list[str]) -> int:
 
 
 def cmd_demo(argv: list[str]) -> int:
-    """Run the offline demo DAG (configured in luigi.cfg's [Demo] section) and print its report."""
-    return cmd_run(["Demo", *argv])
+    """Run the whole DAG offline on the demo task (configs/demo.cfg) and print its report.
+
+    The demo is the ablation grid over data/demo/SST-2 with the packaged MiniLM teacher and
+    GloVe vectors; Luigi's execution summary comes first, then the report and its files.
+    """
+    args = ["Ablations", *argv]
+    if not any(a.startswith("--PrepareData-glue-dir") for a in argv):
+        args += ["--PrepareData-glue-dir", str(DEMO_DATA)]
+    code = cmd_run(args)
+    if code != 0:
+        return code
+    print(report_summary(_task_from_argv(args)))
+    return 0
+
+
+def report_summary(task: luigi.Task) -> str:
+    """The ablation report's Markdown, the teacher-vs-student line and the files' paths."""
+    import json
+
+    from tasks.ablations import teacher_and_student
+
+    out = task.output_dir()
+    summary = json.loads((out / "summary.json").read_text())
+    files = "\n".join(f"  {out / name}" for name in sorted(summary["files"].values()))
+    return (f"\n{(out / 'ablations.md').read_text()}\n{teacher_and_student(summary)}\n"
+            f"Report files:\n{files}\n  {out / 'summary.json'}")
 
 
 COMMANDS = {"run": cmd_run, "explain": cmd_explain, "gc": cmd_gc, "inspect": cmd_inspect,
@@ -185,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv[0] == "demo":  # the demo profile first, so that --config files can still adjust it
+        configs.insert(0, str(DEMO_CONFIG))
     _load_project_config(configs)
     return COMMANDS[argv[0]](argv[1:])
 

@@ -10,9 +10,16 @@
   ``examples=corpus``). Stage 1 can start from its student (``student_init=general``).
 
 Only trainer parameters are declared here, so changing one reruns only the distillation
-stages, never augmentation or the cache. The student's depth and the layer map are cache
-parameters (the cache holds exactly the mapped teacher layers) and are read from the cache
-task; a student that needs other layers is refused with a clear error.
+stages, never augmentation or the cache. The student's depth is a cache parameter (the cache
+holds the teacher layers its layer map picks) and is read from the cache task. The trainer's
+layer map defaults to the cache's; another strategy (``layer_map=top``) reads the same cache
+when the cache also holds those layers (``TeacherCache.extra_layer_maps``), and is refused
+with a clear error otherwise. ``originals_only`` trains on the cache's original examples
+(the "without augmentation" setting) without another teacher run.
+
+``DistillPrediction.stage1`` names the stage-1 run it starts from (parameters over the
+``[DistillIntermediate]`` section): that is how one ablation variant changes a stage-1 loss
+weight while sharing everything upstream.
 
 All three stages are resumable: checkpoints live in the partial output directory, and a
 rerun after a crash continues from the last one with the same result.
@@ -99,6 +106,10 @@ def _trainer_parameters(stage: str):
             default=False, significant=True,
             description="Run the teacher live instead of reading its outputs from the cache (the "
                         "parity check; same batches, same order).")
+        originals_only = luigi.BoolParameter(
+            default=False, significant=True,
+            description="Train on the cache's original examples only (aug_index 0): the 'without "
+                        "augmentation' setting, read from the same teacher shards.")
         checkpoint_every = luigi.IntParameter(default=500, significant=False,
                                               description="Steps between resumable checkpoints.")
         log_every = luigi.IntParameter(default=50, significant=False,
@@ -150,6 +161,22 @@ class StudentParameters:
         default="", significant=False,
         description="student_init=checkpoint: a save_pretrained directory (content-hashed, path "
                     "not significant).")
+    layer_map = luigi.ChoiceParameter(
+        default="", choices=["", "uniform", "top", "bottom", "explicit"], significant=True,
+        description="Which teacher layer each student layer learns from (pipeline.layer_map); "
+                    "empty: the cache's own map. Another map needs its layers in the cache "
+                    "(TeacherCache.extra_layer_maps).")
+    explicit_layers = luigi.Parameter(
+        default="", significant=True,
+        description="layer_map=explicit: the teacher layer of each student layer, e.g. '2,4,5,6'.")
+
+    def trainer_layer_map(self, cache_task: "TeacherCache") -> tuple[str, list[int], int]:
+        """(strategy, explicit layers, student depth): this stage's map, else the cache's."""
+        from pipeline.layer_map import parse_layer_list
+
+        if not self.layer_map:
+            return _layer_map_of(cache_task)
+        return self.layer_map, parse_layer_list(self.explicit_layers), cache_task.student_layers
 
     def student_spec(self, num_layers: int, teacher_layers: list[int]):
         from distill.student import StudentSpec
@@ -178,12 +205,11 @@ def _layer_map_of(cache_task: TeacherCache) -> tuple[str, list[int], int]:
     return (cache_task.layer_map, parse_layer_list(cache_task.explicit_layers), cache_task.student_layers)
 
 
-def _teacher_mapped_layers(cache_task: TeacherCache) -> list[int]:
+def _mapped_layers(cache_task: TeacherCache, strategy: str, explicit: list[int], depth: int) -> list[int]:
+    """Teacher layer of each student layer 1..depth (teacher depth from its config.json)."""
     from pipeline.layer_map import layer_map
-    from tasks.teacher import _teacher_num_layers
 
-    strategy, explicit, depth = _layer_map_of(cache_task)
-    return layer_map(_teacher_num_layers(cache_task.teacher_source()), depth, strategy, explicit or None)
+    return layer_map(cache_task.teacher_num_layers(), depth, strategy, explicit or None)
 
 
 class _DistillStage(StageTask):
@@ -191,6 +217,10 @@ class _DistillStage(StageTask):
 
     def cache_task(self) -> TeacherCache:
         return self.requires()["cache"]
+
+    def uses_intermediate_losses(self) -> bool:
+        """Whether any layer-to-layer loss is on (then the layer map decides cached columns)."""
+        return any(w > 0 for w in (self.embedding_weight, self.attention_weight, self.hidden_weight))
 
     def record(self, out: StageBuild, summary: dict) -> None:
         out.rows["steps"] = summary["steps"]
@@ -219,12 +249,12 @@ class DistillGeneral(_trainer_parameters("intermediate"), StudentParameters, _Di
     def build(self, out: StageBuild) -> None:
         from distill.run import distill_from_cache
 
-        strategy, explicit, depth = _layer_map_of(self.cache_task())
-        spec = self.student_spec(depth, _teacher_mapped_layers(self.cache_task()))
+        strategy, explicit, depth = self.trainer_layer_map(self.cache_task())
+        spec = self.student_spec(depth, _mapped_layers(self.cache_task(), strategy, explicit, depth))
         with out.timed("distill"):
             summary = distill_from_cache(self.upstream_dir("cache"), out.path, self.train_config(), spec,
                                          layer_strategy=strategy, explicit_layers=explicit,
-                                         online=self.online_teacher)
+                                         online=self.online_teacher, originals_only=self.originals_only)
         self.record(out, summary)
 
 
@@ -246,12 +276,12 @@ class DistillIntermediate(_trainer_parameters("intermediate"), StudentParameters
     def build(self, out: StageBuild) -> None:
         from distill.run import distill_from_cache
 
-        strategy, explicit, depth = _layer_map_of(self.cache_task())
-        spec = self.student_spec(depth, _teacher_mapped_layers(self.cache_task()))
+        strategy, explicit, depth = self.trainer_layer_map(self.cache_task())
+        spec = self.student_spec(depth, _mapped_layers(self.cache_task(), strategy, explicit, depth))
         with out.timed("distill"):
             summary = distill_from_cache(self.upstream_dir("cache"), out.path, self.train_config(), spec,
                                          layer_strategy=strategy, explicit_layers=explicit,
-                                         online=self.online_teacher)
+                                         online=self.online_teacher, originals_only=self.originals_only)
         self.record(out, summary)
 
 
@@ -266,19 +296,33 @@ class DistillPrediction(_trainer_parameters("prediction"), _DistillStage):
         description="Evaluate the student on dev every N steps (and at the end); the best is kept.")
     eval_batch_size = luigi.IntParameter(default=128, significant=False,
                                          description="Batch size of dev evaluation.")
+    stage1 = luigi.DictParameter(
+        default={}, significant=True,
+        description="Parameters of the stage-1 run (DistillIntermediate) this stage starts from, "
+                    "over its own luigi.cfg section, e.g. {\"attention_weight\": 0}. Identity only: "
+                    "the stage-1 output's fingerprint, not this dict, enters this stage's key.")
 
     def requires(self):
-        return {"cache": TeacherCache(), "data": PrepareData(), "stage1": DistillIntermediate()}
+        return {"cache": TeacherCache(), "data": PrepareData(),
+                "stage1": DistillIntermediate(**dict(self.stage1))}
+
+    def stage_params(self) -> dict[str, Any]:
+        # The upstream stage-1 fingerprint already says which student this stage starts from;
+        # {"epochs": 10} spelled out or inherited from luigi.cfg must reach the same output.
+        params = super().stage_params()
+        params.pop("stage1")
+        return params
 
     def build(self, out: StageBuild) -> None:
         from distill.run import distill_from_cache
 
-        strategy, explicit, _ = _layer_map_of(self.cache_task())
+        strategy, explicit, _ = self.requires()["stage1"].trainer_layer_map(self.cache_task())
         with out.timed("distill"):
             summary = distill_from_cache(self.upstream_dir("cache"), out.path, self.train_config(),
                                          stage1_dir=self.upstream_dir("stage1"),
                                          prepared_dir=self.upstream_dir("data"), layer_strategy=strategy,
                                          explicit_layers=explicit, online=self.online_teacher,
+                                         originals_only=self.originals_only,
                                          eval_batch_size=self.eval_batch_size)
         self.record(out, summary)
         if summary["best"]:

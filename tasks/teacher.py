@@ -136,6 +136,10 @@ class TeacherCacheParams(luigi.Task):
         description="TinyBERT layer-map strategy (pipeline.layer_map).")
     explicit_layers = luigi.Parameter(
         default="", significant=True, description="layer_map=explicit: teacher layers, e.g. '3,6,9,12'.")
+    extra_layer_maps = luigi.Parameter(
+        default="", significant=True,
+        description="Also cache the layers of these strategies, e.g. 'top,bottom', so trainer runs "
+                    "(ablations) with another layer map re-read this cache instead of rebuilding it.")
     hidden_layers = luigi.Parameter(
         default="", significant=True,
         description="Override: hidden-state layers to cache, e.g. '0,3,6' (empty: from the layer map).")
@@ -229,13 +233,20 @@ class TeacherCacheParams(luigi.Task):
         attention = parse_layer_list(self.attention_layers)
         if not hidden or not attention:
             num_layers = self.teacher_num_layers()
-            try:
-                mapped = layer_map(num_layers, self.student_layers, self.layer_map,
-                                   parse_layer_list(self.explicit_layers) or None)
-            except ValueError as exc:
-                raise InputError(str(exc), self.teacher_source()) from None
-            default_hidden, default_attention = cached_layers(mapped)
-            hidden, attention = hidden or default_hidden, attention or default_attention
+            strategies = [self.layer_map] + [name.strip() for name in self.extra_layer_maps.split(",")
+                                              if name.strip()]
+            default_hidden, default_attention = set(), set()
+            for strategy in strategies:
+                try:
+                    mapped = layer_map(num_layers, self.student_layers, strategy,
+                                       parse_layer_list(self.explicit_layers) or None)
+                except ValueError as exc:
+                    raise InputError(f"layer map {strategy!r}: {exc}", self.teacher_source()) from None
+                map_hidden, map_attention = cached_layers(mapped)
+                default_hidden.update(map_hidden)
+                default_attention.update(map_attention)
+            hidden = hidden or sorted(default_hidden)
+            attention = attention or sorted(default_attention)
         return CacheSpec(hidden, attention, self.dtype, self.max_seq_length,
                          with_logits=self.examples != "corpus")
 
@@ -279,7 +290,7 @@ class TeacherCacheShard(TeacherCacheParams, StageTask):
     """One shard of the teacher cache: examples [i·shard_size, (i+1)·shard_size) of the source."""
 
     stage_name = "teacher_cache_shard"
-    stage_version = "1"
+    stage_version = "2"   # 2: rows carry aug_index
 
     shard_index = luigi.IntParameter(significant=True, description="Which shard (0-based).")
 
@@ -321,7 +332,7 @@ class TeacherCache(TeacherCacheParams, StageTask):
     """The whole teacher cache: every shard, assembled into one directory with one manifest."""
 
     stage_name = "teacher_cache"
-    stage_version = "1"
+    stage_version = "2"   # 2: rows carry aug_index
 
     def shard_tasks(self, num_examples: int) -> list[TeacherCacheShard]:
         count = -(-num_examples // self.shard_size)

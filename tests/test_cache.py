@@ -239,6 +239,49 @@ def test_reader_order_is_deterministic_resumable_and_worker_independent(cache_di
     assert _ids(loader) == first[1:]
 
 
+def test_originals_only_reads_the_unaugmented_rows_of_the_same_shards(teacher_dir, tmp_path):
+    """The "without augmentation" setting: the rows with aug_index 0, values as in a full read."""
+    n = 23
+    table = pa.table({"id": [f"train-{i // 3}-aug{i % 3}" for i in range(n)],
+                      "orig_id": [f"train-{i // 3}" for i in range(n)],
+                      "aug_index": pa.array([i % 3 for i in range(n)], pa.int32()),
+                      "text_a": [SENTENCES[i % len(SENTENCES)] for i in range(n)],
+                      "label": pa.array([(i // 3) % 2 for i in range(n)], pa.int64())})
+    pq.write_table(table, tmp_path / "augmented.parquet")
+    build_cache(tmp_path / "augmented.parquet", teacher_dir, tmp_path / "cache",
+                CacheSpec([0, 2], [2], "float16", 64), shard_size=10, row_group_bytes=2000)
+    full, originals = open_cache(tmp_path / "cache"), open_cache(tmp_path / "cache", originals_only=True)
+    assert (full.num_examples, originals.num_examples) == (23, 8)
+    assert len(originals.row_groups) < len(full.row_groups)   # groups holding no original are skipped
+    kwargs = dict(seed=3, shuffle_buffer=6, bucket_batches=2)
+    batches = list(originals.batches(3, **kwargs))
+    assert len(batches) == originals.num_batches(3) == 3
+    assert sorted(sum(_ids(batches), [])) == sorted(f"train-{k}-aug0" for k in range(8))
+    reference = {}
+    for batch in full.batches(32, shuffle=False):
+        for row, example_id in enumerate(batch["ids"]):
+            length = int(batch["attention_mask"][row].sum())
+            reference[example_id] = (batch["teacher_logits"][row], batch["teacher_hidden"][2][row, :length])
+    for batch in batches:
+        for row, example_id in enumerate(batch["ids"]):
+            length = int(batch["attention_mask"][row].sum())
+            assert torch.equal(batch["teacher_logits"][row], reference[example_id][0])
+            assert torch.equal(batch["teacher_hidden"][2][row, :length], reference[example_id][1])
+    assert _ids(originals.batches(3, start_batch=1, **kwargs)) == _ids(batches)[1:]
+
+
+def test_originals_only_refuses_a_cache_without_aug_index(cache_dir):
+    shard = cache_dir / "shards" / "part-00000.parquet"
+    table = pq.read_table(shard).drop_columns(["aug_index"])
+    pq.write_table(table, shard)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    manifest["info"]["shards"][0].update(bytes=shard.stat().st_size)
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="predates; rebuild") as err:
+        open_cache(cache_dir, originals_only=True)
+    assert str(shard) in str(err.value)
+
+
 def test_reader_reads_only_requested_columns(cache_dir):
     no_attention = open_cache(cache_dir, hidden_layers=[0, 4], attention_layers=[])
     assert not any(c.startswith("attn_") for c in no_attention.columns)
@@ -356,7 +399,7 @@ def _synthetic_cache(directory: Path, rows: int, hidden: int = 64, heads: int = 
         buffer = RowGroupBuffer(writer, schema, 64 << 10)
         for i in range(rows):
             length = int(rng.integers(5, 40))
-            buffer.add({"id": f"x-{i}", "orig_id": f"x-{i}", "label": i % 2, "length": length,
+            buffer.add({"id": f"x-{i}", "orig_id": f"x-{i}", "aug_index": 0, "label": i % 2, "length": length,
                         "input_ids": np.arange(length, dtype=np.int32),
                         "token_type_ids": np.zeros(length, np.int8),
                         "logits": rng.standard_normal(2).astype(np.float32),

@@ -1,0 +1,171 @@
+"""Luigi wiring of the ablation grid (``<workdir>/ablations/<fingerprint>/``).
+
+An ablation asks what one part of the recipe buys: the same student distilled without the
+attention loss, without augmentation, with another layer map... Every variant of the grid
+(``ablations.toml``, parsed by :mod:`pipeline.ablation_report`) is a ``DistillPrediction``
+task whose parameters, and whose ``stage1`` parameters, differ from the configured recipe.
+They all require the *same* ``TeacherCache()``, ``FineTuneTeacher()`` and ``PrepareData()``,
+so Luigi finds those complete and only trainer stages run; the ``full`` variant is exactly
+the configured ``DistillPrediction()``, the main job's own output.
+
+Two settings read the shared cache differently rather than rebuilding it:
+``augmentation = false`` trains on the cache's original rows (``originals_only``), and a
+``layer_map`` other than the cache's needs the cache to hold those layers too
+(``[TeacherCache] extra_layer_maps``). A grid that asks for layers the configured cache will
+not hold is refused when the DAG is built, before anything trains, rather than silently
+scheduling a second teacher run.
+
+The stage writes ``ablations.md``, ``ablations.csv``, ``ablations.png`` (dev metric per
+variant, teacher's score as a reference line) and ``summary.json``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import luigi
+
+from pipeline.errors import InputError
+from pipeline.stage import StageBuild, load_manifest
+from tasks.base import PROJECT_ROOT, StageTask, workdir
+from tasks.distill import DistillIntermediate, DistillPrediction
+from tasks.prepare import PrepareData
+from tasks.teacher import FineTuneTeacher, TeacherCache
+
+DEFAULT_GRID = PROJECT_ROOT / "ablations.toml"
+
+
+class Ablations(StageTask):
+    """Distil one student per variant of an ablation grid from one teacher cache; report."""
+
+    stage_name = "ablations"
+    stage_version = "1"
+
+    grid = luigi.Parameter(
+        default=str(DEFAULT_GRID), significant=False,
+        description="The ablation grid (TOML; see ablations.toml). Not significant: its content "
+                    "is hashed into the fingerprint.")
+    variants = luigi.ListParameter(
+        default=[], significant=True,
+        description="Run only these variants of the grid (the full recipe always runs); empty: "
+                    "every variant.")
+
+    def grid_path(self) -> Path:
+        return Path(self.grid).expanduser().resolve()
+
+    def grid_variants(self):
+        """The grid's variants, ``full`` first, restricted to ``variants`` when given."""
+        from pipeline.ablation_report import REFERENCE_VARIANT, load_grid
+
+        variants = load_grid(self.grid_path())
+        if self.variants:
+            known = {v.name for v in variants}
+            unknown = sorted(set(self.variants) - known)
+            if unknown:
+                raise InputError(f"variant(s) {unknown} not in the grid (it has {sorted(known)})",
+                                 self.grid_path())
+            variants = [v for v in variants if v.name == REFERENCE_VARIANT or v.name in self.variants]
+        return variants
+
+    def variant_tasks(self) -> dict[str, DistillPrediction]:
+        if getattr(self, "_variant_tasks", None) is None:
+            tasks = {}
+            for variant in self.grid_variants():
+                stage1, stage2 = variant.stage_parameters()
+                tasks[variant.name] = DistillPrediction(**stage2, stage1=stage1)
+            _check_cache_holds_the_maps(tasks, self.grid_path())
+            self._variant_tasks = tasks
+        return self._variant_tasks
+
+    def requires(self):
+        required: dict[str, luigi.Task] = {"data": PrepareData(), "teacher": FineTuneTeacher(),
+                                           "cache": TeacherCache()}
+        required.update({f"variant-{name}": task for name, task in self.variant_tasks().items()})
+        return required
+
+    def stage_inputs(self) -> dict[str, str | Path]:
+        return {"grid": self.grid_path()}
+
+    def build(self, out: StageBuild) -> None:
+        from pipeline.ablation_report import write_report
+
+        descriptions = {v.name: v.describe() for v in self.grid_variants()}
+        results = [_variant_result(name, task, descriptions[name])
+                   for name, task in self.variant_tasks().items()]
+        teacher = load_manifest(self.upstream_dir("teacher"))["info"]
+        data = load_manifest(self.upstream_dir("data"))
+        cache = load_manifest(self.upstream_dir("cache"))
+        teacher_dev = (teacher.get("dev") or {})
+        teacher_metric = teacher_dev.get(results[0].metric_name)
+        task = data["info"].get("task") or "task"
+        notes = [
+            f"Task {task}: {data['rows'].get('train', '?')} train examples "
+            f"({cache['info'].get('examples', '?')} in the teacher cache, augmentation included), "
+            f"{data['rows'].get('dev', '?')} dev examples.",
+            f"Teacher: {teacher.get('teacher')} "
+            f"({'as given' if teacher.get('skipped_finetune') else 'fine-tuned by the pipeline'}); "
+            f"cache {cache['info'].get('dtype')}, hidden layers {cache['info'].get('hidden_layers')}, "
+            f"attention layers {cache['info'].get('attention_layers')}.",
+            "Each variant is a stage-1 + stage-2 distillation from that one cache; the student's "
+            "best dev score over its stage-2 evaluations is reported.",
+        ]
+        with out.timed("report"):
+            paths = write_report(results, out.path, f"{task} ablations", teacher_metric, notes)
+        full = results[0]
+        summary = {
+            "task": task, "metric": full.metric_name, "teacher": teacher_metric,
+            "teacher_dev": teacher_dev, "student": full.metric,
+            "student_vs_teacher": full.metric / teacher_metric if teacher_metric else None,
+            "variants": {r.name: {"dev": r.metric, "settings": r.settings, "train_seconds": r.train_seconds,
+                                  "train_examples": r.examples, "output": r.output_dir,
+                                  **({"extra": dict(r.extra_metrics)} if r.extra_metrics else {})}
+                         for r in results},
+            "files": {k: p.name for k, p in paths.items()},
+        }
+        (out.path / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        out.rows["variants"] = len(results)
+        out.info.update(task=task, metric=full.metric_name, teacher=teacher_metric, student=full.metric,
+                        student_vs_teacher=summary["student_vs_teacher"])
+
+
+def _variant_result(name: str, task: DistillPrediction, settings: str):
+    """A variant's best dev metrics and training time, from its two stage outputs."""
+    from pipeline.ablation_report import VariantResult
+
+    stage2 = load_manifest(task.output_dir())
+    stage1 = load_manifest(task.requires()["stage1"].output_dir())
+    metrics = stage2["info"].get("dev_metrics") or {}
+    if "primary" not in metrics:
+        raise InputError("stage-2 output has no dev metrics (was it built without a dev split?)",
+                         task.output_dir())
+    primary = metrics["primary_metric"]
+    extra = {k: float(v) for k, v in metrics.items()
+             if k not in ("primary", "primary_metric", "examples", primary) and isinstance(v, (int, float))}
+    seconds = float(stage1["info"].get("train_seconds") or 0) + float(stage2["info"].get("train_seconds") or 0)
+    return VariantResult(name, primary, float(metrics["primary"]), seconds,
+                         str(task.output_dir().relative_to(workdir())), settings,
+                         int(stage2["rows"].get("examples", 0)), extra)
+
+
+def _check_cache_holds_the_maps(variants: dict[str, DistillPrediction], grid: Path) -> None:
+    """Refuse, before anything trains, a variant whose layer map the configured cache lacks."""
+    cache = TeacherCache()
+    if cache.hidden_layers or cache.attention_layers:
+        return  # explicit layer lists: the trainer's own check names what is missing
+    available = {cache.layer_map, *[m.strip() for m in cache.extra_layer_maps.split(",") if m.strip()]}
+    for name, task in variants.items():
+        stage1: DistillIntermediate = task.requires()["stage1"]
+        wanted = stage1.layer_map or cache.layer_map
+        if stage1.uses_intermediate_losses() and wanted not in available:
+            raise InputError(f"variant {name!r} trains with layer map {wanted!r}, but the teacher cache "
+                             f"is configured for {sorted(available)}; add it to [TeacherCache] "
+                             f"extra_layer_maps so every variant reads the one cache", grid)
+
+
+def teacher_and_student(summary: dict[str, Any]) -> str:
+    """One human line: teacher vs student on the task's metric."""
+    ratio = summary.get("student_vs_teacher")
+    return (f"{summary['task']}: teacher dev {summary['metric']} {summary['teacher']:.4f}, student "
+            f"{summary['student']:.4f} ({100 * ratio:.1f}% of the teacher)"
+            if ratio is not None else f"{summary['task']}: student dev {summary['metric']} {summary['student']:.4f}")

@@ -1,0 +1,197 @@
+"""The ablation grid through Luigi: a real (tiny) DAG with augmentation, one teacher cache read
+by every variant, only trainer stages rerunning, and the report files."""
+from __future__ import annotations
+
+import csv
+import json
+
+import luigi
+import pytest
+import torch
+
+from pipeline.errors import InputError
+
+WORDS = "good bad movie plot actor great boring fun story scene long short film music".split()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_tsv(path, n, seed):
+    import random
+
+    rng = random.Random(seed)
+    lines = ["sentence\tlabel"] + [
+        f"{' '.join(rng.choice(WORDS) for _ in range(rng.randint(3, 9)))}\t{i % 2}" for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+GRID = """
+[variants.no_attention]
+attention_weight = 0.0
+
+[variants.no_augmentation]
+augmentation = false
+
+[variants.map_top]
+layer_map = "top"
+
+[variants.temperature_2]
+temperature = 2.0
+"""
+
+
+def configure(tmp_path, monkeypatch, text: str):
+    from luigi.configuration import LuigiConfigParser
+
+    config = tmp_path / "luigi.cfg"
+    config.write_text(text)
+    monkeypatch.setattr(LuigiConfigParser, "_config_paths", [str(config)])
+    monkeypatch.setattr(LuigiConfigParser, "_instance", None)
+    luigi.task_register.Register.clear_instance_cache()
+
+
+@pytest.fixture
+def configured(tmp_path, monkeypatch, minilm_dir):
+    """files -> packaged GloVe augmentation -> tiny 4-layer teacher -> cache (+top map) -> grid."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=96, max_position_embeddings=64, num_labels=2)).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    write_tsv(tmp_path / "train.tsv", 24, 0)
+    write_tsv(tmp_path / "dev.tsv", 10, 1)
+    (tmp_path / "grid.toml").write_text(GRID)
+    text = f"""
+[PrepareData]
+source = files
+task = SST-2
+train_file = {tmp_path / 'train.tsv'}
+dev_file = {tmp_path / 'dev.tsv'}
+columns = {{"text_a": "sentence", "label": "label"}}
+[Augment]
+mode = glove
+num_aug = 3
+aug_progress = false
+[FineTuneTeacher]
+teacher = {tmp_path / 'teacher'}
+finetune = never
+[TeacherCache]
+student_layers = 2
+extra_layer_maps = top
+max_seq_length = 32
+[DistillIntermediate]
+student_hidden_size = 32
+student_intermediate_size = 64
+student_heads = 4
+epochs = 1
+batch_size = 16
+device = cpu
+[DistillPrediction]
+epochs = 1
+batch_size = 16
+eval_every = 4
+device = cpu
+[Ablations]
+grid = {tmp_path / 'grid.toml'}
+"""
+    configure(tmp_path, monkeypatch, text)
+    return tmp_path, text
+
+
+def build(*tasks):
+    return luigi.build(list(tasks), local_scheduler=True, detailed_summary=True, log_level="WARNING")
+
+
+def ran_tasks(summary_text: str) -> dict[str, int]:
+    """Task family -> count from the "ran successfully" block of Luigi's execution summary."""
+    lines = summary_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "ran successfully" in line)
+    ran = {}
+    for line in lines[start + 1:]:
+        if not line.startswith("    - "):
+            break
+        count, family = line.split()[1], line.split()[2].split("(")[0]
+        ran[family] = int(count)
+    return ran
+
+
+def stage_dirs(workdir, stage):
+    root = workdir / stage
+    return {p.name for p in root.iterdir() if not p.name.startswith(".")} if root.exists() else set()
+
+
+@pytest.mark.slow
+def test_grid_reads_one_cache_and_reruns_only_trainer_stages(configured, isolated_workdir, monkeypatch):
+    from tasks.ablations import Ablations
+    from tasks.distill import DistillPrediction
+
+    tmp_path, text = configured
+    ablations = Ablations()
+    result = build(ablations)
+    assert result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY"), result.summary_text
+    out = ablations.output_dir()
+    rows = list(csv.DictReader((out / "ablations.csv").open()))
+    assert [r["variant"] for r in rows] == ["full", "no_attention", "no_augmentation", "map_top",
+                                           "temperature_2"]
+    assert all(r["metric"] == "accuracy" and 0.0 <= float(r["dev"]) <= 1.0 for r in rows)
+    md = (out / "ablations.md").read_text()
+    assert "Teacher dev accuracy:" in md and "| map_top |" in md
+    assert (out / "ablations.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["student"] == pytest.approx(float(rows[0]["dev"]), abs=1e-4)
+
+    # One teacher cache for every variant; the full variant is the configured main job.
+    assert len(stage_dirs(isolated_workdir, "teacher_cache")) == 1
+    assert len(stage_dirs(isolated_workdir, "augment")) == 1
+    assert ablations.requires()["variant-full"].output_dir() == DistillPrediction().output_dir()
+    # Stage 1 is shared by the variants that change only stage 2 (full, temperature_2).
+    assert len(stage_dirs(isolated_workdir, "distill_stage1")) == 4
+    assert len(stage_dirs(isolated_workdir, "distill_stage2")) == 5
+    # Without augmentation: the cache's original rows only, from the same shards.
+    examples = {r["variant"]: int(r["train_examples"]) for r in rows}
+    assert examples["no_augmentation"] == 24 < examples["full"]
+    stage1_maps = {json.loads((isolated_workdir / "distill_stage1" / d / "metrics.json").read_text())["layer_map"]
+                   .__repr__() for d in stage_dirs(isolated_workdir, "distill_stage1")}
+    assert stage1_maps == {"[2, 4]", "[3, 4]"}   # uniform and top over a 4-layer teacher
+
+    # A new variant: only its two trainer stages and the report run; nothing upstream.
+    before = {stage: stage_dirs(isolated_workdir, stage)
+              for stage in ("prepare_data", "word_vectors", "augment", "teacher", "teacher_cache_shard",
+                            "teacher_cache")}
+    (tmp_path / "grid.toml").write_text(GRID + "\n[variants.no_hidden]\nhidden_weight = 0.0\n")
+    configure(tmp_path, monkeypatch, text)
+    again = Ablations()
+    assert again.output_dir() != out  # the grid's content is part of the key
+    result = build(again)
+    assert result.status.name == "SUCCESS", result.summary_text
+    # Luigi's own summary: what ran is the new variant's two stages and the report.
+    assert ran_tasks(result.summary_text) == {"Ablations": 1, "DistillIntermediate": 1, "DistillPrediction": 1}
+    assert {stage: stage_dirs(isolated_workdir, stage) for stage in before} == before
+    assert len(stage_dirs(isolated_workdir, "distill_stage1")) == 5
+    assert len(stage_dirs(isolated_workdir, "distill_stage2")) == 6
+
+def test_a_layer_map_the_cache_lacks_is_refused_before_training(configured, monkeypatch):
+    from tasks.ablations import Ablations
+
+    tmp_path, text = configured
+    (tmp_path / "grid.toml").write_text('[variants.map_bottom]\nlayer_map = "bottom"\n')
+    configure(tmp_path, monkeypatch, text)
+    with pytest.raises(InputError, match="extra_layer_maps") as err:
+        Ablations().requires()
+    assert str(tmp_path / "grid.toml") in str(err.value) and "map_bottom" in str(err.value)
+
+
+def test_unknown_variant_selection_is_named(configured):
+    from tasks.ablations import Ablations
+
+    with pytest.raises(InputError, match=r"\['nope'\] not in the grid"):
+        Ablations(variants=["nope"]).requires()
