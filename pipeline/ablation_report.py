@@ -20,7 +20,8 @@ from pipeline.errors import InputError
 #: Settings a variant may change, by the distillation stage whose parameter they set. Names
 #: are the Luigi parameters of DistillIntermediate (stage 1) and DistillPrediction (stage 2).
 STAGE1_SETTINGS = {"embedding_weight", "attention_weight", "hidden_weight", "layer_map",
-                   "attention_mode", "projection_mode"}
+                   "attention_mode", "projection_mode", "student_init", "student_hidden_size",
+                   "student_intermediate_size"}
 STAGE2_SETTINGS = {"prediction_loss", "temperature", "kd_alpha"}
 #: Settings whose parameter name is the same in both stages: prefixed by the stage.
 PREFIXED_SETTINGS = {"stage1_epochs": ("stage1", "epochs"), "stage2_epochs": ("stage2", "epochs"),
@@ -30,7 +31,8 @@ PREFIXED_SETTINGS = {"stage1_epochs": ("stage1", "epochs"), "stage2_epochs": ("s
 TRAINER_SETTINGS = STAGE1_SETTINGS | STAGE2_SETTINGS | set(PREFIXED_SETTINGS) | {"augmentation"}
 REFERENCE_VARIANT = "full"
 _CHOICES = {"layer_map": ("uniform", "top", "bottom"), "attention_mode": ("reference", "masked"),
-            "projection_mode": ("shared", "per_layer"), "prediction_loss": ("soft_ce", "kd")}
+            "projection_mode": ("shared", "per_layer"), "prediction_loss": ("soft_ce", "kd"),
+            "student_init": ("config", "teacher_layers")}
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def _setting_problem(name: str, value: Any) -> str:
         return "" if value in _CHOICES[name] else f"choose one of {list(_CHOICES[name])}"
     if name == "augmentation":
         return "" if isinstance(value, bool) else "must be true or false"
-    if name.endswith("_epochs"):
+    if name.endswith("_epochs") or name.startswith("student_"):
         return "" if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
             else "must be a positive integer"
     if isinstance(value, bool) or not isinstance(value, (int, float)):

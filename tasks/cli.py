@@ -25,6 +25,7 @@ from pathlib import Path
 
 import luigi
 import luigi.cmdline_parser
+from luigi.execution_summary import LuigiStatusCode
 from luigi.task import flatten
 
 from pipeline.stage import PARTIAL_SUFFIX, directory_bytes
@@ -62,8 +63,11 @@ def cmd_run(argv: list[str]) -> int:
     args = list(argv)
     if "--scheduler-host" not in args and "--local-scheduler" not in args:
         args.append("--local-scheduler")
-    result = luigi.run(argv=args, detailed_summary=True)
-    return 0 if result.scheduling_succeeded else 1
+    if not any(a.startswith("--log-level") for a in args):
+        args += ["--log-level", "INFO"]   # Luigi's default, DEBUG, logs every completeness check
+    result = luigi.run(cmdline_args=args, detailed_summary=True)
+    # scheduling_succeeded stays True when a task fails; the status says what happened.
+    return 0 if result.status in (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY) else 1
 
 
 def _human_bytes(count: float) -> str:
@@ -214,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Loading and saving a checkpoint draws two progress bars each time (huggingface_hub's
+    # switch also governs transformers'); the stages' own bars (tqdm) stay.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if argv[0] == "demo":  # the demo profile first, so that --config files can still adjust it
         configs.insert(0, str(DEMO_CONFIG))
     _load_project_config(configs)

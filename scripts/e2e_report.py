@@ -1,0 +1,107 @@
+"""Run the whole DAG with a configuration profile and write its report under reports/.
+
+    python scripts/e2e_report.py --config configs/sst2.cfg --glue-dir ../shared/data/glue
+
+runs ``tinykd --config CONFIG run Ablations`` (only stale stages run: a rerun after the DAG
+finished just rewrites the report) and writes ``reports/<TASK>.md`` -- teacher vs student,
+what each stage cost, the teacher cache's size, the ablation table -- and
+``reports/<TASK>-ablations.png``. The numbers come from the stage manifests, so the report
+says what that DAG's outputs hold, whenever they were built.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
+
+STAGE_ORDER = ["prepare_data", "word_vectors", "augment", "teacher", "teacher_cache_shard",
+               "teacher_cache", "distill_stage1", "distill_stage2", "ablations"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, type=Path, help="configuration profile (configs/*.cfg)")
+    parser.add_argument("--glue-dir", required=True, type=Path, help="GLUE root (<TASK>/train.tsv)")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "reports")
+    parser.add_argument("luigi_args", nargs="*", help="extra Luigi arguments, e.g. --workers 2")
+    args = parser.parse_args()
+
+    from tasks.cli import main as tinykd
+
+    glue = str(args.glue_dir.resolve())
+    run_args = ["--config", str(args.config), "run", "Ablations", "--PrepareData-glue-dir", glue,
+                *args.luigi_args]
+    if tinykd(run_args) != 0:
+        print("the DAG did not complete; no report written", file=sys.stderr)
+        return 1
+
+    from tasks.base import StageTask, walk_dag, workdir
+    from tasks.cli import _task_from_argv
+    from pipeline.stage import load_manifest
+    from pipeline.teacher_cache import human_bytes
+
+    root = _task_from_argv(["Ablations", "--PrepareData-glue-dir", glue, *args.luigi_args])
+    seconds: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    manifests = {}
+    for task in walk_dag(root):
+        if isinstance(task, StageTask):
+            manifest = load_manifest(task.output_dir())
+            seconds[task.stage_name] += float(manifest["timings"]["seconds"])
+            count[task.stage_name] += 1
+            manifests.setdefault(task.stage_name, manifest)
+    out_dir = root.output_dir()
+    summary = json.loads((out_dir / "summary.json").read_text())
+    task = summary["task"]
+    cache = manifests["teacher_cache"]["info"]
+    augment = manifests["augment"]["info"]["counts"]
+    command = (f"python scripts/e2e_report.py --config {os.path.relpath(args.config.resolve(), PROJECT_ROOT)} "
+               f"--glue-dir {args.glue_dir}")
+    teacher_dev = summary["teacher_dev"]
+    lines = [
+        f"# {task}: end-to-end distillation result",
+        "",
+        f"Regenerate: `{command}` (reads the stage outputs under `{workdir()}`; only stale stages run).",
+        "",
+        f"**Teacher** (packaged MiniLM-L6, fine-tuned by the pipeline) dev {summary['metric']}: "
+        f"**{summary['teacher']:.4f}**  ",
+        f"**Student** (full recipe) dev {summary['metric']}: **{summary['student']:.4f}** = "
+        f"**{100 * summary['student_vs_teacher']:.1f}%** of the teacher",
+        "",
+        "Teacher dev metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(teacher_dev.items())
+                                              if isinstance(v, float)),
+        "",
+        "## What ran, and what it cost (2-core CPU, wall seconds from the stage manifests)",
+        "",
+        "| stage | outputs | seconds |",
+        "|---|---:|---:|",
+        *[f"| {stage} | {count[stage]} | {seconds[stage]:.0f} |" for stage in STAGE_ORDER if stage in count],
+        f"| **total** | | **{sum(seconds.values()):.0f}** ({sum(seconds.values()) / 3600:.2f} h) |",
+        "",
+        f"Augmentation: {augment.get('examples_in')} train examples -> {augment.get('examples_out')} "
+        f"(originals included). Teacher cache: {cache['examples']} examples, {cache['tokens']} tokens, "
+        f"{human_bytes(cache['bytes'])} ({cache['bytes'] / cache['examples'] / 1024:.1f} KiB/example, "
+        f"{cache['dtype']}, hidden layers {cache['hidden_layers']}, attention layers "
+        f"{cache['attention_layers']}).",
+        "",
+        (out_dir / "ablations.md").read_text().replace(f"# {task} ablations", "## Ablations", 1),
+        f"![ablations]({task}-ablations.png)",
+        "",
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = args.out / f"{task}.md"
+    report.write_text("\n".join(lines))
+    shutil.copy(out_dir / "ablations.png", args.out / f"{task}-ablations.png")
+    print(f"wrote {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
