@@ -17,6 +17,7 @@ the command line, then ``luigi.cfg`` (Luigi's configuration mechanism), then def
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -57,7 +58,26 @@ def _task_from_argv(argv: list[str]) -> luigi.Task:
         return parser.get_task_obj()
 
 
+class _HoldSummary(logging.Filter):
+    """Keep Luigi's execution summary out of its log: tinykd prints it last, after any report."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "===== Luigi Execution Summary =====" not in str(record.msg)
+
+
 def cmd_run(argv: list[str]) -> int:
+    result = _run_luigi(argv)
+    print(result.summary_text)
+    return 0 if _succeeded(result) else 1
+
+
+def _succeeded(result) -> bool:
+    # scheduling_succeeded stays True when a task fails; the status says what happened.
+    return result.status in (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY)
+
+
+def _run_luigi(argv: list[str]):
+    """Luigi's own command line (local scheduler unless one is named); the run's result."""
     import tasks  # noqa: F401
 
     args = list(argv)
@@ -65,9 +85,13 @@ def cmd_run(argv: list[str]) -> int:
         args.append("--local-scheduler")
     if not any(a.startswith("--log-level") for a in args):
         args += ["--log-level", "INFO"]   # Luigi's default, DEBUG, logs every completeness check
-    result = luigi.run(cmdline_args=args, detailed_summary=True)
-    # scheduling_succeeded stays True when a task fails; the status says what happened.
-    return 0 if result.status in (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY) else 1
+    hold = _HoldSummary()
+    interface_logger = logging.getLogger("luigi-interface")
+    interface_logger.addFilter(hold)
+    try:
+        return luigi.run(cmdline_args=args, detailed_summary=True)
+    finally:
+        interface_logger.removeFilter(hold)
 
 
 def _human_bytes(count: float) -> str:
@@ -184,11 +208,11 @@ def cmd_demo(argv: list[str]) -> int:
     args = ["Ablations", *argv]
     if not any(a.startswith("--PrepareData-glue-dir") for a in argv):
         args += ["--PrepareData-glue-dir", str(DEMO_DATA)]
-    code = cmd_run(args)
-    if code != 0:
-        return code
-    print(report_summary(_task_from_argv(args)))
-    return 0
+    result = _run_luigi(args)
+    if _succeeded(result):
+        print(report_summary(_task_from_argv(args)))
+    print(result.summary_text)
+    return 0 if _succeeded(result) else 1
 
 
 def report_summary(task: luigi.Task) -> str:

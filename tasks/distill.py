@@ -119,7 +119,8 @@ def _trainer_parameters(stage: str):
         num_workers = luigi.IntParameter(
             default=-1, significant=False,
             description="DataLoader worker processes reading the cache (order-preserving); "
-                        "-1: 4 on CUDA, else 0 (a background thread reads ahead).")
+                        "-1: 4 on CUDA, else 0 (a background thread reads ahead when there are "
+                        "more than 2 cores; on 2 cores the step gets both and reads in between).")
         num_threads = luigi.IntParameter(default=0, significant=False,
                                          description="CPU intra-op threads (0: torch default).")
 

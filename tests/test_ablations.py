@@ -10,26 +10,7 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-
-WORDS = "good bad movie plot actor great boring fun story scene long short film music".split()
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_tsv(path, n, seed):
-    import random
-
-    rng = random.Random(seed)
-    lines = ["sentence\tlabel"] + [
-        f"{' '.join(rng.choice(WORDS) for _ in range(rng.randint(3, 9)))}\t{i % 2}" for i in range(n)]
-    path.write_text("\n".join(lines) + "\n")
-
+from tests.test_distill_tasks import one_torch_thread, write_tsv  # noqa: F401  (autouse fixture)
 
 GRID = """
 [variants.no_attention]

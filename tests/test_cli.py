@@ -53,3 +53,16 @@ def test_explain_lines_marks_downstream_of_stale(tmp_path):
     lines = explain_lines(Consumer(path=str(text)))
     assert lines[0].startswith("will run    Source") and "no earlier output" in lines[1]
     assert any("upstream Source will run first" in line for line in lines)
+
+
+def test_run_reports_the_outcome_and_ends_with_luigis_summary(tmp_path, capsys):
+    text = tmp_path / "in.txt"
+    text.write_text("a\n")
+    assert main(["run", "Consumer", "--path", str(text), "--module", "tests.test_stage", "--no-lock"]) == 0
+    out = capsys.readouterr().out.rstrip()
+    assert out.endswith("===== Luigi Execution Summary =====") and "2 ran successfully" in out
+    _clear()
+    # A failing task is a failing command (Luigi's scheduling still "succeeded").
+    assert main(["run", "Consumer", "--path", str(text), "--scale", "3", "--fail-halfway",
+                 "--module", "tests.test_stage", "--no-lock"]) == 1
+    assert "1 failed" in capsys.readouterr().out
