@@ -231,7 +231,25 @@ class _DistillStage(StageTask):
                                                  "resumed_from")})
 
 
-class DistillGeneral(_trainer_parameters("intermediate"), StudentParameters, _DistillStage):
+class _IntermediateStage(StudentParameters, _DistillStage):
+    """The intermediate-loss stages (general distillation, task stage 1): build a student, train."""
+
+    def stage_inputs(self):
+        return self.student_inputs()
+
+    def build(self, out: StageBuild) -> None:
+        from distill.run import distill_from_cache
+
+        strategy, explicit, depth = self.trainer_layer_map(self.cache_task())
+        spec = self.student_spec(depth, _mapped_layers(self.cache_task(), strategy, explicit, depth))
+        with out.timed("distill"):
+            summary = distill_from_cache(self.upstream_dir("cache"), out.path, self.train_config(), spec,
+                                         layer_strategy=strategy, explicit_layers=explicit,
+                                         online=self.online_teacher, originals_only=self.originals_only)
+        self.record(out, summary)
+
+
+class DistillGeneral(_trainer_parameters("intermediate"), _IntermediateStage):
     """General distillation: intermediate losses from a pre-trained encoder on plain text."""
 
     stage_name = "distill_general"
@@ -244,22 +262,8 @@ class DistillGeneral(_trainer_parameters("intermediate"), StudentParameters, _Di
             raise InputError("DistillGeneral cannot start from itself (student_init=general)")
         return required
 
-    def stage_inputs(self):
-        return self.student_inputs()
 
-    def build(self, out: StageBuild) -> None:
-        from distill.run import distill_from_cache
-
-        strategy, explicit, depth = self.trainer_layer_map(self.cache_task())
-        spec = self.student_spec(depth, _mapped_layers(self.cache_task(), strategy, explicit, depth))
-        with out.timed("distill"):
-            summary = distill_from_cache(self.upstream_dir("cache"), out.path, self.train_config(), spec,
-                                         layer_strategy=strategy, explicit_layers=explicit,
-                                         online=self.online_teacher, originals_only=self.originals_only)
-        self.record(out, summary)
-
-
-class DistillIntermediate(_trainer_parameters("intermediate"), StudentParameters, _DistillStage):
+class DistillIntermediate(_trainer_parameters("intermediate"), _IntermediateStage):
     """Stage 1 of task distillation: embedding, attention and hidden-state losses."""
 
     stage_name = "distill_stage1"
@@ -270,20 +274,6 @@ class DistillIntermediate(_trainer_parameters("intermediate"), StudentParameters
         if self.student_init == "general":
             required["general"] = DistillGeneral()
         return required
-
-    def stage_inputs(self):
-        return self.student_inputs()
-
-    def build(self, out: StageBuild) -> None:
-        from distill.run import distill_from_cache
-
-        strategy, explicit, depth = self.trainer_layer_map(self.cache_task())
-        spec = self.student_spec(depth, _mapped_layers(self.cache_task(), strategy, explicit, depth))
-        with out.timed("distill"):
-            summary = distill_from_cache(self.upstream_dir("cache"), out.path, self.train_config(), spec,
-                                         layer_strategy=strategy, explicit_layers=explicit,
-                                         online=self.online_teacher, originals_only=self.originals_only)
-        self.record(out, summary)
 
 
 class DistillPrediction(_trainer_parameters("prediction"), _DistillStage):
