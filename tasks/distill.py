@@ -253,7 +253,7 @@ class DistillGeneral(_trainer_parameters("intermediate"), _IntermediateStage):
     """General distillation: intermediate losses from a pre-trained encoder on plain text."""
 
     stage_name = "distill_general"
-    stage_version = "1"
+    stage_version = "2"   # 2: equal-width projections start as the identity
 
     def requires(self):
         required = {"cache": GeneralTeacherCache()}
@@ -267,7 +267,7 @@ class DistillIntermediate(_trainer_parameters("intermediate"), _IntermediateStag
     """Stage 1 of task distillation: embedding, attention and hidden-state losses."""
 
     stage_name = "distill_stage1"
-    stage_version = "1"
+    stage_version = "2"   # 2: equal-width projections start as the identity
 
     def requires(self):
         required: dict[str, luigi.Task] = {"cache": TeacherCache()}

@@ -123,3 +123,16 @@ def test_projection_modes_and_intermediate_losses():
     assert torch.allclose(losses["attention"], expected_attention)
     assert "attention" not in intermediate_losses(s_hidden, s_scores, t_hidden, t_scores, [(1, 2)],
                                                   mask, shared, "masked", with_attention=False)
+
+
+def test_equal_widths_start_from_the_identity_map():
+    """A teacher-initialised student is already in the teacher's space: no loss from the map."""
+    torch.manual_seed(5)
+    states = torch.randn(2, 3, 8)
+    for mode in ("shared", "per_layer"):
+        same = HiddenProjections(8, 8, [0, 1], mode)
+        assert torch.equal(same(1, states), states)
+        mask = torch.ones(2, 3, dtype=torch.long)
+        assert hidden_loss(same(0, states), states.clone(), mask).item() == 0.0
+    wider = HiddenProjections(8, 16, [0, 1], "shared")
+    assert wider(0, states).shape == (2, 3, 16) and wider.maps["shared"].weight.abs().sum() > 0
