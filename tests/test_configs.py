@@ -1,0 +1,51 @@
+"""The shipped configuration files: every key names a real parameter, and the demo's DAG resolves.
+
+Luigi ignores a configuration key that no parameter reads, so a typo in a profile (``epoch``
+for ``epochs``) would silently run the default; these tests make it an error.
+"""
+from __future__ import annotations
+
+import configparser
+
+import luigi
+import pytest
+
+import tasks  # noqa: F401  - registers every task
+from tests.conftest import PROJECT_ROOT
+
+CONFIG_FILES = [PROJECT_ROOT / "luigi.cfg", *sorted((PROJECT_ROOT / "configs").glob("*.cfg"))]
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_key_is_a_parameter_of_its_section(path):
+    parser = configparser.ConfigParser()
+    parser.read(path)
+    registry = luigi.task_register.Register._get_reg()
+    assert parser.sections()
+    for section in parser.sections():
+        assert section in registry, f"{path.name}: [{section}] is not a task or config class"
+        names = {name for name, _ in registry[section].get_params()}
+        unknown = set(parser.options(section)) - names
+        assert not unknown, f"{path.name}: [{section}] has no parameter(s) {sorted(unknown)}"
+
+
+def test_demo_profile_builds_the_whole_dag_offline(monkeypatch):
+    """configs/demo.cfg + data/demo: the DAG the README's first command runs resolves offline."""
+    from luigi.configuration import LuigiConfigParser
+
+    from tasks.ablations import Ablations
+    from tasks.base import walk_dag
+    from tasks.cli import DEMO_CONFIG, DEMO_DATA, explain_lines
+
+    monkeypatch.setattr(LuigiConfigParser, "_config_paths",
+                        [str(PROJECT_ROOT / "luigi.cfg"), str(DEMO_CONFIG)])
+    monkeypatch.setattr(LuigiConfigParser, "_instance", None)
+    luigi.task_register.Register.clear_instance_cache()
+    monkeypatch.setenv("GLUE_DIR", str(DEMO_DATA))   # what `tinykd demo` passes as glue_dir
+    root = Ablations()
+    families = [t.task_family for t in walk_dag(root)]
+    assert families[-1] == "Ablations"
+    assert {"PrepareData", "WordVectors", "Augment", "FineTuneTeacher", "TeacherCache",
+            "DistillIntermediate", "DistillPrediction"} <= set(families)
+    stages = [line for line in explain_lines(root) if not line.startswith(" ")]
+    assert len(stages) == len(families) and stages[-1].startswith("will run    Ablations")
