@@ -7,9 +7,9 @@ import json
 
 import luigi
 import pytest
-import torch
 
 from pipeline.errors import InputError
+from tests.test_cache import make_teacher
 from tests.test_distill_tasks import one_torch_thread, write_tsv  # noqa: F401  (autouse fixture)
 
 GRID = """
@@ -40,14 +40,7 @@ def configure(tmp_path, monkeypatch, text: str):
 @pytest.fixture
 def configured(tmp_path, monkeypatch, minilm_dir):
     """files -> packaged GloVe augmentation -> tiny 4-layer teacher -> cache (+top map) -> grid."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=96, max_position_embeddings=64, num_labels=2)).save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
+    make_teacher(tmp_path / "teacher", minilm_dir, hidden_size=48)
     write_tsv(tmp_path / "train.tsv", 24, 0)
     write_tsv(tmp_path / "dev.tsv", 10, 1)
     (tmp_path / "grid.toml").write_text(GRID)

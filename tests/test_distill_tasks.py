@@ -9,6 +9,8 @@ import luigi
 import pytest
 import torch
 
+from tests.test_cache import make_teacher
+
 WORDS = "good bad movie plot actor great boring fun story scene long short film music".split()
 
 
@@ -33,15 +35,8 @@ def write_tsv(path, n, seed):
 def configured(tmp_path, monkeypatch, minilm_dir):
     """A luigi.cfg for a tiny SST-2-like task: files -> tiny teacher -> cache -> two stages."""
     from luigi.configuration import LuigiConfigParser
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
-    torch.manual_seed(0)
-    teacher = BertForSequenceClassification(BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=96, max_position_embeddings=64, num_labels=2))
-    teacher.save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
+    make_teacher(tmp_path / "teacher", minilm_dir, hidden_size=48)
     write_tsv(tmp_path / "train.tsv", 32, 0)
     write_tsv(tmp_path / "dev.tsv", 12, 1)
     config = tmp_path / "luigi.cfg"
