@@ -43,21 +43,21 @@ def main() -> int:
         return 1
 
     from tasks.base import StageTask, walk_dag, workdir
-    from tasks.cli import _task_from_argv
+    from tasks.cli import task_from_argv
     from pipeline.stage import load_manifest
     from pipeline.teacher_cache import human_bytes
 
-    root = _task_from_argv(["Ablations", "--PrepareData-glue-dir", glue, *args.luigi_args])
     seconds: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
     manifests = {}
-    for task in walk_dag(root):
-        if isinstance(task, StageTask):
-            manifest = load_manifest(task.output_dir())
-            seconds[task.stage_name] += float(manifest["timings"]["seconds"])
-            count[task.stage_name] += 1
-            manifests.setdefault(task.stage_name, manifest)
-    out_dir = root.output_dir()
+    with task_from_argv(["Ablations", "--PrepareData-glue-dir", glue, *args.luigi_args]) as root:
+        for task in walk_dag(root):
+            if isinstance(task, StageTask):
+                manifest = load_manifest(task.output_dir())
+                seconds[task.stage_name] += float(manifest["timings"]["seconds"])
+                count[task.stage_name] += 1
+                manifests.setdefault(task.stage_name, manifest)
+        out_dir = root.output_dir()
     summary = json.loads((out_dir / "summary.json").read_text())
     task = summary["task"]
     cache = manifests["teacher_cache"]["info"]

@@ -17,11 +17,13 @@ the command line, then ``luigi.cfg`` (Luigi's configuration mechanism), then def
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import luigi
@@ -51,11 +53,19 @@ def _load_project_config(extra: list[str]) -> None:
         luigi.configuration.add_config_path(str(Path(path).resolve()))
 
 
-def _task_from_argv(argv: list[str]) -> luigi.Task:
+@contextlib.contextmanager
+def task_from_argv(argv: list[str]) -> Iterator[luigi.Task]:
+    """The task a Luigi command line names, with the line's ``--Task-param`` values in force.
+
+    Luigi applies command-line values only to tasks instantiated while its parser is the
+    global instance, and ``requires()`` instantiates upstream tasks lazily: walk the DAG
+    inside the ``with`` block, or an upstream task silently falls back to its configured
+    value (``explain Ablations --PrepareData-glue-dir X`` would explain another DAG).
+    """
     import tasks  # noqa: F401  - registers every task class with Luigi
 
     with luigi.cmdline_parser.CmdlineParser.global_instance(argv) as parser:
-        return parser.get_task_obj()
+        yield parser.get_task_obj()
 
 
 class _HoldSummary(logging.Filter):
@@ -126,24 +136,24 @@ def explain_lines(root: luigi.Task) -> list[str]:
 
 
 def cmd_explain(argv: list[str]) -> int:
-    root = _task_from_argv(argv)
     started = time.perf_counter()
-    print("\n".join(explain_lines(root)))
+    with task_from_argv(argv) as root:
+        print("\n".join(explain_lines(root)))
     print(f"(checked in {time.perf_counter() - started:.2f} s; workdir {workdir()})")
     return 0
 
 
-def unreferenced_outputs(roots: list[luigi.Task]) -> list[Path]:
-    """Stage directories under the workdir that no task of the roots' DAGs points to.
+def referenced_outputs(root: luigi.Task) -> set[Path]:
+    """The output directories of every stage in ``root``'s DAG."""
+    return {task.output_dir() for task in walk_dag(root) if isinstance(task, StageTask)}
+
+
+def unreferenced_outputs(referenced: set[Path]) -> list[Path]:
+    """Stage directories under the workdir that are not in ``referenced``.
 
     Partial directories of referenced fingerprints are kept (a resumable stage continues
     from them); partial directories of anything else are garbage.
     """
-    referenced: set[Path] = set()
-    for root in roots:
-        for task in walk_dag(root):
-            if isinstance(task, StageTask):
-                referenced.add(task.output_dir())
     garbage = []
     base = workdir()
     if not base.is_dir():
@@ -173,8 +183,11 @@ def cmd_gc(argv: list[str]) -> int:
     if task_argv and task_argv[0] in ("-h", "--help"):
         print(cmd_gc.__doc__)
         return 0
-    roots = [_task_from_argv(task_argv)] if task_argv else [_task_from_argv([n]) for n in DEFAULT_GC_ROOTS]
-    garbage = unreferenced_outputs(roots)
+    referenced: set[Path] = set()
+    for root_argv in [task_argv] if task_argv else [[name] for name in DEFAULT_GC_ROOTS]:
+        with task_from_argv(root_argv) as root:
+            referenced |= referenced_outputs(root)
+    garbage = unreferenced_outputs(referenced)
     total = 0
     for path in garbage:
         size = directory_bytes(path)
@@ -210,7 +223,8 @@ def cmd_demo(argv: list[str]) -> int:
         args += ["--PrepareData-glue-dir", str(DEMO_DATA)]
     result = _run_luigi(args)
     if _succeeded(result):
-        print(report_summary(_task_from_argv(args)))
+        with task_from_argv(args) as root:
+            print(report_summary(root))
     print(result.summary_text)
     return 0 if _succeeded(result) else 1
 

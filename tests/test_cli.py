@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import luigi
 
-from tasks.cli import explain_lines, main, unreferenced_outputs
+from tasks.cli import explain_lines, main, referenced_outputs, unreferenced_outputs
+from tasks.base import StageTask
 from tests.test_stage import Consumer, Source
 
 
@@ -34,7 +35,7 @@ def test_gc_dry_run_then_delete_keeps_referenced(tmp_path, capsys, isolated_work
         assert luigi.build([Consumer(path=str(text), scale=scale)], local_scheduler=True, log_level="ERROR")
     _clear()
     keep = Consumer(path=str(text), scale=2)
-    garbage = unreferenced_outputs([keep])
+    garbage = unreferenced_outputs(referenced_outputs(keep))
     assert {p.parent.name for p in garbage} == {"test_source", "test_consumer"} and len(garbage) == 2
     assert keep.output_dir() not in garbage
     _clear()
@@ -66,3 +67,32 @@ def test_run_reports_the_outcome_and_ends_with_luigis_summary(tmp_path, capsys):
     assert main(["run", "Consumer", "--path", str(text), "--scale", "3", "--fail-halfway",
                  "--module", "tests.test_stage", "--no-lock"]) == 1
     assert "1 failed" in capsys.readouterr().out
+
+
+class Wrapper(StageTask):
+    """Requires ``Source()`` with no arguments: Source's path and scale come from the command
+    line (``--Source-path``), the way tinykd's stages take their upstream parameters."""
+
+    stage_name = "test_wrapper"
+
+    def requires(self):
+        return {"source": Source()}
+
+    def build(self, out):
+        out.rows["chars"] = len((self.upstream_dir("source") / "lines.txt").read_text())
+
+
+def test_upstream_command_line_parameters_reach_the_whole_dag(tmp_path, capsys):
+    """`--Source-scale 2` applies to the Source that Wrapper requires, in every command."""
+    text = tmp_path / "in.txt"
+    text.write_text("a\n")
+    upstream_args = ["--Source-path", str(text), "--Source-scale", "2"]
+    assert main(["run", "Wrapper", *upstream_args, "--module", "tests.test_cli", "--no-lock"]) == 0
+    capsys.readouterr()
+    _clear()
+    assert main(["explain", "Wrapper", *upstream_args]) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date") == 2 and "will run" not in out, out
+    _clear()
+    assert main(["gc", "Wrapper", *upstream_args]) == 0
+    assert "0 unreferenced output(s)" in capsys.readouterr().out
