@@ -97,7 +97,8 @@ def main() -> int:
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     report = args.out / f"{task}.md"
-    report.write_text("\n".join(lines))
+    # Paths inside the project are written relative to it: the report is committed.
+    report.write_text("\n".join(lines).replace(f"{PROJECT_ROOT}/", ""))
     shutil.copy(out_dir / "ablations.png", args.out / f"{task}-ablations.png")
     print(f"wrote {report}")
     return 0
