@@ -9,8 +9,7 @@ import luigi
 import pytest
 
 from pipeline.errors import InputError
-from tests.test_cache import make_teacher
-from tests.test_distill_tasks import one_torch_thread, write_tsv  # noqa: F401  (autouse fixture)
+from tests.test_distill_tasks import one_torch_thread, tiny_task  # noqa: F401  (autouse fixture)
 
 GRID = """
 [variants.no_attention]
@@ -40,24 +39,12 @@ def configure(tmp_path, monkeypatch, text: str):
 @pytest.fixture
 def configured(tmp_path, monkeypatch, minilm_dir):
     """files -> packaged GloVe augmentation -> tiny 4-layer teacher -> cache (+top map) -> grid."""
-    make_teacher(tmp_path / "teacher", minilm_dir, hidden_size=48)
-    write_tsv(tmp_path / "train.tsv", 24, 0)
-    write_tsv(tmp_path / "dev.tsv", 10, 1)
     (tmp_path / "grid.toml").write_text(GRID)
-    text = f"""
-[PrepareData]
-source = files
-task = SST-2
-train_file = {tmp_path / 'train.tsv'}
-dev_file = {tmp_path / 'dev.tsv'}
-columns = {{"text_a": "sentence", "label": "label"}}
+    text = tiny_task(tmp_path, minilm_dir, train_rows=24, dev_rows=10) + f"""
 [Augment]
 mode = glove
 num_aug = 3
 aug_progress = false
-[FineTuneTeacher]
-teacher = {tmp_path / 'teacher'}
-finetune = never
 [TeacherCache]
 student_layers = 2
 extra_layer_maps = top

@@ -31,25 +31,32 @@ def write_tsv(path, n, seed):
     path.write_text("\n".join(lines) + "\n")
 
 
+def tiny_task(root, minilm_dir, train_rows: int, dev_rows: int) -> str:
+    """A tiny SST-2-like task in ``root`` (TSV files, a tiny random teacher with the real
+    vocabulary); returns the [PrepareData] and [FineTuneTeacher] sections that read it."""
+    make_teacher(root / "teacher", minilm_dir, hidden_size=48)
+    write_tsv(root / "train.tsv", train_rows, 0)
+    write_tsv(root / "dev.tsv", dev_rows, 1)
+    return f"""
+[PrepareData]
+source = files
+task = SST-2
+train_file = {root / 'train.tsv'}
+dev_file = {root / 'dev.tsv'}
+columns = {{"text_a": "sentence", "label": "label"}}
+[FineTuneTeacher]
+teacher = {root / 'teacher'}
+finetune = never
+"""
+
+
 @pytest.fixture
 def configured(tmp_path, monkeypatch, minilm_dir):
     """A luigi.cfg for a tiny SST-2-like task: files -> tiny teacher -> cache -> two stages."""
     from luigi.configuration import LuigiConfigParser
 
-    make_teacher(tmp_path / "teacher", minilm_dir, hidden_size=48)
-    write_tsv(tmp_path / "train.tsv", 32, 0)
-    write_tsv(tmp_path / "dev.tsv", 12, 1)
     config = tmp_path / "luigi.cfg"
-    config.write_text(f"""
-[PrepareData]
-source = files
-task = SST-2
-train_file = {tmp_path / 'train.tsv'}
-dev_file = {tmp_path / 'dev.tsv'}
-columns = {{"text_a": "sentence", "label": "label"}}
-[FineTuneTeacher]
-teacher = {tmp_path / 'teacher'}
-finetune = never
+    config.write_text(tiny_task(tmp_path, minilm_dir, train_rows=32, dev_rows=12) + """
 [TeacherCache]
 examples = train
 student_layers = 2
