@@ -39,7 +39,7 @@ from tasks.base import PROJECT_ROOT, StageTask, walk_dag, workdir
 DEFAULT_GC_ROOTS = ("Ablations",)
 #: The offline demo's configuration profile (read after luigi.cfg).
 DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.cfg"
-#: The demo's GLUE-layout data (written by scripts/make_demo_data.py, committed).
+#: Where ``tinykd demo`` writes its generated GLUE-layout task (pipeline.demo_data; git-ignored).
 DEMO_DATA = PROJECT_ROOT / "data" / "demo"
 
 
@@ -215,11 +215,14 @@ def cmd_inspect(argv: list[str]) -> int:
 def cmd_demo(argv: list[str]) -> int:
     """Run the whole DAG offline on the demo task (configs/demo.cfg) and print its report.
 
-    The demo is the ablation grid over data/demo/SST-2 with the packaged MiniLM teacher and
+    The demo is the ablation grid over data/demo/SST-2 (generated on first use) with the packaged MiniLM teacher and
     GloVe vectors; Luigi's execution summary comes first, then the report and its files.
     """
     args = ["Ablations", *argv]
     if not any(a.startswith("--PrepareData-glue-dir") for a in argv):
+        from pipeline.demo_data import ensure_demo_task
+
+        ensure_demo_task(DEMO_DATA)
         args += ["--PrepareData-glue-dir", str(DEMO_DATA)]
     result = _run_luigi(args)
     if _succeeded(result):

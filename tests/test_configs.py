@@ -29,19 +29,21 @@ def test_every_key_is_a_parameter_of_its_section(path):
         assert not unknown, f"{path.name}: [{section}] has no parameter(s) {sorted(unknown)}"
 
 
-def test_demo_profile_builds_the_whole_dag_offline(monkeypatch):
+def test_demo_profile_builds_the_whole_dag_offline(monkeypatch, tmp_path):
     """configs/demo.cfg + data/demo: the DAG the README's first command runs resolves offline."""
     from luigi.configuration import LuigiConfigParser
 
+    from pipeline.demo_data import write_demo_task
     from tasks.ablations import Ablations
     from tasks.base import walk_dag
-    from tasks.cli import DEMO_CONFIG, DEMO_DATA, explain_lines
+    from tasks.cli import DEMO_CONFIG, explain_lines
 
     monkeypatch.setattr(LuigiConfigParser, "_config_paths",
                         [str(PROJECT_ROOT / "luigi.cfg"), str(DEMO_CONFIG)])
     monkeypatch.setattr(LuigiConfigParser, "_instance", None)
     luigi.task_register.Register.clear_instance_cache()
-    monkeypatch.setenv("GLUE_DIR", str(DEMO_DATA))   # what `tinykd demo` passes as glue_dir
+    write_demo_task(tmp_path)                        # what `tinykd demo` writes into DEMO_DATA
+    monkeypatch.setenv("GLUE_DIR", str(tmp_path))   # and passes as glue_dir
     root = Ablations()
     families = [t.task_family for t in walk_dag(root)]
     assert families[-1] == "Ablations"

@@ -7,8 +7,6 @@ quotes, MNLI's dev_matched.tsv with more columns than its train.tsv).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import luigi
@@ -20,7 +18,6 @@ from pipeline.errors import InputError
 from pipeline.prepare import GLUE_TASKS, prepare, read_split, source_inputs, task_info
 from tasks.prepare import PrepareData
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # --- GLUE fixtures, one per task: (train.tsv text, dev text, expected train rows) -------------
 MNLI_TRAIN_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
@@ -399,17 +396,32 @@ def test_hf_save_to_disk_with_glue_defaults_and_classlabel(tmp_path):
 # --- the demo data set --------------------------------------------------------------------------
 
 def test_demo_data_is_reproducible_and_prepares(tmp_path):
-    subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "make_demo_data.py"),
-                    "--out", str(tmp_path)], check=True, capture_output=True)
+    from pipeline.demo_data import ensure_demo_task, write_demo_task
+
+    first = write_demo_task(tmp_path / "a")
+    second = ensure_demo_task(tmp_path / "b")   # missing: written
     for split in ("train", "dev"):
-        committed = (PROJECT_ROOT / "data" / "demo" / "SST-2" / f"{split}.tsv").read_bytes()
-        assert (tmp_path / "SST-2" / f"{split}.tsv").read_bytes() == committed
+        assert (first / f"{split}.tsv").read_bytes() == (second / f"{split}.tsv").read_bytes()
+    assert sorted(p.name for p in first.iterdir()) == ["dev.tsv", "train.tsv"]  # no temporary left
     out = tmp_path / "out"
-    result = prepare({"kind": "glue", "glue_dir": PROJECT_ROOT / "data" / "demo", "task": "SST-2"}, out)
+    result = prepare({"kind": "glue", "glue_dir": tmp_path / "a", "task": "SST-2"}, out)
     assert result["rows"] == {"train": 600, "dev": 120}
     assert result["info"]["label_counts"] == {"train": [300, 300], "dev": [60, 60]}
     train = set(read_split(out, "train")["text_a"].to_pylist())
     assert not train & set(read_split(out, "dev")["text_a"].to_pylist())
+
+
+def test_an_existing_demo_task_is_left_as_it_is(tmp_path):
+    from pipeline.demo_data import ensure_demo_task
+
+    task_dir = ensure_demo_task(tmp_path)
+    (task_dir / "dev.tsv").write_text("sentence\tlabel\nedited by the user .\t1\n")
+    ensure_demo_task(tmp_path)
+    assert (task_dir / "dev.tsv").read_text().endswith("edited by the user .\t1\n")
+    (task_dir / "train.tsv").unlink()
+    ensure_demo_task(tmp_path)   # a split missing: both rewritten
+    assert len((task_dir / "train.tsv").read_text().splitlines()) == 601
+    assert len((task_dir / "dev.tsv").read_text().splitlines()) == 121
 
 
 # --- the Luigi stage ----------------------------------------------------------------------------

@@ -1,10 +1,13 @@
-"""Write the offline demo task: a small SST-2-like sentiment set in the GLUE layout.
+"""The offline demo task: a small SST-2-like sentiment set in the GLUE layout, generated.
 
-The demo must run without network access and without ../shared, so the project ships its own
-tiny task, ``data/demo/SST-2/{train,dev}.tsv`` (header ``sentence<TAB>label``, 1 = positive).
-Sentences are generated from hand-written word lists and templates, deterministically (a
-fixed seed), lower-cased and with punctuation split off like SST-2's text. They use ordinary
-English words so that GloVe neighbours and MLM predictions during augmentation are meaningful.
+The demo must run without network access and without ../shared, and GLUE files are never
+committed, so the project *writes* its own tiny task: ``<glue_root>/SST-2/{train,dev}.tsv``
+(header ``sentence<TAB>label``, 1 = positive). ``tinykd demo`` writes it into ``data/demo/``
+(git-ignored) the first time it runs. Sentences are generated from hand-written word lists and
+templates, deterministically (a fixed seed: every machine writes the same bytes, so the
+PrepareData fingerprint, which hashes file content, is the same everywhere), lower-cased and
+with punctuation split off like SST-2's text. They use ordinary English words so that GloVe
+neighbours and MLM predictions during augmentation are meaningful.
 
 To make the task learnable but not a bag-of-words lookup, the label often depends on
 structure: negation ("is not good"), contrast where the later clause wins ("... is dull but
@@ -13,15 +16,19 @@ negated negatives ("not a single dull moment"), "far from a masterpiece", "nothi
 about it" and "could not be more charming" (a negation that does not flip). Train and dev hold
 different sentences.
 
-Run from the project root:  python scripts/make_demo_data.py [--out data/demo] [--train 600 --dev 120]
+By hand:  python -m pipeline.demo_data --out DIR [--train 600 --dev 120]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
 from pathlib import Path
 
-SEED = 20201116  # fixed: the committed TSVs must be reproducible byte for byte
+SEED = 20201116  # fixed: every machine must write the same bytes
+#: Sizes of the demo task's splits.
+DEMO_TRAIN, DEMO_DEV = 600, 120
+SPLITS = ("train", "dev")
 
 POSITIVE_ADJECTIVES = [
     "good", "great", "wonderful", "charming", "delightful", "moving", "funny", "clever",
@@ -131,27 +138,47 @@ def generate(count: int, rng: random.Random, exclude: set[str]) -> list[tuple[st
     return rows
 
 
-def write_tsv(path: Path, rows: list[tuple[str, int]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_tsv(path: Path, rows: list[tuple[str, int]]) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as handle:
         handle.write("sentence\tlabel\n")
         for text, label in rows:
             handle.write(f"{text}\t{label}\n")
 
 
+def write_demo_task(glue_root: Path, train: int = DEMO_TRAIN, dev: int = DEMO_DEV) -> Path:
+    """Write ``<glue_root>/SST-2/{train,dev}.tsv``; return the task directory.
+
+    Each file is written under a temporary name and renamed into place, so an interrupted
+    write never leaves a truncated file that a later run would take for the demo set.
+    """
+    rng = random.Random(SEED)
+    rows = {"train": generate(train, rng, set())}
+    rows["dev"] = generate(dev, rng, {text for text, _ in rows["train"]})
+    task_dir = Path(glue_root) / "SST-2"
+    task_dir.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        temporary = task_dir / f".{split}.tsv.tmp"
+        _write_tsv(temporary, rows[split])
+        os.replace(temporary, task_dir / f"{split}.tsv")
+    return task_dir
+
+
+def ensure_demo_task(glue_root: Path) -> Path:
+    """The demo task under ``glue_root``, written first if a split file is missing."""
+    task_dir = Path(glue_root) / "SST-2"
+    if all((task_dir / f"{split}.tsv").is_file() for split in SPLITS):
+        return task_dir
+    return write_demo_task(glue_root)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "demo",
-                        help="GLUE root to write SST-2/{train,dev}.tsv into (default: data/demo)")
-    parser.add_argument("--train", type=int, default=600, help="train sentences")
-    parser.add_argument("--dev", type=int, default=120, help="dev sentences")
+    parser.add_argument("--out", type=Path, required=True, help="GLUE root to write SST-2/{train,dev}.tsv into")
+    parser.add_argument("--train", type=int, default=DEMO_TRAIN, help="train sentences")
+    parser.add_argument("--dev", type=int, default=DEMO_DEV, help="dev sentences")
     args = parser.parse_args()
-    rng = random.Random(SEED)
-    train = generate(args.train, rng, set())
-    dev = generate(args.dev, rng, {text for text, _ in train})
-    write_tsv(args.out / "SST-2" / "train.tsv", train)
-    write_tsv(args.out / "SST-2" / "dev.tsv", dev)
-    print(f"wrote {len(train)} train and {len(dev)} dev sentences to {args.out / 'SST-2'}")
+    task_dir = write_demo_task(args.out, args.train, args.dev)
+    print(f"wrote {args.train} train and {args.dev} dev sentences to {task_dir}")
 
 
 if __name__ == "__main__":
