@@ -2,7 +2,7 @@
 
 The trainer consumes *batch sources*: objects with ``num_examples`` and
 ``batches(batch_size, seed, epoch, start_batch=0)`` yielding the Batch dicts of
-docs/DESIGN.md. The teacher-cache reader (``pipeline.cache_reader``) is the main one; this
+docs/DESIGN.md. The teacher-cache reader (``pipeline.cache.reader``) is the main one; this
 module adds :class:`TokenizedExamples` for text that has no cached teacher outputs (the dev
 split, and the online-teacher mode's tests), with the same contract: the order of an epoch is
 a pure function of (seed, epoch), so a resumed run can restart at any batch.

@@ -3,7 +3,7 @@
 The dev split of the prepare_data stage is tokenised with the teacher's tokenizer and maximum
 length -- the same tokenisation the teacher cache used for the training data -- and held in
 memory; every evaluation runs the student in eval mode and scores its logits with the task's
-GLUE metrics (:mod:`distill.metrics`).
+GLUE metrics (:mod:`pipeline.common.metrics`).
 """
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 
 from distill.data import TokenizedExamples, tokenize_rows
-from distill.metrics import task_metrics
+from pipeline.common.metrics import task_metrics
 from distill.trainer import predict_logits
 
 
 def load_dev(prepared_dir: Path | str, tokenizer, max_seq_length: int, task_type: str,
              limit: int = 0) -> TokenizedExamples:
     """The prepared dev split, tokenised (first ``limit`` rows when > 0)."""
-    from pipeline.prepare import read_split
+    from pipeline.prepare.splits import read_split
 
     table = read_split(prepared_dir, "dev")
     if limit > 0:

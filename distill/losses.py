@@ -13,7 +13,7 @@ Two families (SPEC §3):
 
 Padding. Every tensor arrives padded to the batch's longest example, with the teacher's
 padding positions already zero (that is how the cache reader pads ragged rows, and how
-:func:`pipeline.teacher_outputs.zero_padding` treats live outputs). The attention loss has two
+:func:`pipeline.cache.teacher_outputs.zero_padding` treats live outputs). The attention loss has two
 modes: ``reference`` reproduces the reference implementation's averaging -- scores at padded
 query/key positions (and any score <= -100, the reference's test for its additive mask) are
 zeroed in both student and teacher, then the squared error is averaged over *every* element

@@ -33,7 +33,7 @@ from distill.student import (StudentSpec, build_student, export_student, read_di
                              vocab_sha256)
 from distill.trainer import CachedTeacher, OnlineTeacher, Trainer, TrainConfig, resolve_device
 from pipeline.errors import InputError
-from pipeline.layer_map import cached_layers, layer_map
+from pipeline.cache.layer_map import cached_layers, layer_map
 
 
 def _load_teacher_side(info: dict, cache_dir: Path):
@@ -104,7 +104,7 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
     import torch
 
     from distill.evaluate import Evaluator, load_dev
-    from pipeline.cache_reader import load_cache_info, open_cache
+    from pipeline.cache.reader import load_cache_info, open_cache
 
     cache_dir, out_dir = Path(cache_dir), Path(out_dir)
     started = time.perf_counter()

@@ -133,7 +133,7 @@ def check_compatible(student_config, teacher_config, where=None) -> None:
 def vocab_sha256(tokenizer) -> str:
     """Fingerprint of a tokenizer's vocabulary: the cache writer's own definition, so a
     student's tokenizer and a cache's ``tokenizer_vocab_sha256`` compare like for like."""
-    from pipeline.teacher_cache import tokenizer_vocab_sha256
+    from pipeline.common.tokenize import tokenizer_vocab_sha256
 
     return tokenizer_vocab_sha256(tokenizer)
 

@@ -6,7 +6,7 @@ The loop never sees where the teacher's tensors come from. It draws Batch dicts
 * :class:`CachedTeacher` passes the cache reader's tensors through (task distillation reads
   the Parquet cache only: no teacher forward);
 * :class:`OnlineTeacher` runs the teacher live with
-  :func:`pipeline.teacher_outputs.forward_internals` + ``zero_padding`` -- the very functions
+  :func:`pipeline.cache.teacher_outputs.forward_internals` + ``zero_padding`` -- the very functions
   the cache writer used -- so the parity test of cache against online is one flag.
 
 The student's own internals come from the same ``forward_internals`` (hooks on query/key keep
@@ -39,7 +39,7 @@ import torch
 from distill.data import Batch, Prefetcher, num_batches, to_device
 from distill.losses import (ATTENTION_MODES, PROJECTION_MODES, HiddenProjections, hinton_kd,
                             intermediate_losses, regression_loss, soft_cross_entropy)
-from pipeline.teacher_outputs import forward_internals, zero_padding
+from pipeline.cache.teacher_outputs import forward_internals, zero_padding
 
 LOSS_NAMES = ("embedding", "attention", "hidden", "prediction")
 PREDICTION_LOSSES = ("soft_ce", "kd")
@@ -236,7 +236,7 @@ def _atomic_torch_save(value: Any, path: Path) -> None:
 class Trainer:
     """One distillation run into ``out_dir`` (normally the stage's partial directory).
 
-    ``layer_pairs`` maps student layers 1..M to teacher layers (``pipeline.layer_map``);
+    ``layer_pairs`` maps student layers 1..M to teacher layers (``pipeline.cache.layer_map``);
     ``evaluate`` (optional) is called with the student and returns a metrics dict holding
     ``primary``; ``on_best`` is called with the student when ``primary`` improves.
     """

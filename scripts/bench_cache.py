@@ -53,11 +53,12 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from pipeline.cache_reader import open_cache
-    from pipeline.teacher import default_teacher_dir
-    from pipeline.teacher_cache import (CacheSpec, assemble_cache, length_sorted_batches, pad_batch,
-                                        resolve_device, tokenize_examples, write_cache_shard,
-                                        naive_bytes_per_example, _normalise_examples)
+    from pipeline.cache.reader import open_cache
+    from pipeline.teacher.finetune import default_teacher_dir
+    from pipeline.cache.writer import (CacheSpec, assemble_cache, write_cache_shard, naive_bytes_per_example)
+    from pipeline.common.device import resolve_device
+    from pipeline.common.examples import normalise_examples
+    from pipeline.common.tokenize import length_sorted_batches, pad_batch, tokenize_examples
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     tokenizer = AutoTokenizer.from_pretrained(default_teacher_dir())
@@ -68,7 +69,7 @@ def main() -> None:
     model.to(device)
     texts = sst2_sentences(args.examples)
     n = len(texts)
-    examples = _normalise_examples(pa.table({"id": [f"train-{i}" for i in range(n)], "text_a": texts,
+    examples = normalise_examples(pa.table({"id": [f"train-{i}" for i in range(n)], "text_a": texts,
                                              "label": [0] * n}), Path("sst2"))
     spec = CacheSpec([0, 3, 6, 9, 12], [3, 6, 9, 12], "float16", 128)
     work = Path(tempfile.mkdtemp(prefix="bench-cache-"))

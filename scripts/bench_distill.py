@@ -89,9 +89,9 @@ def main() -> None:
     from distill.run import distill_from_cache
     from distill.student import StudentSpec
     from distill.trainer import recipe, resolve_device
-    from pipeline.layer_map import cached_layers, layer_map
-    from pipeline.teacher import default_teacher_dir
-    from pipeline.teacher_cache import CacheSpec, build_cache
+    from pipeline.cache.layer_map import cached_layers, layer_map
+    from pipeline.teacher.finetune import default_teacher_dir
+    from pipeline.cache.writer import CacheSpec, build_cache
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-distill-"))
     work.mkdir(parents=True, exist_ok=True)

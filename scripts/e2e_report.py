@@ -45,7 +45,7 @@ def main() -> int:
     from tasks.base import StageTask, walk_dag, workdir
     from tasks.cli import task_from_argv
     from pipeline.stage import load_manifest
-    from pipeline.teacher_cache import human_bytes
+    from pipeline.cache.writer import human_bytes
 
     seconds: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)

@@ -2,7 +2,7 @@
 
 An ablation asks what one part of the recipe buys: the same student distilled without the
 attention loss, without augmentation, with another layer map... Every variant of the grid
-(``ablations.toml``, parsed by :mod:`pipeline.ablation_report`) is a ``DistillPrediction``
+(``ablations.toml``, parsed by :mod:`pipeline.ablations.report`) is a ``DistillPrediction``
 task whose parameters, and whose ``stage1`` parameters, differ from the configured recipe.
 They all require the *same* ``TeacherCache()``, ``FineTuneTeacher()`` and ``PrepareData()``,
 so Luigi finds those complete and only trainer stages run; the ``full`` variant is exactly
@@ -56,7 +56,7 @@ class Ablations(StageTask):
 
     def grid_variants(self):
         """The grid's variants, ``full`` first, restricted to ``variants`` when given."""
-        from pipeline.ablation_report import REFERENCE_VARIANT, load_grid
+        from pipeline.ablations.report import REFERENCE_VARIANT, load_grid
 
         variants = load_grid(self.grid_path())
         if self.variants:
@@ -88,7 +88,7 @@ class Ablations(StageTask):
         return {"grid": self.grid_path()}
 
     def build(self, out: StageBuild) -> None:
-        from pipeline.ablation_report import write_report
+        from pipeline.ablations.report import write_report
 
         descriptions = {v.name: v.describe() for v in self.grid_variants()}
         results = [_variant_result(name, task, descriptions[name])
@@ -131,7 +131,7 @@ class Ablations(StageTask):
 
 def _variant_result(name: str, task: DistillPrediction, settings: str):
     """A variant's best dev metrics and training time, from its two stage outputs."""
-    from pipeline.ablation_report import VariantResult
+    from pipeline.ablations.report import VariantResult
 
     stage2 = load_manifest(task.output_dir())
     stage1 = load_manifest(task.requires()["stage1"].output_dir())

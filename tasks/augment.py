@@ -7,7 +7,7 @@ task corpus, the prepared data's fingerprint and the training parameters -- so t
 GloVe converted for SST-2 is the same output for MRPC.
 
 ``Augment`` (``<workdir>/augment/<fingerprint>/``) augments the prepared train split with
-TinyBERT's MLM + GloVe word replacement (:mod:`pipeline.augment`). It is resumable: a killed
+TinyBERT's MLM + GloVe word replacement (:mod:`pipeline.augment.augmenter`). It is resumable: a killed
 run keeps its finished shards and the next run continues after them.
 
 Like every stage of the DAG, upstream tasks are built without arguments (``PrepareData()``,
@@ -91,13 +91,13 @@ class WordVectors(StageTask):
                 raise InputError("word-vector file not found", path)
             return {"vectors": path}
         if self.vectors_source == "packaged":
-            from pipeline.wordvectors import packaged_glove_dir
+            from pipeline.augment.word_vectors import packaged_glove_dir
 
             return {"packaged": packaged_glove_dir()}
         return {}
 
     def build(self, out: StageBuild) -> None:
-        from pipeline.wordvectors import convert_source
+        from pipeline.augment.word_vectors import convert_source
 
         corpus = None
         options = None
@@ -119,8 +119,8 @@ class WordVectors(StageTask):
 
 def _train_corpus(data_dir: Path) -> list[list[str]]:
     """The prepared train split's sentences (both sides), split like augmentation splits them."""
-    from pipeline.augment import basic_tokenizer
-    from pipeline.prepare import read_split
+    from pipeline.augment.augmenter import basic_tokenizer
+    from pipeline.prepare.splits import read_split
 
     table = read_split(data_dir, "train")
     splitter = basic_tokenizer(do_lower_case=True)
@@ -197,9 +197,8 @@ class Augment(StageTask):
         return {"mlm_model": local} if local is not None and self.mode != "glove" else {}
 
     def build(self, out: StageBuild) -> None:
-        from pipeline.augment import (AugmentConfig, AugmentResources, augment_split,
-                                      default_num_aug)
-        from pipeline.prepare import read_split, task_info
+        from pipeline.augment.augmenter import (AugmentConfig, AugmentResources, augment_split, default_num_aug)
+        from pipeline.prepare.splits import read_split, task_info
 
         data_dir = self.upstream_dir("data")
         task = task_info(data_dir).get("task")

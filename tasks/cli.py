@@ -39,7 +39,7 @@ from tasks.base import PROJECT_ROOT, StageTask, walk_dag, workdir
 DEFAULT_GC_ROOTS = ("Ablations",)
 #: The offline demo's configuration profile (read after luigi.cfg).
 DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.cfg"
-#: Where ``tinykd demo`` writes its generated GLUE-layout task (pipeline.demo_data; git-ignored).
+#: Where ``tinykd demo`` writes its generated GLUE-layout task (pipeline.prepare.demo_task; git-ignored).
 DEMO_DATA = PROJECT_ROOT / "data" / "demo"
 
 
@@ -205,7 +205,7 @@ def cmd_inspect(argv: list[str]) -> int:
     parser.add_argument("cache_dir", type=Path)
     parser.add_argument("--verify", action="store_true", help="re-checksum and re-read every shard")
     args = parser.parse_args(argv)
-    from pipeline.inspect_cache import inspect_cache
+    from pipeline.cache.inspect_cache import inspect_cache
 
     report, ok = inspect_cache(args.cache_dir, verify=args.verify)
     print(report)
@@ -220,7 +220,7 @@ def cmd_demo(argv: list[str]) -> int:
     """
     args = ["Ablations", *argv]
     if not any(a.startswith("--PrepareData-glue-dir") for a in argv):
-        from pipeline.demo_data import ensure_demo_task
+        from pipeline.prepare.demo_task import ensure_demo_task
 
         ensure_demo_task(DEMO_DATA)
         args += ["--PrepareData-glue-dir", str(DEMO_DATA)]

@@ -164,7 +164,7 @@ class StudentParameters:
                     "not significant).")
     layer_map = luigi.ChoiceParameter(
         default="", choices=["", "uniform", "top", "bottom", "explicit"], significant=True,
-        description="Which teacher layer each student layer learns from (pipeline.layer_map); "
+        description="Which teacher layer each student layer learns from (pipeline.cache.layer_map); "
                     "empty: the cache's own map. Another map needs its layers in the cache "
                     "(TeacherCache.extra_layer_maps).")
     explicit_layers = luigi.Parameter(
@@ -173,7 +173,7 @@ class StudentParameters:
 
     def trainer_layer_map(self, cache_task: "TeacherCache") -> tuple[str, list[int], int]:
         """(strategy, explicit layers, student depth): this stage's map, else the cache's."""
-        from pipeline.layer_map import parse_layer_list
+        from pipeline.cache.layer_map import parse_layer_list
 
         if not self.layer_map:
             return _layer_map_of(cache_task)
@@ -201,14 +201,14 @@ class StudentParameters:
 
 
 def _layer_map_of(cache_task: TeacherCache) -> tuple[str, list[int], int]:
-    from pipeline.layer_map import parse_layer_list
+    from pipeline.cache.layer_map import parse_layer_list
 
     return (cache_task.layer_map, parse_layer_list(cache_task.explicit_layers), cache_task.student_layers)
 
 
 def _mapped_layers(cache_task: TeacherCache, strategy: str, explicit: list[int], depth: int) -> list[int]:
     """Teacher layer of each student layer 1..depth (teacher depth from its config.json)."""
-    from pipeline.layer_map import layer_map
+    from pipeline.cache.layer_map import layer_map
 
     return layer_map(cache_task.teacher_num_layers(), depth, strategy, explicit or None)
 

@@ -2,7 +2,7 @@
 
 The stage reads a task's raw train and dev data (a GLUE directory, a Hugging Face dataset, or
 CSV/TSV/JSONL/Parquet files), validates every row and writes ``train.parquet`` and
-``dev.parquet`` in the normalised layout of :mod:`pipeline.prepare`.
+``dev.parquet`` in the normalised layout of :mod:`pipeline.prepare.splits`.
 
 Identity: local paths (``glue_dir``, ``hf_dir``, ``train_file``, ``dev_file``) are *not*
 significant parameters; the files they point to are declared in :meth:`stage_inputs` and
@@ -116,7 +116,7 @@ class PrepareData(StageTask):
         description="Seed of the train/dev sampling (max_*_examples).")
 
     def source_spec(self) -> dict[str, Any]:
-        """The parameters as the source mapping :func:`pipeline.prepare.prepare` takes."""
+        """The parameters as the source mapping :func:`pipeline.prepare.splits.prepare` takes."""
         if self.source == "glue":
             import os
 
@@ -137,12 +137,12 @@ class PrepareData(StageTask):
                 "format": self.file_format, **common}
 
     def stage_inputs(self) -> dict[str, str | Path]:
-        from pipeline.prepare import source_inputs
+        from pipeline.prepare.splits import source_inputs
 
         return source_inputs(self.source_spec())
 
     def build(self, out: StageBuild) -> None:
-        from pipeline.prepare import prepare
+        from pipeline.prepare.splits import prepare
 
         with out.timed("prepare"):
             result = prepare(self.source_spec(), out.path, skip_bad_rows=self.skip_bad_rows,

@@ -1,7 +1,7 @@
 """Luigi wiring of the teacher stages: fine-tune, cache shards, and the assembled cache.
 
 * ``FineTuneTeacher`` (stage ``teacher``): the task's teacher as a saved sequence classifier,
-  fine-tuned from ``teacher`` when its head is untrained (:mod:`pipeline.teacher`).
+  fine-tuned from ``teacher`` when its head is untrained (:mod:`pipeline.teacher.finetune`).
 * ``TeacherCacheShard`` (stage ``teacher_cache_shard``): examples
   ``[i·shard_size, (i+1)·shard_size)`` of the source, run through the teacher once.
 * ``TeacherCache`` (stage ``teacher_cache``): requires every shard and writes a self-contained
@@ -75,7 +75,7 @@ class FineTuneTeacher(StageTask):
     def teacher_source(self) -> str:
         if self.teacher:
             return str(Path(self.teacher).expanduser().resolve()) if _local(self.teacher) else self.teacher
-        from pipeline.teacher import default_teacher_dir
+        from pipeline.teacher.finetune import default_teacher_dir
 
         return str(default_teacher_dir())
 
@@ -96,8 +96,8 @@ class FineTuneTeacher(StageTask):
         return self.output_dir() / "model"
 
     def build(self, out: StageBuild) -> None:
-        from pipeline.prepare import task_info
-        from pipeline.teacher import prepare_teacher
+        from pipeline.prepare.splits import task_info
+        from pipeline.teacher.finetune import prepare_teacher
 
         data = self.upstream_dir("data")
         with out.timed("teacher"):
@@ -133,7 +133,7 @@ class TeacherCacheParams(luigi.Task):
         default=4, significant=True, description="Student depth M: the layer map picks M teacher layers.")
     layer_map = luigi.ChoiceParameter(
         default="uniform", choices=["uniform", "top", "bottom", "explicit"], significant=True,
-        description="TinyBERT layer-map strategy (pipeline.layer_map).")
+        description="TinyBERT layer-map strategy (pipeline.cache.layer_map).")
     explicit_layers = luigi.Parameter(
         default="", significant=True, description="layer_map=explicit: teacher layers, e.g. '3,6,9,12'.")
     extra_layer_maps = luigi.Parameter(
@@ -197,7 +197,7 @@ class TeacherCacheParams(luigi.Task):
             return str(FineTuneTeacher().model_dir())
         if self.teacher:
             return str(Path(self.teacher).expanduser().resolve()) if _local(self.teacher) else self.teacher
-        from pipeline.teacher import default_teacher_dir
+        from pipeline.teacher.finetune import default_teacher_dir
 
         return str(default_teacher_dir())
 
@@ -226,8 +226,8 @@ class TeacherCacheParams(luigi.Task):
 
     def cache_spec(self):
         """The layers to cache: explicit lists, else the layer map over the teacher's depth."""
-        from pipeline.layer_map import cached_layers, layer_map, parse_layer_list
-        from pipeline.teacher_cache import CacheSpec
+        from pipeline.cache.layer_map import cached_layers, layer_map, parse_layer_list
+        from pipeline.cache.writer import CacheSpec
 
         hidden = parse_layer_list(self.hidden_layers)
         attention = parse_layer_list(self.attention_layers)
@@ -259,13 +259,13 @@ class TeacherCacheParams(luigi.Task):
     def task_info(self) -> dict:
         if self.examples == "corpus":
             return {}
-        from pipeline.prepare import task_info
+        from pipeline.prepare.splits import task_info
 
         return task_info(self.upstream_requirements()["data"].output_dir())
 
     def num_examples(self) -> int | None:
         """Examples in the source from Parquet footers, or None while the source is not built."""
-        from pipeline.teacher_cache import count_examples
+        from pipeline.common.examples import count_examples
 
         try:
             if self.examples != "corpus" and not self.upstream_requirements()[
@@ -306,7 +306,7 @@ class TeacherCacheShard(TeacherCacheParams, StageTask):
     def build(self, out: StageBuild) -> None:
         import os
 
-        from pipeline.teacher_cache import shard_ranges, write_shard_output
+        from pipeline.cache.writer import shard_ranges, write_shard_output
 
         total = self.num_examples() or 0
         ranges = shard_ranges(total, self.shard_size)
@@ -369,7 +369,7 @@ class TeacherCache(TeacherCacheParams, StageTask):
         super().run()
 
     def build(self, out: StageBuild) -> None:
-        from pipeline.teacher_cache import assemble_cache
+        from pipeline.cache.writer import assemble_cache
 
         shards = getattr(self, "_shards", None) or self.shard_tasks(self.num_examples() or 0)
         with out.timed("assemble"):

@@ -5,7 +5,7 @@ import csv
 
 import pytest
 
-from pipeline.ablation_report import REFERENCE_VARIANT, Variant, VariantResult, load_grid, write_report
+from pipeline.ablations.report import (REFERENCE_VARIANT, Variant, VariantResult, load_grid, write_report)
 from pipeline.errors import InputError
 from tests.conftest import PROJECT_ROOT
 

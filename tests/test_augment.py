@@ -7,11 +7,10 @@ import luigi
 import pyarrow as pa
 import pytest
 
-from pipeline.augment import (AugmentConfig, AugmentResources, Augmenter, augment_split,
-                              build_augmenter, default_num_aug, read_augmented)
+from pipeline.augment.augmenter import (AugmentConfig, AugmentResources, Augmenter, augment_split, build_augmenter, default_num_aug, read_augmented)
 from pipeline.errors import InputError
 from pipeline.stage import load_manifest
-from pipeline.wordvectors import convert_source
+from pipeline.augment.word_vectors import convert_source
 
 SENTENCES = [
     "it 's a charming and often affecting journey .",
@@ -144,7 +143,7 @@ def test_sentence_pair_sides_are_augmented_separately(tmp_path, glove_dir):
 
 
 def test_checkpoint_without_trained_mlm_head_is_refused(minilm_dir):
-    from pipeline.mlm_candidates import load_masked_lm
+    from pipeline.augment.mlm_candidates import load_masked_lm
 
     with pytest.raises(InputError, match=r"no trained masked-LM head.*cls\.predictions"):
         load_masked_lm(str(minilm_dir))
@@ -248,7 +247,7 @@ def test_luigi_glove_trained_on_sst2_is_a_working_source(shared_glue):
 def test_repeated_sentences_are_forwarded_once(tiny_mlm_dir):
     from transformers import AutoTokenizer, BertForMaskedLM
 
-    from pipeline.mlm_candidates import MaskedLMCandidates
+    from pipeline.augment.mlm_candidates import MaskedLMCandidates
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_mlm_dir)
     mlm = MaskedLMCandidates(BertForMaskedLM.from_pretrained(tiny_mlm_dir).eval(), tokenizer)

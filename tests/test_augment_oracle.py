@@ -4,7 +4,7 @@ The oracle below is written from SPEC section 2 and the reference's behaviour: i
 the sentence for every word, finds the word's pieces by counting word-initial pieces, runs one
 MLM forward at batch size 1 per position (no padding, no attention mask), argsorts the GloVe
 similarities of each word on its own, and samples with plain Python loops. It shares nothing
-with :mod:`pipeline.augment` except the stop-word file and the per-example seed derivation
+with :mod:`pipeline.augment.augmenter` except the stop-word file and the per-example seed derivation
 (``example_rng``, which defines our determinism rather than the algorithm).
 
 The MLM comparison runs the model in float64 on both sides: the batched path pads and groups
@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.augment import (AugmentConfig, Augmenter, NEVER_SPLIT, example_rng,
-                              load_stopwords)
-from pipeline.mlm_candidates import MaskedLMCandidates
-from pipeline.wordvectors import WordVectors, convert_source
+from pipeline.augment.augmenter import (AugmentConfig, Augmenter, NEVER_SPLIT, example_rng, load_stopwords)
+from pipeline.augment.mlm_candidates import MaskedLMCandidates
+from pipeline.augment.word_vectors import WordVectors, convert_source
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "SST-2" / "train.tsv"
 WRITTEN = [

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.cache_reader import open_cache
+from pipeline.cache.reader import open_cache
 from pipeline.errors import InputError
-from pipeline.teacher_cache import (CacheSpec, build_cache, count_examples, read_example_range,
-                                    shard_ranges, write_shard_output)
-from pipeline.teacher_outputs import forward_internals, zero_padding
+from pipeline.cache.writer import CacheSpec, build_cache, shard_ranges, write_shard_output
+from pipeline.common.examples import count_examples, read_example_range
+from pipeline.cache.teacher_outputs import forward_internals, zero_padding
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -305,7 +305,7 @@ def test_reader_refuses_a_cache_that_does_not_fit_the_request(cache_dir):
 
 
 def test_corrupt_or_truncated_shards_are_refused_with_the_file_named(cache_dir):
-    from pipeline.inspect_cache import inspect_cache
+    from pipeline.cache.inspect_cache import inspect_cache
 
     assert open_cache(cache_dir).verify() == []
     shard = sorted((cache_dir / "shards").glob("part-*.parquet"))[1]
@@ -333,7 +333,7 @@ def test_corrupt_or_truncated_shards_are_refused_with_the_file_named(cache_dir):
 
 
 def test_inspect_summarises_the_cache(cache_dir):
-    from pipeline.inspect_cache import inspect_cache, summarise
+    from pipeline.cache.inspect_cache import inspect_cache, summarise
 
     report, ok = inspect_cache(cache_dir, verify=True)
     assert ok, report
@@ -369,7 +369,7 @@ def test_full_disk_mid_shard_is_one_clear_error_and_leaves_nothing(teacher_dir, 
         import resource, signal, sys
         sys.path.insert(0, {str(PROJECT_ROOT)!r})
         from pipeline.stage import StageKey, build_stage
-        from pipeline.teacher_cache import CacheSpec, write_shard_output
+        from pipeline.cache.writer import CacheSpec, write_shard_output
         key = StageKey("teacher_cache_shard", "1", {{"shard_index": 0}})
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write (EFBIG), not the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
@@ -388,7 +388,7 @@ def test_full_disk_mid_shard_is_one_clear_error_and_leaves_nothing(teacher_dir, 
 def _synthetic_cache(directory: Path, rows: int, hidden: int = 64, heads: int = 4) -> Path:
     """A cache of random values written by the real writer classes (no model needed)."""
     from pipeline.stage import sha256_file
-    from pipeline.teacher_cache import RowGroupBuffer, cache_schema
+    from pipeline.cache.writer import RowGroupBuffer, cache_schema
 
     spec = CacheSpec([0, 1], [1], "float16", 64)
     schema = cache_schema(spec, pa.int64())

@@ -33,7 +33,7 @@ def test_demo_profile_builds_the_whole_dag_offline(monkeypatch, tmp_path):
     """configs/demo.cfg + data/demo: the DAG the README's first command runs resolves offline."""
     from luigi.configuration import LuigiConfigParser
 
-    from pipeline.demo_data import write_demo_task
+    from pipeline.prepare.demo_task import write_demo_task
     from tasks.ablations import Ablations
     from tasks.base import walk_dag
     from tasks.cli import DEMO_CONFIG, explain_lines

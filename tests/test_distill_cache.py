@@ -15,8 +15,8 @@ from distill.run import distill_from_cache
 from distill.student import StudentSpec
 from distill.trainer import recipe
 from pipeline.errors import InputError
-from pipeline.layer_map import cached_layers, layer_map
-from pipeline.teacher_cache import CacheSpec, build_cache
+from pipeline.cache.layer_map import cached_layers, layer_map
+from pipeline.cache.writer import CacheSpec, build_cache
 
 WORDS = "good bad movie plot actor great boring fun story scene long short film music".split()
 SCHEMA = pa.schema([("id", pa.string()), ("text_a", pa.string()), ("text_b", pa.string()),

@@ -10,8 +10,8 @@ import torch
 from distill.data import TokenizedExamples, collate, tokenize_rows
 from distill.student import StudentSpec, build_student, export_student
 from distill.trainer import NonFiniteLoss, OnlineTeacher, CachedTeacher, Trainer, recipe
-from pipeline.layer_map import cached_layers, layer_map
-from pipeline.teacher_outputs import forward_internals
+from pipeline.cache.layer_map import cached_layers, layer_map
+from pipeline.cache.teacher_outputs import forward_internals
 
 WORDS = "good bad movie plot actor great boring fun story scene long short film music".split()
 
@@ -240,7 +240,7 @@ sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
 from test_distill_trainer import make_rows, make_student
 from distill.data import TokenizedExamples, tokenize_rows
 from distill.trainer import OnlineTeacher, Trainer, recipe
-from pipeline.layer_map import cached_layers, layer_map
+from pipeline.cache.layer_map import cached_layers, layer_map
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 class KillingTeacher(OnlineTeacher):

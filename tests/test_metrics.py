@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distill.metrics import (accuracy, f1_binary, matthews_corrcoef, pearson, spearman,
-                             task_metrics)
+from pipeline.common.metrics import (accuracy, f1_binary, matthews_corrcoef, pearson, spearman, task_metrics)
 
 
 def test_accuracy_and_f1_by_hand():

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.prepare import GLUE_TASKS, prepare, read_split, source_inputs, task_info
+from pipeline.prepare.splits import GLUE_TASKS, prepare, read_split, source_inputs, task_info
 from tasks.prepare import PrepareData
 
 
@@ -396,7 +396,7 @@ def test_hf_save_to_disk_with_glue_defaults_and_classlabel(tmp_path):
 # --- the demo data set --------------------------------------------------------------------------
 
 def test_demo_data_is_reproducible_and_prepares(tmp_path):
-    from pipeline.demo_data import ensure_demo_task, write_demo_task
+    from pipeline.prepare.demo_task import ensure_demo_task, write_demo_task
 
     first = write_demo_task(tmp_path / "a")
     second = ensure_demo_task(tmp_path / "b")   # missing: written
@@ -412,7 +412,7 @@ def test_demo_data_is_reproducible_and_prepares(tmp_path):
 
 
 def test_an_existing_demo_task_is_left_as_it_is(tmp_path):
-    from pipeline.demo_data import ensure_demo_task
+    from pipeline.prepare.demo_task import ensure_demo_task
 
     task_dir = ensure_demo_task(tmp_path)
     (task_dir / "dev.tsv").write_text("sentence\tlabel\nedited by the user .\t1\n")
@@ -511,7 +511,7 @@ def test_stage_with_missing_data_fails_before_running(tmp_path, isolated_workdir
 
 
 def test_skipped_rows_list_is_capped_but_counted(tmp_path):
-    from pipeline.prepare import MAX_REPORTED_PROBLEMS
+    from pipeline.prepare.splits import MAX_REPORTED_PROBLEMS
 
     bad = "".join(f"row {i}\t3\n" for i in range(MAX_REPORTED_PROBLEMS + 5))
     root = write_glue(tmp_path, "SST-2", "sentence\tlabel\nkeep me\t1\n" + bad)
@@ -536,7 +536,7 @@ def test_skipped_rows_list_is_capped_but_counted(tmp_path):
     (["0", "1"], " 1", None),      # labels are exact
 ])
 def test_label_matching_rules(names, value, expected):
-    from pipeline.prepare import TaskSpec
+    from pipeline.prepare.splits import TaskSpec
 
     label, problem = TaskSpec("t", "classification", False, tuple(names)).label_value(value)
     assert label == expected

@@ -13,7 +13,7 @@ import luigi
 import pytest
 from luigi.task_register import Register
 
-from pipeline.prepare import read_split, task_info
+from pipeline.prepare.splits import read_split, task_info
 from tasks.prepare import PrepareData
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]
@@ -22,7 +22,7 @@ EXPECTED_ROWS = {"SST-2": {"train": 67349, "dev": 872}, "MRPC": {"train": 3668, 
 
 
 def raw_rows(path):
-    """The raw file as lists of fields, read independently of pipeline.prepare."""
+    """The raw file as lists of fields, read independently of pipeline.prepare.splits."""
     with open(path, encoding="utf-8-sig", newline="") as handle:
         return list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
 

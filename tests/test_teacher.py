@@ -10,8 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.teacher import (check_label_mapping, load_sequence_classifier, prepare_teacher,
-                              warn_if_untrained_head)
+from pipeline.teacher.finetune import (check_label_mapping, load_sequence_classifier, prepare_teacher, warn_if_untrained_head)
 from tests.test_cache import make_teacher
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +86,7 @@ def test_never_finetune_saves_the_head_as_untrained(minilm_dir, tmp_path):
 def test_corpus_mode_caches_a_bare_encoder_without_logits(minilm_dir, tmp_path, isolated_workdir):
     import luigi
 
-    from pipeline.cache_reader import open_cache
+    from pipeline.cache.reader import open_cache
     from tasks.teacher import TeacherCache
 
     encoder = make_teacher(tmp_path / "encoder", minilm_dir, bare=True, layers=4)

@@ -81,7 +81,7 @@ def test_local_workers_build_every_shard_then_the_cache(glue_dir, classifier_dir
         assert info["hidden_layers"] == [0, 2, 4] and info["attention_layers"] == [2, 4]  # 4 -> 2 uniform
         teacher_info = load_manifest(tasks.teacher.FineTuneTeacher().output_dir())["info"]
         assert teacher_info["skipped_finetune"] is True and "accuracy" in teacher_info["dev"]
-        from pipeline.cache_reader import open_cache
+        from pipeline.cache.reader import open_cache
 
         reader = open_cache(task.output_dir())
         assert reader.num_examples == 36 and reader.verify() == []

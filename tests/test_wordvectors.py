@@ -11,8 +11,7 @@ import pytest
 
 from pipeline.errors import InputError
 from pipeline.stage import load_manifest
-from pipeline.wordvectors import (VECTORS_FILE, VOCAB_FILE, WordVectors, convert_source,
-                                  train_glove)
+from pipeline.augment.word_vectors import (VECTORS_FILE, VOCAB_FILE, WordVectors, convert_source, train_glove)
 
 RNG = np.random.default_rng(0)
 WORDS = ["the", "cat", "dog", "movie", "film", "good", "great", "bad", "café", "awful"]

@@ -46,13 +46,12 @@ shards, plenty for any number of workers.
 source order. The teacher runs in eval mode under ``torch.inference_mode()``, optionally under
 CUDA autocast. Padding changes nothing but floating-point noise: the padded keys are masked
 in the softmax and the scores are read from the query/key projections
-(:mod:`pipeline.teacher_outputs`, no patched transformers).
+(:mod:`pipeline.cache.teacher_outputs`, no patched transformers).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +61,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.common.device import resolve_device
+from pipeline.common.examples import count_examples, read_example_range
+from pipeline.common.tokenize import (check_tokenizer_matches_teacher, length_sorted_batches, pad_batch,
+                                      tokenize_examples, tokenizer_vocab_sha256)
 from pipeline.errors import InputError
 
 #: Storage dtypes: name -> (torch dtype name, Arrow value type). bfloat16 is stored as raw bits.
@@ -88,45 +91,8 @@ def attention_column(layer: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Example sources and the deterministic shard assignment
+# The deterministic shard assignment (example sources: pipeline.common.examples)
 # --------------------------------------------------------------------------------------------
-
-def source_files(source: Path | str) -> list[Path]:
-    """The files of an example source: a Parquet file, a directory of ``part-*.parquet``
-    (optionally under ``shards/``, as the augmentation stage writes them), or a text corpus."""
-    source = Path(source)
-    if source.is_file():
-        return [source]
-    if source.is_dir():
-        for folder in (source / "shards", source):
-            parts = sorted(folder.glob("part-*.parquet"))
-            if parts:
-                return parts
-    raise InputError("no examples found (expected a .parquet/.txt file or a directory of "
-                     "part-*.parquet shards)", source)
-
-
-def _is_text(path: Path) -> bool:
-    return path.suffix in (".txt", ".text")
-
-
-def count_examples(source: Path | str) -> int:
-    """Number of examples in ``source``, from Parquet footers only (cheap: no data read).
-
-    A text corpus counts its non-empty lines.
-    """
-    total = 0
-    for file in source_files(source):
-        if _is_text(file):
-            with open(file, encoding="utf-8") as handle:
-                total += sum(1 for line in handle if line.strip())
-        else:
-            try:
-                total += pq.read_metadata(file).num_rows
-            except (OSError, pa.ArrowException) as exc:
-                raise InputError(f"not a readable Parquet file ({exc})", file) from None
-    return total
-
 
 def shard_ranges(num_examples: int, shard_size: int) -> list[tuple[int, int]]:
     """Example i goes to shard i // shard_size: contiguous ``[start, stop)`` ranges."""
@@ -136,91 +102,9 @@ def shard_ranges(num_examples: int, shard_size: int) -> list[tuple[int, int]]:
             for start in range(0, num_examples, shard_size)]
 
 
-def read_example_range(source: Path | str, start: int, stop: int) -> pa.Table:
-    """Examples ``[start, stop)`` of ``source`` in source order, as a table with
-    ``id, orig_id, aug_index, text_a, text_b, label`` (``orig_id`` = ``id``, ``aug_index`` = 0
-    and ``label`` null where the source has none: unaugmented data, a plain-text corpus)."""
-    pieces = []
-    offset = 0
-    for file in source_files(source):
-        if _is_text(file):
-            table, rows = _read_text_range(file, start - offset, stop - offset, offset)
-        else:
-            rows = pq.read_metadata(file).num_rows
-            lo, hi = max(start - offset, 0), min(stop - offset, rows)
-            table = _normalise_examples(pq.read_table(file).slice(lo, hi - lo), file) if lo < hi else None
-        if table is not None and table.num_rows:
-            pieces.append(table)
-        offset += rows
-        if offset >= stop:
-            break
-    if not pieces:
-        return _normalise_examples(pa.table({"text_a": pa.array([], pa.string())}), Path(source))
-    return pa.concat_tables(pieces, promote_options="permissive")
-
-
-def _read_text_range(file: Path, lo: int, hi: int, offset: int) -> tuple[pa.Table | None, int]:
-    texts, ids, index = [], [], 0
-    with open(file, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            if lo <= index < hi:
-                texts.append(line)
-                ids.append(f"corpus-{offset + index}")
-            index += 1
-    table = pa.table({"id": pa.array(ids, pa.string()), "text_a": pa.array(texts, pa.string())})
-    return _normalise_examples(table, file), index
-
-
-def _normalise_examples(table: pa.Table, file: Path) -> pa.Table:
-    if "text_a" not in table.column_names:
-        raise InputError(f"no text_a column (columns: {table.column_names})", file)
-    n = table.num_rows
-    ids = table.column("id") if "id" in table.column_names else pa.array([f"row-{i}" for i in range(n)])
-    orig = table.column("orig_id") if "orig_id" in table.column_names else ids
-    # 0 marks an original example (the augmentation stage's convention): the reader's
-    # originals_only selection trains on exactly these rows, without another teacher run.
-    aug_index = (table.column("aug_index") if "aug_index" in table.column_names
-                 else pa.array(np.zeros(n, dtype=np.int32)))
-    text_b = table.column("text_b") if "text_b" in table.column_names else pa.nulls(n, pa.string())
-    label = table.column("label") if "label" in table.column_names else pa.nulls(n, pa.int64())
-    if pa.types.is_null(label.type):
-        label = label.cast(pa.int64())
-    return pa.table({"id": ids.cast(pa.string()), "orig_id": orig.cast(pa.string()),
-                     "aug_index": aug_index.cast(pa.int32()),
-                     "text_a": table.column("text_a").cast(pa.string()),
-                     "text_b": text_b.cast(pa.string()), "label": label})
-
-
 # --------------------------------------------------------------------------------------------
-# Teacher loading and checks
+# What a cache holds
 # --------------------------------------------------------------------------------------------
-
-def tokenizer_vocab_sha256(tokenizer) -> str:
-    """sha256 of the tokenizer's vocabulary (token -> id), the identity the student must share."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
-
-
-def resolve_device(device: str = "auto"):
-    import torch
-
-    if device in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def check_tokenizer_matches_teacher(tokenizer, model, teacher: str, tokenizer_source: str) -> None:
-    """The data is tokenised with ``tokenizer``; its ids must index the teacher's embeddings."""
-    vocab_size = model.config.vocab_size
-    if len(tokenizer) != vocab_size:
-        raise InputError(f"the teacher's vocabulary ({vocab_size} tokens) differs from the "
-                         f"tokenizer's ({len(tokenizer)} tokens, from {tokenizer_source}); "
-                         "the teacher, the data's tokenizer and the student must share one "
-                         "vocabulary", teacher)
-
 
 @dataclass
 class CacheSpec:
@@ -269,53 +153,8 @@ def cache_schema(spec: CacheSpec, label_type: pa.DataType, metadata: dict | None
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenisation and the forward pass
+# The forward pass (tokenisation: pipeline.common.tokenize)
 # --------------------------------------------------------------------------------------------
-
-def tokenize_examples(tokenizer, examples: pa.Table, max_seq_length: int,
-                      source: str = "") -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids and segment ids of every example (truncated, unpadded)."""
-    text_a = examples.column("text_a").to_pylist()
-    text_b = examples.column("text_b").to_pylist()
-    for row, text in enumerate(text_a):
-        if text is None:
-            raise InputError("text_a is null", source or None, row)
-    has_b = [t is not None for t in text_b]
-    if any(has_b) and not all(has_b):
-        row = has_b.index(False)
-        raise InputError("text_b is null in a sentence-pair source", source or None, row)
-    encoded = tokenizer(text_a, text_b if any(has_b) else None, truncation=True,
-                        max_length=max_seq_length, return_token_type_ids=True,
-                        return_attention_mask=False)
-    return encoded["input_ids"], encoded["token_type_ids"]
-
-
-def length_sorted_batches(lengths: Sequence[int], batch_size: int, sort_window: int) -> list[list[int]]:
-    """Batches of indices with similar lengths: sort within consecutive windows, then cut."""
-    batches = []
-    for start in range(0, len(lengths), sort_window):
-        window = sorted(range(start, min(start + sort_window, len(lengths))),
-                        key=lambda i: (lengths[i], i))
-        batches += [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
-    return batches
-
-
-def pad_batch(input_ids: Sequence[Sequence[int]], token_type_ids: Sequence[Sequence[int]],
-              pad_token_id: int):
-    """Right-pad ragged token lists into ``(input_ids, token_type_ids, attention_mask)`` tensors."""
-    import torch
-
-    width = max(len(ids) for ids in input_ids)
-    batch = len(input_ids)
-    ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
-    types = torch.zeros((batch, width), dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    for row, (tok, seg) in enumerate(zip(input_ids, token_type_ids)):
-        ids[row, :len(tok)] = torch.as_tensor(tok)
-        types[row, :len(seg)] = torch.as_tensor(seg)
-        mask[row, :len(tok)] = 1
-    return ids, types, mask
-
 
 def _to_storage_numpy(tensor, dtype: str) -> np.ndarray:
     """A CPU tensor in the storage dtype -> the numpy array Arrow stores (bf16 as uint16 bits)."""
@@ -351,7 +190,7 @@ class ForwardRunner:
     def run(self, input_ids, token_type_ids, pad_token_id: int) -> list[dict[str, np.ndarray]]:
         import torch
 
-        from pipeline.teacher_outputs import forward_internals
+        from pipeline.cache.teacher_outputs import forward_internals
 
         ids, types, mask = pad_batch(input_ids, token_type_ids, pad_token_id)
         lengths = [len(x) for x in input_ids]
@@ -516,7 +355,7 @@ def load_cache_teacher(teacher: str | Path, with_logits: bool, tokenizer: str | 
     """
     from transformers import AutoModel, AutoTokenizer
 
-    from pipeline.teacher import load_sequence_classifier
+    from pipeline.teacher.finetune import load_sequence_classifier
 
     teacher = str(teacher)
     tokenizer_source = str(tokenizer) if tokenizer else teacher
@@ -593,7 +432,7 @@ def write_shard_output(source: Path | str, start: int, stop: int, shard_index: i
 
     Returns the manifest ``info`` of a one-shard cache (the reader opens it as it is).
     """
-    from pipeline.teacher import warn_if_untrained_head
+    from pipeline.teacher.finetune import warn_if_untrained_head
 
     task_info = dict(task_info or {})
     if spec.with_logits and task_info.get("num_labels") and task_info["num_labels"] > _head_size(teacher):

@@ -16,7 +16,7 @@ negated negatives ("not a single dull moment"), "far from a masterpiece", "nothi
 about it" and "could not be more charming" (a negation that does not flip). Train and dev hold
 different sentences.
 
-By hand:  python -m pipeline.demo_data --out DIR [--train 600 --dev 120]
+By hand:  python -m pipeline.prepare.demo_task --out DIR [--train 600 --dev 120]
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ from pipeline.errors import InputError
 
 def summarise(cache_dir: Path | str) -> dict:
     """The cache summary as a dict (see the module docstring)."""
-    from pipeline.cache_reader import open_cache
-    from pipeline.teacher_cache import CacheSpec, naive_bytes_per_example
+    from pipeline.cache.reader import open_cache
+    from pipeline.cache.writer import CacheSpec, naive_bytes_per_example
 
     reader = open_cache(cache_dir)
     info = reader.info
@@ -90,7 +90,7 @@ def inspect_cache(cache_dir: Path | str, verify: bool = False) -> tuple[str, boo
         lines.append("  WARNING         the teacher's classifier head was never trained: its logits are noise")
     ok = True
     if verify:
-        from pipeline.cache_reader import open_cache
+        from pipeline.cache.reader import open_cache
 
         problems = open_cache(cache_dir).verify()
         ok = not problems

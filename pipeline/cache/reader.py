@@ -1,9 +1,9 @@
 """Read a teacher cache back as padded, length-bucketed training batches.
 
-The cache (:mod:`pipeline.teacher_cache`) stores one ragged row per example. The trainer
+The cache (:mod:`pipeline.cache.writer`) stores one ragged row per example. The trainer
 wants the ``Batch`` of docs/DESIGN.md: ``[B, T]`` token tensors with an attention mask and
 the teacher tensors padded to the batch's longest example, padding positions zero (exactly
-what :func:`pipeline.teacher_outputs.zero_padding` does to live teacher outputs).
+what :func:`pipeline.cache.teacher_outputs.zero_padding` does to live teacher outputs).
 
 **Streaming, with a bounded shuffle.** The reader never loads the cache: it permutes the row
 groups of all shards (the unit Parquet decompresses), reads them in *windows* of about
@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.stage import MANIFEST_NAME, sha256_file
-from pipeline.teacher_cache import STORAGE_DTYPES, attention_column, hidden_column
+from pipeline.cache.writer import attention_column, hidden_column
 
 DEFAULT_SHUFFLE_BUFFER = 4096
 DEFAULT_BUCKET_BATCHES = 32

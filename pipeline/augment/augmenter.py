@@ -6,9 +6,9 @@ lower-cased, it consists of the letters a-z only and is not a stop word (``data/
 stopwords_en.txt``). Each position gets up to ``M`` candidates:
 
 * ``tinybert`` mode (the reference rule): a word the MLM tokenizer keeps as *one* word piece
-  is masked and the masked LM proposes candidates (:mod:`pipeline.mlm_candidates`); a word
-  split into several pieces gets its ``M`` nearest GloVe neighbours (:mod:`pipeline.
-  wordvectors`), none if it is not among the first ``glove_vocab_size`` GloVe words;
+  is masked and the masked LM proposes candidates (:mod:`pipeline.augment.mlm_candidates`); a word
+  split into several pieces gets its ``M`` nearest GloVe neighbours (:mod:`pipeline.augment.
+  word_vectors`), none if it is not among the first ``glove_vocab_size`` GloVe words;
 * ``glove`` mode: GloVe for every position (needs no MLM checkpoint: the offline mode);
 * ``mlm`` mode: the MLM for every position; a multi-piece word is masked as a whole (its
   pieces replaced by one ``[MASK]``), an extension of the reference, which never masked those.
@@ -23,7 +23,7 @@ sees identically), or to an earlier variant are dropped.
 time with the other side original (the reference carried side A's last variant into side B's
 rows). An attempt that changed nothing is a duplicate of the original (the reference compared
 it with the raw sentence only, so it usually emitted the tokenised original as a "variant").
-Pair inputs longer than the MLM accepts are windowed (:mod:`pipeline.mlm_candidates`); the
+Pair inputs longer than the MLM accepts are windowed (:mod:`pipeline.augment.mlm_candidates`); the
 reference cut them at 512 tokens and gave up on words beyond. Randomness comes from a generator seeded by ``(seed, example id, side)``, so output
 does not depend on shard count, batch size or the order examples are processed in. The
 reference's GloVe scores were float64 over float64 vectors; ours are float64 over the stored
@@ -48,10 +48,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.mlm_candidates import MaskQuery
+from pipeline.augment.mlm_candidates import MaskQuery
 
 MODES = ("tinybert", "glove", "mlm")
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 STOPWORDS_FILE = PROJECT_ROOT / "data" / "stopwords_en.txt"
 #: The reference's per-task N. STS-B is spelt "STS-b" there, so it fell back to the script's
 #: default of 30. Other tasks: the paper's N = 20.
@@ -332,8 +332,8 @@ class AugmentResources:
 
 
 def build_augmenter(config: AugmentConfig, resources: AugmentResources) -> Augmenter:
-    from pipeline.mlm_candidates import MaskedLMCandidates, load_masked_lm
-    from pipeline.wordvectors import WordVectors
+    from pipeline.augment.mlm_candidates import MaskedLMCandidates, load_masked_lm
+    from pipeline.augment.word_vectors import WordVectors
 
     vectors = mlm = tokenizer = None
     if config.mode in ("tinybert", "glove"):

@@ -122,20 +122,20 @@ def warn_if_untrained_head(teacher: str | Path, head_trained: bool) -> bool:
 def _read_examples(path: Path, limit: int = 0):
     import pyarrow.parquet as pq
 
-    from pipeline.teacher_cache import _normalise_examples
+    from pipeline.common.examples import normalise_examples
 
-    table = _normalise_examples(pq.read_table(path), path)
+    table = normalise_examples(pq.read_table(path), path)
     return table.slice(0, limit) if limit else table
 
 
 def evaluate(model, tokenizer, examples, task: str | None, task_type: str, max_seq_length: int,
              batch_size: int, device) -> dict:
-    """Dev metrics of ``model`` (GLUE's metric for the task; see :mod:`distill.metrics`)."""
+    """Dev metrics of ``model`` (GLUE's metric for the task; see :mod:`pipeline.common.metrics`)."""
     import numpy as np
     import torch
 
-    from distill.metrics import task_metrics
-    from pipeline.teacher_cache import length_sorted_batches, pad_batch, tokenize_examples
+    from pipeline.common.metrics import task_metrics
+    from pipeline.common.tokenize import length_sorted_batches, pad_batch, tokenize_examples
 
     ids, types = tokenize_examples(tokenizer, examples, max_seq_length)
     logits = [None] * len(ids)
@@ -167,7 +167,8 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from pipeline.teacher_cache import pad_batch, resolve_device, tokenize_examples
+    from pipeline.common.device import resolve_device
+    from pipeline.common.tokenize import pad_batch, tokenize_examples
 
     device_ = resolve_device(device)
     torch.manual_seed(seed)
@@ -245,7 +246,8 @@ def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_d
     """
     from transformers import AutoTokenizer
 
-    from pipeline.teacher_cache import check_tokenizer_matches_teacher, resolve_device
+    from pipeline.common.device import resolve_device
+    from pipeline.common.tokenize import check_tokenizer_matches_teacher
 
     if mode not in FINETUNE_MODES:
         raise InputError(f"finetune mode must be one of {FINETUNE_MODES}, got {mode!r}")

@@ -1,0 +1,9 @@
+"""Stages ``WordVectors`` and ``Augment``: TinyBERT's data augmentation.
+
+* :mod:`pipeline.augment.word_vectors` loads or trains GloVe-style vectors once and serves
+  nearest-neighbour queries from a memory-mapped, normalised matrix;
+* :mod:`pipeline.augment.mlm_candidates` asks a BERT masked LM for the candidates of one-piece
+  words, many masked positions per forward;
+* :mod:`pipeline.augment.augmenter` plans the replacement positions, gathers candidates from
+  both sources and samples N augmented copies per example, sharded and resumable.
+"""

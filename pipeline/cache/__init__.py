@@ -1,0 +1,12 @@
+"""Stages ``TeacherCacheShard`` and ``TeacherCache``: the teacher runs once, Parquet keeps it.
+
+* :mod:`pipeline.cache.layer_map` decides which teacher layers a student learns from, and so
+  which layers the cache must hold;
+* :mod:`pipeline.cache.teacher_outputs` captures the teacher's internals (hidden states and
+  pre-softmax attention scores) from a live forward pass;
+* :mod:`pipeline.cache.writer` runs the teacher over an example source and writes the shards;
+* :mod:`pipeline.cache.reader` streams training batches back out of them;
+* :mod:`pipeline.cache.inspect_cache` summarises and verifies a cache (``tinykd inspect``).
+
+The trainer (``distill/``) reads caches only through :mod:`pipeline.cache.reader`.
+"""

@@ -1,0 +1,7 @@
+"""Pieces shared by several stages, below all of them in the import order.
+
+The teacher fine-tune, the teacher cache and the distillation trainer all tokenise examples the
+same way, read the same example sources and score predictions with the same task metrics. Those
+pieces live here, so every stage imports *down* into ``pipeline.common`` and no stage imports
+another sideways or upwards (``tests/test_layering.py`` enforces it).
+"""
