@@ -2,7 +2,8 @@
 
 One subpackage per stage of the DAG, in data order, over two shared modules:
 
-* :mod:`pipeline.stage` (the stage contract: fingerprints, atomic publication, manifests) and
+* :mod:`pipeline.stage` (the stage contract: fingerprints, atomic publication, manifests),
+  :mod:`pipeline.locks` (one builder per output) and
   :mod:`pipeline.errors` (the one exception a bad input raises) sit at the bottom;
 * :mod:`pipeline.common`: pieces several stages share (example sources, tokenisation, metrics,
   the compute device);
