@@ -149,7 +149,7 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
         provider = OnlineTeacher(teacher_model, hidden_needed, attention_needed,
                                  with_logits=config.uses_prediction)
     else:
-        provider = CachedTeacher()
+        provider = CachedTeacher(reader.parts(resolve_device(config.device)))
 
     distill_info = {"task": task, "task_type": task_type, "label_names": label_names,
                     "tokenizer_vocab_sha256": info.get("tokenizer_vocab_sha256"),

@@ -129,15 +129,25 @@ def recipe(stage: str, **overrides) -> TrainConfig:
 
 # --- teacher providers ---------------------------------------------------------------------
 class CachedTeacher:
-    """Teacher tensors come with the batch (the cache reader filled them in)."""
+    """Teacher tensors come with the batch (the cache reader filled them in).
+
+    A compact cache leaves out what it can recompute exactly (layer 0, the scores of long
+    rows): ``parts`` (:meth:`pipeline.cache.reader.CacheReader.parts`) recompute them here, on
+    the training device, before the losses see the batch.
+    """
 
     online = False
 
+    def __init__(self, parts=None):
+        self.parts = parts
+
     def __call__(self, batch: Batch) -> Batch:
+        from pipeline.cache.compact import complete_batch
+
         missing = [k for k in ("teacher_logits", "teacher_hidden", "teacher_scores") if k not in batch]
         if missing:
             raise KeyError(f"batch has no {missing}: read the cache with teacher outputs")
-        return batch
+        return complete_batch(batch, self.parts)
 
 
 class OnlineTeacher:
@@ -147,17 +157,23 @@ class OnlineTeacher:
 
     def __init__(self, model: torch.nn.Module, hidden_layers: Sequence[int],
                  attention_layers: Sequence[int], with_logits: bool = True):
+        from pipeline.cache.compact import TeacherParts
+
         self.model = model.eval()
         self.hidden_layers = list(hidden_layers)
         self.attention_layers = list(attention_layers)
         self.with_logits = with_logits
+        # Layer 0 comes from the teacher's embedding module, as a compact cache recomputes it.
+        self.parts = TeacherParts.from_model(model, [])
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Batch:
         internals = forward_internals(self.model, batch["input_ids"], batch["token_type_ids"],
-                                      batch["attention_mask"], self.hidden_layers,
+                                      batch["attention_mask"], [l for l in self.hidden_layers if l != 0],
                                       self.attention_layers, with_logits=self.with_logits)
         hidden, scores = dict(internals.hidden), dict(internals.scores)
+        if 0 in self.hidden_layers:
+            hidden[0] = self.parts.embed(batch["input_ids"], batch["token_type_ids"])
         zero_padding(hidden, scores, batch["attention_mask"])
         out = dict(batch)
         if internals.logits is not None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import luigi
 
+from pipeline.cache.compact import STORAGE_NAMES
 from pipeline.errors import InputError
 from pipeline.stage import StageBuild
 from tasks.base import StageTask
@@ -146,9 +147,16 @@ class TeacherCacheParams(luigi.Task):
     attention_layers = luigi.Parameter(
         default="", significant=True,
         description="Override: attention-score layers to cache (empty: from the layer map).")
-    dtype = luigi.ChoiceParameter(
-        default="float16", choices=["float16", "bfloat16", "float32"], significant=True,
-        description="Storage dtype of hidden states and scores (bfloat16 is stored as uint16 bits).")
+    storage = luigi.ChoiceParameter(
+        default="fp16", choices=list(STORAGE_NAMES), significant=True,
+        description="How hidden states and scores are stored: fp16 (default), int8 (symmetric, one "
+                    "scale per token / per head and query row: about half of fp16), bf16 (raw bits) "
+                    "or fp32 (exact). See README's cache figures for the measured errors.")
+    layout = luigi.ChoiceParameter(
+        default="compact", choices=["compact", "full"], significant=True,
+        description="compact: store only what cannot be recomputed (layer 0 comes from the "
+                    "teacher's embedding module, long rows keep a layer's input instead of its "
+                    "scores); full: every mapped layer as it is (format-1 columns).")
     max_seq_length = luigi.IntParameter(default=128, significant=True, description="Truncation length in tokens.")
     shard_size = luigi.IntParameter(
         default=20_000, significant=True,
@@ -247,8 +255,8 @@ class TeacherCacheParams(luigi.Task):
                 default_attention.update(map_attention)
             hidden = hidden or sorted(default_hidden)
             attention = attention or sorted(default_attention)
-        return CacheSpec(hidden, attention, self.dtype, self.max_seq_length,
-                         with_logits=self.examples != "corpus")
+        return CacheSpec(hidden, attention, STORAGE_NAMES[self.storage], self.max_seq_length,
+                         with_logits=self.examples != "corpus", layout=self.layout)
 
     def teacher_num_layers(self) -> int:
         """The teacher's depth, known before the fine-tuned teacher exists (fine-tuning keeps it)."""
@@ -290,7 +298,7 @@ class TeacherCacheShard(TeacherCacheParams, StageTask):
     """One shard of the teacher cache: examples [i·shard_size, (i+1)·shard_size) of the source."""
 
     stage_name = "teacher_cache_shard"
-    stage_version = "2"   # 2: rows carry aug_index
+    stage_version = "3"   # 2: rows carry aug_index; 3: cache format 2 (compact layout, int8)
 
     shard_index = luigi.IntParameter(significant=True, description="Which shard (0-based).")
 
@@ -332,7 +340,7 @@ class TeacherCache(TeacherCacheParams, StageTask):
     """The whole teacher cache: every shard, assembled into one directory with one manifest."""
 
     stage_name = "teacher_cache"
-    stage_version = "2"   # 2: rows carry aug_index
+    stage_version = "3"   # 2: rows carry aug_index; 3: cache format 2 (compact layout, int8)
 
     def shard_tasks(self, num_examples: int) -> list[TeacherCacheShard]:
         count = -(-num_examples // self.shard_size)
@@ -373,7 +381,7 @@ class TeacherCache(TeacherCacheParams, StageTask):
 
         shards = getattr(self, "_shards", None) or self.shard_tasks(self.num_examples() or 0)
         with out.timed("assemble"):
-            info = assemble_cache([t.output_dir() for t in shards], out.path)
+            info = assemble_cache([t.output_dir() for t in shards], out.path, self.teacher_source())
         info["parameters"] = {k: v for k, v in self.cache_params().items()}
         out.rows["examples"] = info["examples"]
         out.info.update(info)

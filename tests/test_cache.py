@@ -141,21 +141,31 @@ def test_shard_assignment_is_contiguous_and_deterministic(tmp_path):
     assert table.column("label").null_count == 2
 
 
-@pytest.mark.parametrize("dtype,atol", [("float32", 2e-5), ("float16", 2e-2), ("bfloat16", 1e-1)])
-def test_cached_batches_equal_the_live_teacher(teacher_dir, examples, tmp_path, dtype, atol):
-    """Reader batches (padded, shuffled, bucketed) hold what the teacher computes live."""
-    spec = CacheSpec([0, 2, 4], [2, 4], dtype, 64)
+@pytest.mark.parametrize("layout", ["full", "compact"])
+@pytest.mark.parametrize("dtype,atol", [("float32", 2e-5), ("float16", 2e-2), ("bfloat16", 1e-1),
+                                        ("int8", 4e-2)])
+def test_cached_batches_equal_the_live_teacher(teacher_dir, examples, tmp_path, dtype, atol, layout):
+    """Reader batches (padded, shuffled, bucketed, completed) hold what the teacher computes live.
+
+    Layers 0, 2, 4 and scores of 2, 4 with a 32-wide, 4-head teacher: in the compact layout
+    layer 0 is recomputed, the scores of rows longer than 8 tokens come from stored inputs.
+    """
+    spec = CacheSpec([0, 2, 4], [2, 4], dtype, 64, layout=layout)
     info = build_cache(examples, teacher_dir, tmp_path / "cache", spec, shard_size=6, batch_size=4,
                        row_group_bytes=4000)
     assert [s["rows"] for s in info["shards"]] == [6, 6, 5]
     schema = pq.read_schema(tmp_path / "cache" / info["shards"][0]["file"])
-    expected_type = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}[dtype]
-    assert schema.field("attn_2").type == pa.list_(expected_type)
+    expected_type = {"float32": pa.list_(pa.float32()), "float16": pa.list_(pa.float16()),
+                     "bfloat16": pa.list_(pa.uint16()), "int8": pa.binary()}[dtype]
+    assert schema.field("attn_2").type == expected_type
+    assert ("hidden_0" in schema.names) == (layout == "full")
+    assert ("attn_input_2" in schema.names) == (layout == "compact")
     model = live_teacher(teacher_dir)
     reader = open_cache(tmp_path / "cache")
     seen = []
     for batch in reader.batches(5, seed=3, epoch=0, shuffle_buffer=6, bucket_batches=2):
         seen += batch["ids"]
+        batch = reader.complete(batch)
         with torch.inference_mode():
             live = forward_internals(model, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
                                      hidden_layers=[0, 2, 4], attention_layers=[2, 4])
@@ -174,7 +184,7 @@ def test_cached_batches_equal_the_live_teacher(teacher_dir, examples, tmp_path, 
 def test_values_do_not_depend_on_the_batch_an_example_was_cached_in(teacher_dir, tmp_path):
     """Batch 1 (no padding) vs batch 8 (padded to other examples): the same numbers, up to noise."""
     source = write_examples(tmp_path / "train.parquet", 12)
-    spec = CacheSpec([0, 4], [1, 4], "float32", 64)
+    spec = CacheSpec([0, 4], [1, 4], "float32", 64, layout="full")
     tables = []
     for batch_size in (1, 8):
         out = tmp_path / f"bs{batch_size}"
@@ -191,7 +201,7 @@ def test_values_do_not_depend_on_the_batch_an_example_was_cached_in(teacher_dir,
 
 
 def test_layout_is_ragged_zstd_with_byte_sized_row_groups(teacher_dir, examples, tmp_path):
-    spec = CacheSpec([0, 4], [4], "float16", 64)
+    spec = CacheSpec([0, 4], [4], "float16", 64, layout="full")
     info = write_shard_output(examples, 0, 17, 0, teacher_dir, tmp_path / "out", spec, row_group_bytes=6000)
     shard = pq.ParquetFile(tmp_path / "out" / info["shards"][0]["file"])
     table = shard.read()
@@ -287,6 +297,8 @@ def test_reader_reads_only_requested_columns(cache_dir):
     assert not any(c.startswith("attn_") for c in no_attention.columns)
     assert "hidden_2" not in no_attention.columns
     batch = next(iter(no_attention.batches(8)))
+    assert set(batch["teacher_hidden"]) == {4}                  # layer 0 is recomputed ...
+    batch = no_attention.complete(batch)                        # ... from the token ids
     assert batch["teacher_scores"] == {} and set(batch["teacher_hidden"]) == {0, 4}
     tokens_only = open_cache(cache_dir, with_teacher=False)
     assert tokens_only.columns == ["id", "label", "length", "input_ids", "token_type_ids"]
@@ -390,7 +402,7 @@ def _synthetic_cache(directory: Path, rows: int, hidden: int = 64, heads: int = 
     from pipeline.stage import sha256_file
     from pipeline.cache.writer import RowGroupBuffer, cache_schema
 
-    spec = CacheSpec([0, 1], [1], "float16", 64)
+    spec = CacheSpec([0, 1], [1], "float16", 64, layout="full")   # a format-1 cache, as before
     schema = cache_schema(spec, pa.int64())
     shard = directory / "shards" / "part-00000.parquet"
     shard.parent.mkdir(parents=True)

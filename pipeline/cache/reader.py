@@ -43,9 +43,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cache.compact import (DERIVE_KEY, CompactPlan, attention_column, check_format, dequantise_into,
+                                    hidden_column, input_column, scale_column)
 from pipeline.errors import InputError
 from pipeline.stage import MANIFEST_NAME, sha256_file
-from pipeline.cache.writer import attention_column, hidden_column
 
 DEFAULT_SHUFFLE_BUFFER = 4096
 DEFAULT_BUCKET_BATCHES = 32
@@ -82,26 +83,40 @@ class _RowGroup:
 
 
 class _Loaded:
-    """One table's columns as numpy: ``offsets[col]`` and ``values[col]`` for list columns."""
+    """One table's columns as numpy: ``offsets[col]`` and ``values[col]`` for list columns and
+    for binary ones (int8 storage: a row's values as bytes), ``valid[col]`` where rows may be null."""
 
     def __init__(self, table: pa.Table):
+        self.table = table
         self.ids = table.column("id").to_pylist()
         self.labels = table.column("label").to_pylist()
         self.length = table.column("length").to_numpy()
         self.offsets: dict[str, np.ndarray] = {}
         self.values: dict[str, np.ndarray] = {}
+        self.valid: dict[str, np.ndarray] = {}
         for name in table.column_names:
             column = table.column(name)
-            if not pa.types.is_list(column.type):
-                continue
             array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-            # Offsets index the (possibly sliced) values buffer; keep both, no copy.
-            self.offsets[name] = array.offsets.to_numpy()
-            self.values[name] = array.values.to_numpy(zero_copy_only=True)
+            if pa.types.is_list(column.type):
+                # Offsets index the (possibly sliced) values buffer; keep both, no copy.
+                self.offsets[name] = array.offsets.to_numpy()
+                self.values[name] = array.values.to_numpy(zero_copy_only=True)
+            elif pa.types.is_binary(column.type):
+                offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)
+                self.offsets[name] = offsets[array.offset:array.offset + len(array) + 1]
+                self.values[name] = np.frombuffer(array.buffers()[2], dtype=np.int8)
+            else:
+                continue
+            if array.null_count:
+                self.valid[name] = array.is_valid().to_numpy(zero_copy_only=False)
 
     def row(self, column: str, row: int) -> np.ndarray:
         offsets = self.offsets[column]
         return self.values[column][offsets[row]:offsets[row + 1]]
+
+    def present(self, column: str, row: int) -> bool:
+        valid = self.valid.get(column)
+        return True if valid is None else bool(valid[row])
 
 
 class CacheReader:
@@ -120,6 +135,8 @@ class CacheReader:
         self.cache_dir = Path(cache_dir)
         self.originals_only = originals_only
         self.info = load_cache_info(self.cache_dir)
+        self.format_version = check_format(self.info, self.cache_dir / MANIFEST_NAME)
+        self.plan = CompactPlan.from_info(self.info)
         self.dtype = self.info["dtype"]
         cached_hidden = [int(x) for x in self.info["hidden_layers"]]
         cached_attn = [int(x) for x in self.info["attention_layers"]]
@@ -140,12 +157,37 @@ class CacheReader:
         self.columns = list(BASE_COLUMNS)
         if self.with_logits:
             self.columns.append("logits")
-        self.columns += [hidden_column(l) for l in self.hidden_layers]
-        self.columns += [attention_column(l) for l in self.attention_layers]
+        self.columns += self._teacher_columns()
         self.shard_files = [self.cache_dir / s["file"] for s in self.info["shards"]]
         self._files: dict[int, pq.ParquetFile] = {}
         self.row_groups: list[_RowGroup] = []
         self._check_shards()
+        if self.derives:
+            self._check_parts()
+
+    # --- what to read -----------------------------------------------------------------------
+    def _teacher_columns(self) -> list[str]:
+        """The stored columns behind the requested layers (inputs of derived scores included)."""
+        plan, columns = self.plan, []
+        for layer in self.hidden_layers:
+            if layer in plan.stored_hidden:
+                columns.append(hidden_column(layer))
+        for layer in self.attention_layers:
+            source = plan.score_sources.get(layer)
+            if source in (None, "row"):
+                columns.append(attention_column(layer))
+            if source in ("hidden", "row"):
+                columns.append(plan.input_of(layer))
+        columns = list(dict.fromkeys(columns))
+        if self.dtype == "int8":
+            columns += [scale_column(c) for c in columns]
+        return columns
+
+    @property
+    def derives(self) -> bool:
+        """Whether batches carry work for :func:`pipeline.cache.compact.complete_batch`."""
+        return (0 in self.hidden_layers and 0 not in self.plan.stored_hidden) or any(
+            layer in self.plan.score_sources for layer in self.attention_layers)
 
     # --- opening and checks ---------------------------------------------------------------
     def _check_layers(self, kind: str, requested, cached: list[int]) -> list[int]:
@@ -184,6 +226,38 @@ class CacheReader:
                 if len(selected):
                     self.row_groups.append(_RowGroup(number, index, len(selected), selected))
 
+    def _check_parts(self) -> None:
+        parts = (self.info.get("compact") or {}).get("parts")
+        if not parts:
+            raise InputError("the manifest of this compact cache lists no teacher parts (embeddings, "
+                             "query/key weights); rebuild the cache", self.cache_dir / MANIFEST_NAME)
+        path = self.cache_dir / parts["file"]
+        if not path.is_file():
+            raise InputError("the compact cache's teacher parts (embeddings, query/key weights) are "
+                             "missing; rebuild the cache", path)
+        if path.stat().st_size != parts.get("bytes"):
+            raise InputError(f"teacher parts are truncated or modified: {path.stat().st_size} bytes, "
+                             f"the manifest says {parts.get('bytes')}", path)
+
+    def parts(self, device=None):
+        """The teacher modules that complete this cache's batches (None for a format-1 cache)."""
+        if not self.derives:
+            return None
+        from pipeline.cache.compact import TeacherParts
+
+        return TeacherParts.load(self.cache_dir, self.info, device)
+
+    def complete(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``batch`` with what the cache recomputes filled in, on the CPU (the trainer does it on
+        its device instead: :class:`distill.trainer.CachedTeacher`)."""
+        from pipeline.cache.compact import complete_batch
+
+        if DERIVE_KEY not in batch:
+            return batch
+        if getattr(self, "_parts", None) is None:
+            self._parts = self.parts()
+        return complete_batch(batch, self._parts)
+
     def _open(self, number: int) -> pq.ParquetFile:
         if number not in self._files:
             file = self.shard_files[number]
@@ -197,6 +271,7 @@ class CacheReader:
     def __getstate__(self):  # ParquetFile handles are per process (DataLoader workers)
         state = dict(self.__dict__)
         state["_files"] = {}
+        state["_parts"] = None
         return state
 
     @property
@@ -209,8 +284,16 @@ class CacheReader:
         return n // batch_size if drop_last else -(-n // batch_size)
 
     def verify(self) -> list[str]:
-        """Re-checksum every shard and decode every row group; a list of problems (empty: OK)."""
+        """Re-checksum every shard and the teacher parts, decode every row group; a list of
+        problems (empty: OK)."""
         problems = []
+        parts = (self.info.get("compact") or {}).get("parts")
+        if parts:
+            path = self.cache_dir / parts["file"]
+            if not path.is_file():
+                problems.append(f"{path}: the teacher parts listed in the manifest are missing")
+            elif sha256_file(path) != parts.get("sha256"):
+                problems.append(f"{path}: checksum differs from the manifest (corrupt teacher parts)")
         for number, (shard, file) in enumerate(zip(self.info["shards"], self.shard_files)):
             if "sha256" in shard and sha256_file(file) != shard["sha256"]:
                 problems.append(f"{file}: checksum differs from the manifest (corrupt shard)")
@@ -224,19 +307,50 @@ class CacheReader:
         return problems
 
     def _check_row_group(self, file: Path, table: pa.Table, index: int) -> list[str]:
-        lengths = table.column("length").to_numpy()
+        """Every stored list holds the values its row's length implies; a null only where the
+        compact plan allows one (a row stores either a layer's scores or its input)."""
+        import pyarrow.compute as pc
+
+        lengths = table.column("length").to_numpy().astype(np.int64)
+        hidden, heads = self.hidden_size, self.num_heads
         expected = {"input_ids": lengths, "token_type_ids": lengths}
-        for layer in self.info["hidden_layers"]:
-            expected[hidden_column(layer)] = lengths * self.hidden_size
+        per_token = lengths * hidden
+        per_query = heads * lengths
+        for layer in self.plan.stored_hidden:
+            expected[hidden_column(layer)] = per_token
         for layer in self.info["attention_layers"]:
-            expected[attention_column(layer)] = self.num_heads * lengths * lengths
+            source = self.plan.score_sources.get(layer)
+            if source in (None, "row"):
+                expected[attention_column(layer)] = heads * lengths * lengths
+            if source == "row":
+                expected[input_column(layer)] = per_token
+        if self.dtype == "int8":
+            for column in list(expected):
+                if column.startswith(("hidden_", "attn_")):
+                    expected[scale_column(column)] = (per_query if column.startswith("attn_")
+                                                      and not column.startswith("attn_input_") else lengths)
         problems = []
         for column, sizes in expected.items():
-            actual = table.column(column).combine_chunks().value_lengths().to_numpy()
-            bad = np.nonzero(actual != sizes)[0]
+            if column not in table.column_names:
+                problems.append(f"{file}: row group {index} has no column {column}")
+                continue
+            array = table.column(column).combine_chunks()
+            actual = (pc.binary_length(array) if pa.types.is_binary(array.type)
+                      else array.value_lengths()).to_numpy(zero_copy_only=False)
+            present = ~np.isnan(actual) if actual.dtype.kind == "f" else np.ones(len(actual), bool)
+            bad = np.nonzero(present & (np.nan_to_num(actual) != sizes))[0]
             if len(bad):
                 problems.append(f"{file}: row group {index} column {column}: {len(bad)} row(s) with "
                                 f"the wrong number of values (first: row {int(bad[0])})")
+        for layer, source in self.plan.score_sources.items():
+            if source != "row":
+                continue
+            stored = table.column(attention_column(layer)).is_valid().to_numpy(zero_copy_only=False)
+            given = table.column(input_column(layer)).is_valid().to_numpy(zero_copy_only=False)
+            bad = np.nonzero(stored == given)[0]
+            if len(bad):
+                problems.append(f"{file}: row group {index} layer {layer}: {len(bad)} row(s) hold both "
+                                f"or neither of the scores and the layer input (first: row {int(bad[0])})")
         return problems
 
     # --- reading ---------------------------------------------------------------------------
@@ -305,8 +419,9 @@ class CacheReader:
             emitted += len(plan)
             # Carry the leftover rows' data (not their row groups) into the next window.
             if len(rest):
+                # combine_chunks copies the rows out, so the carry holds no whole row group.
                 carry = _Loaded(pa.concat_tables(
-                    [_take(tables[sources[i]], rows[i], self.columns) for i in rest]))
+                    [_take(tables[sources[i]], rows[i], self.columns) for i in rest]).combine_chunks())
             else:
                 carry = None
             carry_lengths = all_lengths[rest]
@@ -340,21 +455,54 @@ class CacheReader:
             out["labels"] = torch.tensor(labels, dtype=torch.float32)
         out["teacher_logits"] = (torch.stack([torch.from_numpy(t.row("logits", r)) for t, r in refs])
                                  if self.with_logits else None)
-        hidden, scores = {}, {}
-        for layer in self.hidden_layers:
-            value = torch.zeros((batch, width, self.hidden_size), dtype=torch.float32)
-            for b, ((table, row), length) in enumerate(zip(refs, lengths)):
-                value[b, :length] = self._tensor(table.row(hidden_column(layer), row)).view(length, -1)
-            hidden[layer] = value
+        plan = self.plan
+        padded: dict[str, Any] = {}   # column -> padded fp32 tensor, each built once
+
+        def hidden_like(column: str):
+            if column not in padded:
+                value = torch.zeros((batch, width, self.hidden_size), dtype=torch.float32)
+                for b, ((table, row), length) in enumerate(zip(refs, lengths)):
+                    if table.present(column, row):
+                        self._fill(value[b, :length], table, column, row, length, self.hidden_size)
+                padded[column] = value
+            return padded[column]
+
+        hidden = {layer: hidden_like(hidden_column(layer)) for layer in self.hidden_layers
+                  if layer in plan.stored_hidden}
+        scores, derive_inputs, derive_rows = {}, {}, {}
         for layer in self.attention_layers:
-            value = torch.zeros((batch, self.num_heads, width, width), dtype=torch.float32)
-            for b, ((table, row), length) in enumerate(zip(refs, lengths)):
-                value[b, :, :length, :length] = self._tensor(
-                    table.row(attention_column(layer), row)).view(self.num_heads, length, length)
-            scores[layer] = value
+            source = plan.score_sources.get(layer)
+            column = attention_column(layer)
+            if source in (None, "row"):
+                value = torch.zeros((batch, self.num_heads, width, width), dtype=torch.float32)
+                stored = torch.zeros(batch, dtype=torch.bool)
+                for b, ((table, row), length) in enumerate(zip(refs, lengths)):
+                    if table.present(column, row):
+                        self._fill(value[b, :, :length, :length], table, column, row,
+                                   self.num_heads * length, length)
+                        stored[b] = True
+                scores[layer] = value
+                if source == "row" and not bool(stored.all()):
+                    derive_inputs[layer] = hidden_like(plan.input_of(layer))
+                    derive_rows[layer] = ~stored
+            elif source == "embeddings":
+                derive_inputs[layer] = "embeddings"
+            else:   # "hidden": the input is a stored hidden layer
+                derive_inputs[layer] = hidden_like(plan.input_of(layer))
         out["teacher_hidden"] = hidden
         out["teacher_scores"] = scores
+        layer0 = 0 in self.hidden_layers and 0 not in plan.stored_hidden
+        if layer0 or derive_inputs:
+            out[DERIVE_KEY] = {"layer0": layer0, "inputs": derive_inputs, "rows": derive_rows}
         return out
+
+    def _fill(self, target, table: _Loaded, column: str, row: int, rows: int, width: int) -> None:
+        """Copy one stored row into ``target`` ([rows, width] view), widening or dequantising."""
+        values = table.row(column, row)
+        if self.dtype == "int8":
+            dequantise_into(target, values, table.row(scale_column(column), row), rows, width)
+        else:
+            target.copy_(self._tensor(values).view(target.shape))
 
     def _tensor(self, values: np.ndarray):
         import torch
@@ -369,17 +517,8 @@ class CacheReader:
 
 def _take(table: _Loaded, row: int, columns: Sequence[str]) -> pa.Table:
     """One row of a loaded table back as a one-row Arrow table (for the carry)."""
-    arrays = {"id": pa.array([table.ids[row]], pa.string()),
-              "label": pa.array([table.labels[row]]),
-              "length": pa.array([table.length[row]], pa.int32())}
-    for column in columns:
-        if column in table.values:
-            values = table.row(column, row)
-            arrays[column] = pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()),
-                                                      pa.array(values))
-    if pa.types.is_null(arrays["label"].type):
-        arrays["label"] = arrays["label"].cast(pa.int64())
-    return pa.table(arrays)
+    return table.table.slice(row, 1).select(["id", "label", "length",
+                                             *[c for c in columns if c in table.values]])
 
 
 def open_cache(cache_dir: Path | str, hidden_layers: Sequence[int] | None = None,

@@ -43,20 +43,25 @@ def encoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
     return encoder.layer
 
 
+def query_key_projections(model: torch.nn.Module, layer: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The query and key projections of 1-based attention layer ``layer``."""
+    blocks = encoder_layers(model)
+    if not 1 <= layer <= len(blocks):
+        raise ValueError(f"attention layer {layer} outside the model's 1..{len(blocks)}")
+    self_attn = blocks[layer - 1].attention.self
+    return self_attn.query, self_attn.key
+
+
 @contextlib.contextmanager
 def capture_query_key(model: torch.nn.Module, layers: Sequence[int]) -> Iterator[dict]:
     """Record the query/key projection outputs of the given 1-based layers during a forward."""
-    blocks = encoder_layers(model)
     captured: dict[int, dict[str, torch.Tensor]] = {}
     handles = []
     for layer in layers:
-        if not 1 <= layer <= len(blocks):
-            raise ValueError(f"attention layer {layer} outside the model's 1..{len(blocks)}")
-        self_attn = blocks[layer - 1].attention.self
-        for name in ("query", "key"):
+        for name, projection in zip(("query", "key"), query_key_projections(model, layer)):
             def hook(_module, _inputs, output, layer=layer, name=name):
                 captured.setdefault(layer, {})[name] = output
-            handles.append(getattr(self_attn, name).register_forward_hook(hook))
+            handles.append(projection.register_forward_hook(hook))
     try:
         yield captured
     finally:

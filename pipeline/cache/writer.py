@@ -65,29 +65,27 @@ from pipeline.common.device import resolve_device
 from pipeline.common.examples import count_examples, read_example_range
 from pipeline.common.tokenize import (check_tokenizer_matches_teacher, length_sorted_batches, pad_batch,
                                       tokenize_examples, tokenizer_vocab_sha256)
+from pipeline.cache.compact import (FORMAT_VERSION, PARTS_FILE, CompactPlan, TeacherParts, attention_column,
+                                    hidden_column, input_column, quantise_rows, scale_column)
 from pipeline.errors import InputError
 
 #: Storage dtypes: name -> (torch dtype name, Arrow value type). bfloat16 is stored as raw bits.
+#: int8 rows are one ``binary`` value each (Parquet has no 1-byte integer: a list<int8> column
+#: is stored as INT32 and compresses 40 % worse), with float32 scales (pipeline.cache.compact).
 STORAGE_DTYPES = {
     "float16": ("float16", pa.float16()),
     "bfloat16": ("bfloat16", pa.uint16()),
     "float32": ("float32", pa.float32()),
+    "int8": ("int8", pa.int8()),
 }
 DEFAULT_DTYPE = "float16"
+DEFAULT_LAYOUT = "compact"
 DEFAULT_SHARD_SIZE = 20_000
 DEFAULT_ROW_GROUP_BYTES = 32 << 20
 DEFAULT_SORT_WINDOW = 4096
 SCHEMA_METADATA_KEY = b"tinykd.teacher_cache"
 SHARD_NAME = "part-{:05d}.parquet"
 EXAMPLE_COLUMNS = ("id", "orig_id", "aug_index", "text_a", "text_b", "label")
-
-
-def hidden_column(layer: int) -> str:
-    return f"hidden_{layer}"
-
-
-def attention_column(layer: int) -> str:
-    return f"attn_{layer}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,19 +106,32 @@ def shard_ranges(num_examples: int, shard_size: int) -> list[tuple[int, int]]:
 
 @dataclass
 class CacheSpec:
-    """What a cache holds; recorded in the manifest and in each shard's schema metadata."""
+    """What a cache holds; recorded in the manifest and in each shard's schema metadata.
+
+    ``hidden_layers`` / ``attention_layers`` are what trainers may ask for; ``layout`` says how
+    much of it is stored (``compact``: only what cannot be recomputed, see
+    :mod:`pipeline.cache.compact`; ``full``: every layer as it is, format 1's columns) and
+    ``dtype`` in which storage (float16, bfloat16, float32 or int8 with scales).
+    """
 
     hidden_layers: list[int]
     attention_layers: list[int]
     dtype: str = DEFAULT_DTYPE
     max_seq_length: int = 128
     with_logits: bool = True
+    layout: str = DEFAULT_LAYOUT
 
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:
-            raise InputError(f"unknown cache dtype {self.dtype!r}; choose one of {sorted(STORAGE_DTYPES)}")
+            raise InputError(f"unknown cache storage {self.dtype!r}; choose one of {sorted(STORAGE_DTYPES)}")
         self.hidden_layers = sorted({int(x) for x in self.hidden_layers})
         self.attention_layers = sorted({int(x) for x in self.attention_layers})
+        self.plan(True)   # an unknown layout fails here
+
+    def plan(self, can_derive_scores: bool) -> CompactPlan:
+        """What is stored and what is recomputed (scores are derived only for teachers whose
+        query/key projections :class:`pipeline.cache.compact.TeacherParts` can hold)."""
+        return CompactPlan.make(self.layout, self.hidden_layers, self.attention_layers, can_derive_scores)
 
 
 def check_layers(spec: CacheSpec, num_layers: int, teacher: str) -> None:
@@ -135,7 +146,22 @@ def check_layers(spec: CacheSpec, num_layers: int, teacher: str) -> None:
         raise InputError(f"{'; '.join(problems)} (the teacher has {num_layers} layers)", teacher)
 
 
-def cache_schema(spec: CacheSpec, label_type: pa.DataType, metadata: dict | None = None) -> pa.Schema:
+def stored_columns(spec: CacheSpec, plan: CompactPlan) -> dict[str, str]:
+    """``column -> kind`` (``hidden``, ``scores``, ``input``) of the teacher values a shard stores,
+    scale columns excluded."""
+    columns = {hidden_column(l): "hidden" for l in plan.stored_hidden}
+    for layer in spec.attention_layers:
+        if plan.score_sources.get(layer) in (None, "row"):
+            columns[attention_column(layer)] = "scores"
+    for layer, source in sorted(plan.score_sources.items()):
+        if source == "row":
+            columns[input_column(layer)] = "input"
+    return columns
+
+
+def cache_schema(spec: CacheSpec, label_type: pa.DataType, metadata: dict | None = None,
+                 plan: CompactPlan | None = None) -> pa.Schema:
+    plan = plan or spec.plan(True)
     value_type = STORAGE_DTYPES[spec.dtype][1]
     fields = [pa.field("id", pa.string()), pa.field("orig_id", pa.string()),
               pa.field("aug_index", pa.int32()), pa.field("label", label_type),
@@ -144,8 +170,10 @@ def cache_schema(spec: CacheSpec, label_type: pa.DataType, metadata: dict | None
               pa.field("token_type_ids", pa.list_(pa.int8()))]
     if spec.with_logits:
         fields.append(pa.field("logits", pa.list_(pa.float32())))
-    fields += [pa.field(hidden_column(l), pa.list_(value_type)) for l in spec.hidden_layers]
-    fields += [pa.field(attention_column(l), pa.list_(value_type)) for l in spec.attention_layers]
+    for column in stored_columns(spec, plan):
+        fields.append(pa.field(column, pa.binary() if spec.dtype == "int8" else pa.list_(value_type)))
+        if spec.dtype == "int8":
+            fields.append(pa.field(scale_column(column), pa.list_(pa.float32())))
     schema = pa.schema(fields)
     if metadata is not None:
         schema = schema.with_metadata({SCHEMA_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
@@ -166,18 +194,32 @@ def _to_storage_numpy(tensor, dtype: str) -> np.ndarray:
 
 
 class ForwardRunner:
-    """Runs the teacher on padded batches and returns per-example ragged numpy outputs."""
+    """Runs the teacher on padded batches and returns per-example ragged numpy outputs.
 
-    def __init__(self, model, spec: CacheSpec, device, autocast: str = "none"):
+    What a row holds follows the cache's :class:`~pipeline.cache.compact.CompactPlan`: stored
+    hidden layers, scores where the row stores them, layer inputs where it derives them (None
+    in the other column), and a scale next to every value in int8 storage.
+    """
+
+    def __init__(self, model, spec: CacheSpec, device, autocast: str = "none",
+                 plan: CompactPlan | None = None):
         import torch
 
         self.model = model.eval().to(device)
         self.spec = spec
+        self.plan = plan or spec.plan(True)
         self.device = device
         self.torch_dtype = getattr(torch, STORAGE_DTYPES[spec.dtype][0])
         if autocast not in ("none", "bf16", "fp16"):
             raise InputError(f"autocast must be none, bf16 or fp16, got {autocast!r}")
         self.autocast = autocast
+        self.hidden_size = model.config.hidden_size
+        self.num_heads = model.config.num_attention_heads
+        row_layers = [l for l, s in self.plan.score_sources.items() if s == "row"]
+        # Layers the forward must return: stored ones, and the inputs of per-row derived scores.
+        self.forward_hidden = sorted(set(self.plan.stored_hidden) | {l - 1 for l in row_layers})
+        self.forward_attention = [l for l in spec.attention_layers
+                                  if self.plan.score_sources.get(l) in (None, "row")]
 
     def _autocast(self):
         import torch
@@ -187,7 +229,14 @@ class ForwardRunner:
         dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def run(self, input_ids, token_type_ids, pad_token_id: int) -> list[dict[str, np.ndarray]]:
+    def _encode(self, value, width: int):
+        """On the device: ``(values on the host, scales on the host or None)`` in storage form."""
+        if self.spec.dtype == "int8":
+            quantised, scale = quantise_rows(value, width)
+            return quantised.cpu(), scale.cpu()
+        return value.to(self.torch_dtype).cpu(), None
+
+    def run(self, input_ids, token_type_ids, pad_token_id: int) -> list[dict[str, np.ndarray | None]]:
         import torch
 
         from pipeline.cache.teacher_outputs import forward_internals
@@ -195,26 +244,52 @@ class ForwardRunner:
         ids, types, mask = pad_batch(input_ids, token_type_ids, pad_token_id)
         lengths = [len(x) for x in input_ids]
         with torch.inference_mode(), self._autocast():
+            mask_device = mask.to(self.device)
             internals = forward_internals(
-                self.model, ids.to(self.device), types.to(self.device), mask.to(self.device),
-                hidden_layers=self.spec.hidden_layers, attention_layers=self.spec.attention_layers,
+                self.model, ids.to(self.device), types.to(self.device), mask_device,
+                hidden_layers=self.forward_hidden, attention_layers=self.forward_attention,
                 with_logits=self.spec.with_logits)
             # Convert on the device (halves the transfer), then one copy to the host per tensor.
-            hidden = {l: t.to(self.torch_dtype).cpu() for l, t in internals.hidden.items()}
-            scores = {l: t.to(self.torch_dtype).cpu() for l, t in internals.scores.items()}
+            hidden = {l: self._encode(t, self.hidden_size) for l, t in internals.hidden.items()}
+            # Padded keys hold unmasked garbage: zero them so they do not set an int8 scale.
+            key_mask = mask_device.bool()[:, None, None, :]
+            scores = {l: self._encode(t.masked_fill(~key_mask, 0.0), t.shape[-1])
+                      for l, t in internals.scores.items()}
             logits = internals.logits.float().cpu() if self.spec.with_logits else None
         rows = []
         for b, length in enumerate(lengths):
-            row: dict[str, np.ndarray] = {}
+            row: dict[str, np.ndarray | None] = {}
             if logits is not None:
                 row["logits"] = logits[b].numpy()
-            for layer, value in hidden.items():
-                row[hidden_column(layer)] = _to_storage_numpy(value[b, :length].reshape(-1), self.spec.dtype)
-            for layer, value in scores.items():
-                row[attention_column(layer)] = _to_storage_numpy(
-                    value[b, :, :length, :length].reshape(-1), self.spec.dtype)
+            for layer in self.plan.stored_hidden:
+                self._put(row, hidden_column(layer), hidden[layer], b, length, "hidden")
+            for layer in self.forward_attention:
+                if self.plan.row_stores_scores(layer, length, self.hidden_size, self.num_heads):
+                    self._put(row, attention_column(layer), scores[layer], b, length, "scores")
+                    if self.plan.score_sources.get(layer) == "row":
+                        self._put(row, input_column(layer), None, b, length, "hidden")
+                else:
+                    self._put(row, attention_column(layer), None, b, length, "scores")
+                    self._put(row, input_column(layer), hidden[layer - 1], b, length, "hidden")
             rows.append(row)
         return rows
+
+    def _put(self, row: dict, column: str, encoded, b: int, length: int, kind: str) -> None:
+        int8 = self.spec.dtype == "int8"
+        if encoded is None:
+            row[column] = None
+            if int8:
+                row[scale_column(column)] = None
+            return
+        values, scale = encoded
+        if kind == "hidden":
+            row[column] = _to_storage_numpy(values[b, :length].reshape(-1), self.spec.dtype)
+            if int8:
+                row[scale_column(column)] = scale[b, :length].contiguous().numpy()
+        else:
+            row[column] = _to_storage_numpy(values[b, :, :length, :length].reshape(-1), self.spec.dtype)
+            if int8:
+                row[scale_column(column)] = scale[b, :, :length].reshape(-1).contiguous().numpy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,6 +321,8 @@ class RowGroupBuffer:
             values = [row[field.name] for row in self.rows]
             if pa.types.is_list(field.type):
                 columns.append(_ragged(values, field.type.value_type))
+            elif pa.types.is_binary(field.type):   # int8 storage: a row's values as bytes
+                columns.append(pa.array([None if v is None else v.tobytes() for v in values], pa.binary()))
             else:
                 columns.append(pa.array(values, field.type))
         table = pa.Table.from_arrays(columns, schema=self.schema)
@@ -254,13 +331,28 @@ class RowGroupBuffer:
         self.rows, self.bytes = [], 0
 
 
-def _ragged(values: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
-    """One ``list<value_type>`` array from per-row numpy arrays (one concatenation, no Python loop)."""
-    sizes = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+def _ragged(values: list[np.ndarray | None], value_type: pa.DataType) -> pa.ListArray:
+    """One ``list<value_type>`` array from per-row numpy arrays (None: a null list), with one
+    concatenation and no Python loop over values."""
+    sizes = np.fromiter((0 if v is None else len(v) for v in values), dtype=np.int64, count=len(values))
     offsets = np.zeros(len(values) + 1, dtype=np.int32)
     np.cumsum(sizes, out=offsets[1:])
-    flat = np.concatenate(values) if values else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, value_type))
+    present = [v for v in values if v is not None]
+    flat = np.concatenate(present) if present else np.zeros(0)
+    nulls = sizes.size and any(v is None for v in values)
+    mask = pa.array([v is None for v in values]) if nulls else None
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, value_type), mask=mask)
+
+
+def can_derive_scores(model) -> bool:
+    """Whether the teacher's scores are plain query/key products that TeacherParts can redo."""
+    from pipeline.cache.teacher_outputs import query_key_projections
+
+    try:
+        query_key_projections(model, 1)
+    except (TypeError, AttributeError, ValueError):
+        return False
+    return True
 
 
 def write_cache_shard(examples: pa.Table, model, tokenizer, out_file: Path | str, spec: CacheSpec, *,
@@ -277,11 +369,12 @@ def write_cache_shard(examples: pa.Table, model, tokenizer, out_file: Path | str
     """
     out_file = Path(out_file)
     device_ = resolve_device(device)
-    runner = ForwardRunner(model, spec, device_, autocast)
+    plan = spec.plan(can_derive_scores(model))
+    runner = ForwardRunner(model, spec, device_, autocast, plan)
     input_ids, token_type_ids = tokenize_examples(tokenizer, examples, spec.max_seq_length, source)
     lengths = [len(x) for x in input_ids]
     label_type = examples.schema.field("label").type
-    schema = cache_schema(spec, label_type, metadata)
+    schema = cache_schema(spec, label_type, metadata, plan)
     ids = examples.column("id").to_pylist()
     orig_ids = examples.column("orig_id").to_pylist()
     aug_indices = examples.column("aug_index").to_pylist()
@@ -298,7 +391,7 @@ def write_cache_shard(examples: pa.Table, model, tokenizer, out_file: Path | str
             write_page_checksum=True,
             # Options on list columns name the leaf ("<column>.list.element"), not the column.
             use_byte_stream_split=[f"{f.name}.list.element" for f in schema
-                                   if f.name.startswith(("hidden_", "attn_"))]
+                                   if f.name.startswith(("hidden_", "attn_")) and pa.types.is_list(f.type)]
             if byte_stream_split else False)
         with writer:
             buffer = RowGroupBuffer(writer, schema, row_group_bytes)
@@ -440,12 +533,14 @@ def write_shard_output(source: Path | str, start: int, stop: int, shard_index: i
                          f"{_head_size(teacher)}", teacher)
     model, tok, head_trained = load_cache_teacher(teacher, spec.with_logits, tokenizer)
     check_layers(spec, model.config.num_hidden_layers, str(teacher))
+    plan = spec.plan(can_derive_scores(model))
     if spec.with_logits:
         warn_if_untrained_head(teacher, head_trained)
     info = {
         "teacher": {**teacher_description(teacher, model), "head_trained": head_trained},
+        "format_version": FORMAT_VERSION,
         "hidden_layers": spec.hidden_layers, "attention_layers": spec.attention_layers,
-        "dtype": spec.dtype, "with_logits": spec.with_logits,
+        "dtype": spec.dtype, "compact": plan.describe(), "with_logits": spec.with_logits,
         "hidden_size": model.config.hidden_size, "num_heads": model.config.num_attention_heads,
         "num_labels": model.config.num_labels if spec.with_logits else 0,
         "label_names": task_info.get("label_names"), "task_type": task_info.get("task_type"),
@@ -463,8 +558,8 @@ def write_shard_output(source: Path | str, start: int, stop: int, shard_index: i
     shard_dir = Path(out_dir) / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     out_file = shard_dir / SHARD_NAME.format(shard_index)
-    metadata = {k: info[k] for k in ("hidden_layers", "attention_layers", "dtype", "hidden_size",
-                                     "num_heads", "tokenizer_vocab_sha256")}
+    metadata = {k: info[k] for k in ("format_version", "hidden_layers", "attention_layers", "dtype",
+                                     "compact", "hidden_size", "num_heads", "tokenizer_vocab_sha256")}
     stats = write_cache_shard(examples, model, tok, out_file, spec, batch_size=batch_size,
                               device=device, autocast=autocast, row_group_bytes=row_group_bytes,
                               compression_level=compression_level,
@@ -475,21 +570,102 @@ def write_shard_output(source: Path | str, start: int, stop: int, shard_index: i
     info["shards"] = [{"file": f"shards/{out_file.name}", "index": shard_index, "start": start,
                        "stop": stop, "rows": stats["rows"], "bytes": stats["bytes"],
                        "sha256": sha256_file(out_file), "tokens": stats["tokens"],
-                       "row_groups": stats["row_groups"], "seconds": stats["seconds"]}]
+                       "row_groups": stats["row_groups"], "seconds": stats["seconds"],
+                       "column_bytes": column_bytes(out_file)}]
     info["examples"] = stats["rows"]
     return info
 
 
+def column_kind(column: str) -> str:
+    """``hidden`` (hidden states), ``scores`` (attention targets: scores and the layer inputs
+    they are derived from) or ``other`` (ids, tokens, labels, logits), scales included."""
+    if column.startswith("hidden_"):
+        return "hidden"
+    if column.startswith("attn_"):
+        return "scores"
+    return "other"
+
+
+def column_bytes(parquet_file: Path | str) -> dict[str, int]:
+    """Compressed bytes of a Parquet file by column kind, from its footer alone."""
+    metadata = pq.read_metadata(parquet_file)
+    kinds = {"hidden": 0, "scores": 0, "other": 0}
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        for index in range(row_group.num_columns):
+            chunk = row_group.column(index)
+            kinds[column_kind(chunk.path_in_schema.split(".")[0])] += chunk.total_compressed_size
+    return kinds
+
+
+def size_figures(info: dict) -> dict:
+    """Bytes per example and per real token, by column kind, and the naive layout beside them.
+
+    ``shards`` counts the Parquet files; ``parts`` the teacher modules a compact cache keeps
+    once (amortised over the cache: it does not grow with the examples).
+    """
+    shards = info["shards"]
+    examples = sum(int(s["rows"]) for s in shards) or 1
+    tokens = sum(int(s.get("tokens", 0)) for s in shards) or 1
+    kinds = {"hidden": 0, "scores": 0, "other": 0}
+    for shard in shards:
+        for kind, count in (shard.get("column_bytes") or {}).items():
+            kinds[kind] += int(count)
+    total = sum(int(s["bytes"]) for s in shards)
+    parts = int(((info.get("compact") or {}).get("parts") or {}).get("bytes", 0))
+    spec = CacheSpec(info["hidden_layers"], info["attention_layers"], "float32",
+                     int(info.get("max_seq_length", 128)), bool(info.get("with_logits", True)), "full")
+    naive = naive_bytes_per_example(spec, spec.max_seq_length, int(info["hidden_size"]),
+                                    int(info["num_heads"]), int(info.get("num_labels") or 0))
+    return {
+        "bytes_per_example": round(total / examples, 1), "bytes_per_token": round(total / tokens, 1),
+        "by_kind_per_token": {k: round(v / tokens, 1) for k, v in kinds.items()},
+        "by_kind_per_example": {k: round(v / examples, 1) for k, v in kinds.items()},
+        "parts_bytes": parts, "mean_tokens": round(tokens / examples, 2),
+        "naive_fp32_padded_bytes_per_example": naive,
+        "naive_fp32_padded_bytes_per_token": round(naive / spec.max_seq_length, 1),
+    }
+
+
 #: Info keys that every shard of one cache must agree on.
-SHARED_INFO_KEYS = ("hidden_layers", "attention_layers", "dtype", "with_logits", "hidden_size",
-                    "num_heads", "num_labels", "tokenizer_vocab_sha256", "max_seq_length")
+SHARED_INFO_KEYS = ("format_version", "hidden_layers", "attention_layers", "dtype", "compact",
+                    "with_logits", "hidden_size", "num_heads", "num_labels", "tokenizer_vocab_sha256",
+                    "max_seq_length")
 
 
-def assemble_cache(shard_dirs: Sequence[Path | str], out_dir: Path | str) -> dict:
+def write_teacher_parts(teacher: str | Path, plan: CompactPlan, out_dir: Path, expected: dict) -> dict:
+    """Save the modules a compact cache recomputes from (once per cache); the manifest entry.
+
+    ``expected`` is the teacher description the shards recorded: the parts must come from the
+    very teacher that wrote them (same local content fingerprint).
+    """
+    from transformers import AutoModel
+
+    from pipeline.stage import sha256_file
+
+    try:
+        model = AutoModel.from_pretrained(str(teacher))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the teacher for the cache's parts ({exc})", teacher) from None
+    described = teacher_description(teacher, model)
+    if expected.get("fingerprint") and described.get("fingerprint") != expected["fingerprint"]:
+        raise InputError("the teacher changed since the shards were written (content fingerprint "
+                         "differs); rebuild the shards", teacher)
+    score_layers = sorted(plan.score_sources)
+    parts = TeacherParts.from_model(model, score_layers)
+    out_file = out_dir / PARTS_FILE
+    entry = parts.save(out_file, model.config)
+    entry.update(bytes=out_file.stat().st_size, sha256=sha256_file(out_file))
+    return entry
+
+
+def assemble_cache(shard_dirs: Sequence[Path | str], out_dir: Path | str,
+                   teacher: str | Path | None = None) -> dict:
     """Make ``out_dir`` a self-contained cache over the given one-shard outputs.
 
     Shard files are hard-linked (a copy where the filesystem cannot link), so the cache costs
-    no extra disk and stays readable if the shard outputs are garbage-collected.
+    no extra disk and stays readable if the shard outputs are garbage-collected. A compact cache
+    also gets the teacher's parts (``teacher``: the teacher that wrote the shards).
     """
     import os
     import shutil
@@ -520,6 +696,13 @@ def assemble_cache(shard_dirs: Sequence[Path | str], out_dir: Path | str) -> dic
     merged["examples"] = sum(s["rows"] for s in merged["shards"])
     merged["tokens"] = sum(s["tokens"] for s in merged["shards"])
     merged["bytes"] = sum(s["bytes"] for s in merged["shards"])
+    plan = CompactPlan.from_info(merged)
+    if plan.needs_parts:
+        if teacher is None:
+            raise InputError("a compact cache needs its teacher to store the teacher parts", out_dir)
+        merged["compact"] = {**merged["compact"],
+                             "parts": write_teacher_parts(teacher, plan, out_dir, first.get("teacher") or {})}
+    merged["size"] = size_figures(merged)
     return merged
 
 
@@ -536,7 +719,7 @@ def build_cache(source: Path | str, teacher: str | Path, out_dir: Path | str, sp
         info = write_shard_output(source, start, stop, index, teacher, piece, spec, **kwargs)
         (piece / "manifest.json").write_text(json.dumps({"info": info}))
         pieces.append(piece)
-    info = assemble_cache(pieces, out_dir)
+    info = assemble_cache(pieces, out_dir, teacher)
     (out_dir / "manifest.json").write_text(json.dumps({"info": info}, indent=1))
     import shutil
 

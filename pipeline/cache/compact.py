@@ -1,0 +1,353 @@
+"""The compact cache (format 2): store nothing that can be recomputed, quantise what is stored.
+
+A format-1 cache stores, per example, every mapped hidden layer (``L·H`` values each) and every
+mapped layer's pre-softmax scores (``heads·L²`` values each) in half precision. Three facts
+make most of that redundant:
+
+* **Layer 0 is a function of the token ids.** The embedding output is ``LayerNorm(word[id] +
+  position[p] + type[t])``: keep the teacher's embedding module once per cache
+  (:data:`PARTS_FILE`, safetensors) and recompute it in the trainer, exactly (in fp32, the same
+  module and the same ops as the teacher's own forward: bitwise equal).
+* **Layer l's scores are a function of layer l's input.** ``S = (x W_qᵀ + b_q)(x W_kᵀ + b_k)ᵀ /
+  sqrt(d_head)`` with ``x`` the output of layer ``l-1``. Storing ``x`` costs ``L·H`` values,
+  the scores ``heads·L²``: the input is the smaller one once ``L > H / heads = d_head`` (64
+  tokens for BERT-base, 32 for MiniLM-L6). The cache keeps the teacher's query/key weights
+  of those layers in the same parts file and decides *per row, by length*, which of the two
+  to store. When ``x`` is stored anyway (a hidden layer the map also needs, as with adjacent
+  mapped layers or an all-layers cache) or is layer 0 (recomputed), the scores cost nothing.
+* **Activations survive 8 bits.** ``storage = int8`` stores symmetric int8 values with one
+  float32 scale per token for hidden states and one per (head, query row) for scores
+  (``value = int8 · scale``, ``scale = max|row| / 127``), dequantised by the reader in the same
+  copy that pads the batch.
+
+``layout = full`` keeps format 1's columns (every mapped layer stored as it is) for exact
+comparisons. Either way the trainer receives the Batch of docs/DESIGN.md: the reader
+dequantises and pads, and :class:`TeacherParts` (called by the trainer's
+:class:`distill.trainer.CachedTeacher` on the training device, and by the online teacher for
+layer 0, so both modes compute it the same way) fills in layer 0 and the derived scores.
+
+Column names (format 2): ``hidden_<j>`` and ``attn_<l>`` as in format 1 (``attn_<l>`` is null
+in rows whose scores are derived), ``attn_input_<l>`` (layer ``l``'s input, null in rows that
+store the scores) and ``<column>_scale`` next to every int8 column.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.errors import InputError
+
+#: The cache format this code writes, and the ones its reader understands.
+FORMAT_VERSION = 2
+KNOWN_FORMATS = (1, 2)
+#: Storage of hidden states and scores: the three float types of format 1, and int8.
+STORAGES = ("float16", "bfloat16", "float32", "int8")
+#: The ``[TeacherCache] storage`` names of those.
+STORAGE_NAMES = {"fp16": "float16", "int8": "int8", "bf16": "bfloat16", "fp32": "float32"}
+LAYOUTS = ("compact", "full")
+#: The teacher modules a compact cache keeps (embeddings, query/key projections).
+PARTS_FILE = "teacher_parts.safetensors"
+INT8_MAX = 127
+
+
+def hidden_column(layer: int) -> str:
+    return f"hidden_{layer}"
+
+
+def attention_column(layer: int) -> str:
+    return f"attn_{layer}"
+
+
+def input_column(layer: int) -> str:
+    """The column holding attention layer ``layer``'s input in rows that derive its scores."""
+    return f"attn_input_{layer}"
+
+
+def scale_column(column: str) -> str:
+    return f"{column}_scale"
+
+
+def scores_are_smaller(length: int, hidden_size: int, num_heads: int) -> bool:
+    """Whether a row of ``length`` tokens stores its scores (heads·L² values) rather than the
+    layer input (L·H values); ties store the scores, which need no recomputation."""
+    return num_heads * length <= hidden_size
+
+
+@dataclass
+class CompactPlan:
+    """Which teacher tensors a format-2 cache stores, and how the rest is recomputed.
+
+    ``score_sources[l]`` says where attention layer ``l``'s input comes from when its scores
+    are derived: ``"embeddings"`` (l = 1: layer 0, recomputed), ``"hidden"`` (``hidden_<l-1>``
+    is stored anyway: always derived) or ``"row"`` (decided per row by length:
+    ``attn_<l>`` or ``attn_input_<l>``). Layers absent from it store their scores in every row.
+    """
+
+    layout: str
+    hidden_layers: list[int]                 # what the trainer may ask for
+    attention_layers: list[int]
+    stored_hidden: list[int] = field(default_factory=list)
+    derive_embeddings: bool = False
+    score_sources: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, layout: str, hidden_layers: Sequence[int], attention_layers: Sequence[int],
+             can_derive_scores: bool = True) -> "CompactPlan":
+        if layout not in LAYOUTS:
+            raise InputError(f"unknown cache layout {layout!r}; choose one of {list(LAYOUTS)}")
+        hidden, attention = sorted(set(hidden_layers)), sorted(set(attention_layers))
+        if layout == "full":
+            return cls(layout, hidden, attention, stored_hidden=hidden)
+        stored = [l for l in hidden if l != 0]
+        sources: dict[int, str] = {}
+        if can_derive_scores:
+            for layer in attention:
+                sources[layer] = ("embeddings" if layer == 1 else
+                                  "hidden" if layer - 1 in stored else "row")
+        derive_embeddings = 0 in hidden or any(s == "embeddings" for s in sources.values())
+        return cls(layout, hidden, attention, stored, derive_embeddings, sources)
+
+    @classmethod
+    def from_info(cls, info: dict) -> "CompactPlan":
+        """The plan a cache manifest records (format 1: everything stored)."""
+        hidden = [int(x) for x in info["hidden_layers"]]
+        attention = [int(x) for x in info["attention_layers"]]
+        compact = info.get("compact")
+        if not compact:
+            return cls("full", hidden, attention, stored_hidden=hidden)
+        return cls(compact["layout"], hidden, attention,
+                   stored_hidden=[int(x) for x in compact["stored_hidden"]],
+                   derive_embeddings=bool(compact["derive_embeddings"]),
+                   score_sources={int(k): v for k, v in compact["score_sources"].items()})
+
+    def describe(self) -> dict:
+        return {"layout": self.layout, "stored_hidden": self.stored_hidden,
+                "derive_embeddings": self.derive_embeddings,
+                "score_sources": {str(k): v for k, v in sorted(self.score_sources.items())}}
+
+    @property
+    def needs_parts(self) -> bool:
+        return self.derive_embeddings or bool(self.score_sources)
+
+    def row_stores_scores(self, layer: int, length: int, hidden_size: int, num_heads: int) -> bool:
+        source = self.score_sources.get(layer)
+        if source is None:
+            return True
+        if source in ("embeddings", "hidden"):
+            return False
+        return scores_are_smaller(length, hidden_size, num_heads)
+
+    def input_of(self, layer: int) -> str:
+        """The column (or ``"embeddings"``) that holds attention layer ``layer``'s input."""
+        source = self.score_sources[layer]
+        if source == "embeddings":
+            return "embeddings"
+        if source == "hidden":
+            return hidden_column(layer - 1)
+        return input_column(layer)
+
+
+def check_format(info: dict, where: Path | str) -> int:
+    """The cache's format version, or one clear error for a format this code cannot read."""
+    version = int(info.get("format_version", 1))
+    if version not in KNOWN_FORMATS:
+        raise InputError(f"teacher-cache format {version} is unknown to this version of tinykd "
+                         f"(it reads formats {list(KNOWN_FORMATS)}); upgrade tinykd or rebuild the "
+                         "cache", where)
+    storage = info.get("dtype")
+    if storage not in STORAGES:
+        raise InputError(f"unknown cache storage {storage!r} (known: {list(STORAGES)})", where)
+    return version
+
+
+# --- int8 quantisation (numpy in the writer, torch in the reader) ---------------------------
+
+def quantise_rows(values, axis_size: int):
+    """Symmetric int8 with one scale per row of ``axis_size`` trailing values (torch tensors).
+
+    ``values``: ``[..., axis_size]`` float tensor. Returns ``(int8 tensor, float32 scales [...])``;
+    an all-zero row gets scale 0 (and zeros), so dequantisation never divides.
+    """
+    import torch
+
+    values = values.float()
+    scale = values.abs().amax(dim=-1) / INT8_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    quantised = torch.round(values / safe[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return quantised, scale
+
+
+def dequantise_into(target, values: np.ndarray, scales: np.ndarray, rows: int, width: int) -> None:
+    """``target = values · scale``: ``rows`` scaled rows of ``width`` int8 values, written into
+    ``target`` (any view of ``rows·width`` elements, e.g. a padded batch's slice)."""
+    import torch
+
+    quantised = torch.from_numpy(values).view(rows, width)
+    dequantised = quantised.to(torch.float32) * torch.from_numpy(scales).view(rows, 1)
+    target.copy_(dequantised.view(target.shape))
+
+
+# --- the teacher parts ------------------------------------------------------------------------
+
+def _import_class(path: str):
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+class TeacherParts:
+    """The teacher modules that recompute what a compact cache leaves out.
+
+    ``embeddings``: the teacher's embedding module (layer 0); ``query_key[l]``: the query and
+    key projections of attention layer ``l``. Both run in fp32, in eval mode, without grad.
+    """
+
+    def __init__(self, embeddings, query_key: dict, num_heads: int, uses_token_types: bool = True):
+        self.embeddings = embeddings.eval() if embeddings is not None else None
+        self.query_key = query_key
+        self.num_heads = num_heads
+        self.uses_token_types = uses_token_types
+
+    # writing
+    @classmethod
+    def from_model(cls, model, score_layers: Sequence[int]) -> "TeacherParts":
+        from pipeline.cache.teacher_outputs import query_key_projections
+
+        base = getattr(model, "base_model", model)
+        return cls(base.embeddings, {l: query_key_projections(model, l) for l in score_layers},
+                   model.config.num_attention_heads)
+
+    def save(self, out_file: Path, config) -> dict:
+        """Write the modules' weights to ``out_file``; return what the manifest records."""
+        from safetensors.torch import save_file
+
+        tensors = {f"embeddings.{k}": v.detach().cpu().contiguous()
+                   for k, v in self.embeddings.state_dict().items()}
+        for layer, (query, key) in self.query_key.items():
+            for name, module in (("query", query), ("key", key)):
+                for k, v in module.state_dict().items():
+                    tensors[f"layer.{layer}.{name}.{k}"] = v.detach().cpu().contiguous()
+        save_file(tensors, str(out_file))
+        embeddings_class = type(self.embeddings)
+        return {"file": out_file.name,
+                "embeddings_class": f"{embeddings_class.__module__}.{embeddings_class.__qualname__}",
+                "score_layers": sorted(self.query_key), "config": config.to_dict()}
+
+    # reading
+    @classmethod
+    def load(cls, cache_dir: Path | str, info: dict, device=None) -> "TeacherParts":
+        """The parts a compact cache recorded, on ``device``; one clear error if missing or bad."""
+        import torch
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        from transformers import AutoConfig
+
+        parts = info["compact"]["parts"]
+        path = Path(cache_dir) / parts["file"]
+        if not path.is_file():
+            raise InputError("the compact cache's teacher parts (embeddings, query/key weights) "
+                             "are missing; rebuild the cache", path)
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(f"unreadable teacher parts ({exc})", path) from None
+        config_dict = dict(parts["config"])
+        config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+        # Building modules draws their random initial weights from the global generator: keep
+        # it untouched, or opening a cache would shift the trainer's dropout and data order.
+        with torch.random.fork_rng(devices=[]):
+            return cls._build(path, tensors, config, parts, info, device)
+
+    @classmethod
+    def _build(cls, path: Path, tensors: dict, config, parts: dict, info: dict, device) -> "TeacherParts":
+        import torch
+
+        try:
+            embeddings = _import_class(parts["embeddings_class"])(config)
+            embeddings.load_state_dict({k[len("embeddings."):]: v for k, v in tensors.items()
+                                        if k.startswith("embeddings.")})
+            query_key = {}
+            for layer in parts["score_layers"]:
+                pair = []
+                for name in ("query", "key"):
+                    prefix = f"layer.{layer}.{name}."
+                    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                    linear = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+                    linear.load_state_dict(state)
+                    pair.append(linear.eval())
+                query_key[int(layer)] = tuple(pair)
+        except (KeyError, RuntimeError, AttributeError, ImportError) as exc:
+            raise InputError(f"teacher parts do not match the manifest ({exc})", path) from None
+        loaded = cls(embeddings, query_key, int(info["num_heads"]))
+        return loaded.to(device) if device is not None else loaded
+
+    def to(self, device) -> "TeacherParts":
+        if self.embeddings is not None:
+            self.embeddings.to(device)
+        for query, key in self.query_key.values():
+            query.to(device)
+            key.to(device)
+        return self
+
+    def embed(self, input_ids, token_type_ids):
+        """Layer 0 (the embedding output) in fp32, as the teacher's forward computes it."""
+        import torch
+
+        with torch.no_grad():
+            return self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids).float()
+
+    def scores(self, layer: int, layer_input):
+        """Attention layer ``layer``'s pre-softmax scores [B, heads, T, T] from its input [B, T, H]."""
+        import torch
+
+        from pipeline.cache.teacher_outputs import scores_from_query_key
+
+        query, key = self.query_key[layer]
+        with torch.no_grad():
+            return scores_from_query_key(query(layer_input), key(layer_input), self.num_heads)
+
+
+#: The batch key under which the reader hands over what the trainer must recompute.
+DERIVE_KEY = "teacher_derive"
+
+
+def complete_batch(batch: dict, parts: TeacherParts | None) -> dict:
+    """Fill in layer 0 and the derived scores of a batch read from a compact cache.
+
+    The reader leaves out what the cache does not store and says so under :data:`DERIVE_KEY`:
+    ``layer0`` (the trainer wants hidden layer 0), ``inputs[l]`` (attention layer ``l``'s input,
+    a [B, T, H] tensor, or the string ``"embeddings"`` for layer 0) and ``rows[l]`` (a [B] bool:
+    the rows whose scores are recomputed; the others carry their stored scores). Padding is
+    zeroed exactly as :func:`pipeline.cache.teacher_outputs.zero_padding` does for a live
+    teacher, so the result is the Batch of docs/DESIGN.md.
+    """
+    import torch
+
+    from pipeline.cache.teacher_outputs import zero_padding
+
+    derive = batch.pop(DERIVE_KEY, None)
+    if not derive:
+        return batch
+    if parts is None:
+        raise InputError("this batch comes from a compact cache, but the trainer was not given "
+                         "the cache's teacher parts")
+    wants_embeddings = derive["layer0"] or any(isinstance(v, str) for v in derive["inputs"].values())
+    embedded = parts.embed(batch["input_ids"], batch["token_type_ids"]) if wants_embeddings else None
+    new_hidden, new_scores = {}, {}
+    if derive["layer0"]:
+        new_hidden[0] = embedded
+    for layer, layer_input in derive["inputs"].items():
+        computed = parts.scores(layer, embedded if isinstance(layer_input, str) else layer_input)
+        stored = batch["teacher_scores"].get(layer)
+        rows = derive["rows"].get(layer)
+        if stored is not None and rows is not None:
+            computed = torch.where(rows.to(computed.device)[:, None, None, None], computed, stored)
+        new_scores[layer] = computed
+    zero_padding(new_hidden, new_scores, batch["attention_mask"])
+    batch["teacher_hidden"] = {**batch["teacher_hidden"], **new_hidden}
+    batch["teacher_scores"] = {**batch["teacher_scores"], **new_scores}
+    return batch
