@@ -89,20 +89,13 @@ def build_student(spec: StudentSpec, teacher_config, num_labels: int, task_type:
 
 def _from_teacher_layers(spec: StudentSpec, teacher_config, labels: dict):
     """Copy the teacher's embeddings, the chosen layers (1-based) and its pooler."""
-    from transformers import BertForSequenceClassification, BertModel
+    from transformers import BertForSequenceClassification
 
     if not spec.checkpoint:
         raise ValueError("teacher_layers init needs the teacher directory as `checkpoint`")
-    from transformers.utils import logging as hf_logging
+    from pipeline.teacher.finetune import load_bare_encoder
 
-    # A fine-tuned teacher's classifier is "unexpected" in a bare BertModel: expected here,
-    # so keep transformers' load report (a warning) out of the run's log.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        teacher = BertModel.from_pretrained(spec.checkpoint)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    teacher = load_bare_encoder(spec.checkpoint)
     chosen = list(spec.teacher_layers)
     if not chosen or any(not 1 <= l <= teacher.config.num_hidden_layers for l in chosen):
         raise ValueError(f"teacher_layers {chosen} must be non-empty and within "

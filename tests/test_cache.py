@@ -353,7 +353,15 @@ def test_inspect_summarises_the_cache(cache_dir):
     assert summary["examples"] == 17 and summary["shards"] == 3
     assert summary["hidden_layers"] == [0, 2, 4] and summary["dtype"] == "float16"
     assert summary["bytes_per_example"] == pytest.approx(summary["bytes"] / 17)
-    for needle in ("examples", "17", "bytes/example", "float16", "verify: OK", "teacher"):
+    tokens = sum(s["tokens"] for s in json.loads((cache_dir / "manifest.json").read_text())["info"]["shards"])
+    assert summary["bytes_per_token"] == pytest.approx(summary["bytes"] / tokens)
+    kinds = summary["by_kind_per_token"]
+    assert set(kinds) == {"hidden", "scores", "other"} and all(v > 0 for v in kinds.values())
+    assert sum(kinds.values()) <= summary["bytes_per_token"]   # the rest: Parquet footers
+    assert summary["parts_bytes"] > 0 and summary["layout"] == "compact"
+    assert summary["naive_bytes_per_token"] > 10 * summary["bytes_per_token"]
+    for needle in ("examples", "17", "bytes/token", "bytes/example", "float16", "verify: OK", "teacher",
+                   "teacher parts", "naive layout"):
         assert needle in report
 
 

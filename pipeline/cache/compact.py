@@ -33,7 +33,6 @@ store the scores) and ``<column>_scale`` next to every int8 column.
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence

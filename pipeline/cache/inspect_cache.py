@@ -1,8 +1,10 @@
 """``tinykd inspect``: what a teacher cache holds, what it costs, and whether it is intact.
 
 The summary comes from the manifest and the Parquet footers only (instant on any cache size):
-examples, shards, bytes per example and per real token, the naive layout it replaces, the
-layers and dtype, the teacher and the parameters it was created with. ``verify`` re-reads
+examples, shards, bytes per real token and per example (the headline: a cache's size is its
+token count times bytes per token), split by column kind (hidden states, attention targets,
+the rest), the naive fp32-padded layout it replaces, the format, layout and storage, the
+layers, the teacher and the parameters it was created with. ``verify`` re-reads
 everything: each shard's sha256 against the manifest, every row group decoded (page CRCs
 checked) and every ragged list checked against its example's length.
 """
@@ -16,27 +18,35 @@ from pipeline.errors import InputError
 def summarise(cache_dir: Path | str) -> dict:
     """The cache summary as a dict (see the module docstring)."""
     from pipeline.cache.reader import open_cache
-    from pipeline.cache.writer import CacheSpec, naive_bytes_per_example
+    from pipeline.cache.writer import column_bytes, size_figures
 
     reader = open_cache(cache_dir)
-    info = reader.info
+    info = dict(reader.info)
+    # Caches written before the manifest recorded column sizes: read them from the footers.
+    info["shards"] = [shard if "column_bytes" in shard else {**shard, "column_bytes": column_bytes(file)}
+                      for shard, file in zip(info["shards"], reader.shard_files)]
     shards = info["shards"]
     examples = reader.num_examples
     total_bytes = sum(int(s["bytes"]) for s in shards)
-    tokens = sum(int(s.get("tokens", 0)) for s in shards)
-    spec = CacheSpec(info["hidden_layers"], info["attention_layers"], info["dtype"],
-                     info.get("max_seq_length", 128), info.get("with_logits", True))
-    naive = naive_bytes_per_example(spec, spec.max_seq_length, reader.hidden_size, reader.num_heads,
-                                    int(info.get("num_labels") or 0))
+    size = size_figures(info)
     return {
         "cache_dir": str(Path(cache_dir)),
         "examples": examples,
         "shards": len(shards),
         "row_groups": len(reader.row_groups),
         "bytes": total_bytes,
-        "bytes_per_example": total_bytes / examples if examples else 0.0,
-        "mean_tokens": tokens / examples if examples else 0.0,
-        "naive_bytes_per_example": naive,
+        "bytes_per_example": size["bytes_per_example"],
+        "bytes_per_token": size["bytes_per_token"],
+        "by_kind_per_token": size["by_kind_per_token"],
+        "by_kind_per_example": size["by_kind_per_example"],
+        "parts_bytes": size["parts_bytes"],
+        "mean_tokens": size["mean_tokens"],
+        "naive_bytes_per_example": size["naive_fp32_padded_bytes_per_example"],
+        "naive_bytes_per_token": size["naive_fp32_padded_bytes_per_token"],
+        "format_version": reader.format_version,
+        "layout": reader.plan.layout,
+        "stored_hidden": reader.plan.stored_hidden,
+        "score_sources": reader.plan.score_sources,
         "hidden_layers": info["hidden_layers"],
         "attention_layers": info["attention_layers"],
         "dtype": info["dtype"],
@@ -53,30 +63,33 @@ def summarise(cache_dir: Path | str) -> dict:
     }
 
 
-def _human(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(count) < 1024:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TB"
-
-
 def inspect_cache(cache_dir: Path | str, verify: bool = False) -> tuple[str, bool]:
     """A human-readable report and whether the cache is usable (and, with ``verify``, intact)."""
+    from pipeline.cache.writer import human_bytes
+
     try:
         summary = summarise(cache_dir)
     except InputError as exc:
         return f"teacher cache {cache_dir}: UNUSABLE: {exc}", False
     teacher = summary["teacher"] or {}
+    kinds = summary["by_kind_per_token"]
+    derived = {layer: {"embeddings": "from layer 0", "hidden": "from a stored layer",
+                       "row": "per row by length"}[source]
+               for layer, source in sorted(summary["score_sources"].items())}
     lines = [
         f"teacher cache {summary['cache_dir']}",
         f"  examples        {summary['examples']} in {summary['shards']} shard(s), "
         f"{summary['row_groups']} row group(s); mean {summary['mean_tokens']:.1f} real tokens",
-        f"  size            {_human(summary['bytes'])}; {summary['bytes_per_example']:.0f} bytes/example "
-        f"(naive fp32 padded to {summary['max_seq_length']}: {summary['naive_bytes_per_example']} "
-        f"bytes/example, {summary['naive_bytes_per_example'] / max(summary['bytes_per_example'], 1):.0f}x more)",
+        f"  size            {human_bytes(summary['bytes'])}: {summary['bytes_per_token']:.0f} bytes/token "
+        f"(hidden {kinds['hidden']:.0f}, attention {kinds['scores']:.0f}, other {kinds['other']:.0f}), "
+        f"{summary['bytes_per_example']:.0f} bytes/example"
+        + (f"; teacher parts {human_bytes(summary['parts_bytes'])} once" if summary["parts_bytes"] else ""),
+        f"  naive layout    fp32 padded to {summary['max_seq_length']}: {summary['naive_bytes_per_example']} "
+        f"bytes/example, {summary['naive_bytes_per_example'] / max(summary['bytes_per_example'], 1):.0f}x more",
+        f"  format          {summary['format_version']}, layout {summary['layout']}: hidden stored "
+        f"{summary['stored_hidden']}" + (f", scores derived {derived}" if derived else ""),
         f"  layers          hidden {summary['hidden_layers']}, attention scores {summary['attention_layers']}",
-        f"  dtype           {summary['dtype']}; logits: {'yes' if summary['with_logits'] else 'no (bare encoder)'}"
+        f"  storage         {summary['dtype']}; logits: {'yes' if summary['with_logits'] else 'no (bare encoder)'}"
         f"; labels: {summary['num_labels']} {summary['label_names'] or ''}".rstrip(),
         f"  teacher         {teacher.get('path')} ({teacher.get('architecture')}, "
         f"{teacher.get('num_layers')} layers, {teacher.get('hidden_size')} wide, "

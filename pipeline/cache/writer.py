@@ -618,7 +618,7 @@ def size_figures(info: dict) -> dict:
     naive = naive_bytes_per_example(spec, spec.max_seq_length, int(info["hidden_size"]),
                                     int(info["num_heads"]), int(info.get("num_labels") or 0))
     return {
-        "bytes_per_example": round(total / examples, 1), "bytes_per_token": round(total / tokens, 1),
+        "bytes_per_example": round(total / examples, 3), "bytes_per_token": round(total / tokens, 3),
         "by_kind_per_token": {k: round(v / tokens, 1) for k, v in kinds.items()},
         "by_kind_per_example": {k: round(v / examples, 1) for k, v in kinds.items()},
         "parts_bytes": parts, "mean_tokens": round(tokens / examples, 2),
@@ -639,14 +639,10 @@ def write_teacher_parts(teacher: str | Path, plan: CompactPlan, out_dir: Path, e
     ``expected`` is the teacher description the shards recorded: the parts must come from the
     very teacher that wrote them (same local content fingerprint).
     """
-    from transformers import AutoModel
-
     from pipeline.stage import sha256_file
+    from pipeline.teacher.finetune import load_bare_encoder
 
-    try:
-        model = AutoModel.from_pretrained(str(teacher))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load the teacher for the cache's parts ({exc})", teacher) from None
+    model = load_bare_encoder(teacher)
     described = teacher_description(teacher, model)
     if expected.get("fingerprint") and described.get("fingerprint") != expected["fingerprint"]:
         raise InputError("the teacher changed since the shards were written (content fingerprint "

@@ -107,6 +107,25 @@ def load_sequence_classifier(teacher: str | Path, num_labels: int | None = None,
     return model, bool(head_trained), label_check
 
 
+def load_bare_encoder(checkpoint: str | Path):
+    """The encoder of ``checkpoint`` without its task head (``AutoModel``), loaded quietly.
+
+    A fine-tuned teacher's classifier is "unexpected" in a bare encoder: expected here, so
+    transformers' load report (a warning) stays out of the run's log.
+    """
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModel.from_pretrained(str(checkpoint))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the encoder ({exc})", checkpoint) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def warn_if_untrained_head(teacher: str | Path, head_trained: bool) -> bool:
     """Warn loudly (log + Python warning) when caching or distilling from a random head."""
     if not head_trained:
