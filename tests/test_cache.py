@@ -359,7 +359,9 @@ def test_inspect_summarises_the_cache(cache_dir):
     assert set(kinds) == {"hidden", "scores", "other"} and all(v > 0 for v in kinds.values())
     assert sum(kinds.values()) <= summary["bytes_per_token"]   # the rest: Parquet footers
     assert summary["parts_bytes"] > 0 and summary["layout"] == "compact"
-    assert summary["naive_bytes_per_token"] > 10 * summary["bytes_per_token"]
+    assert summary["naive_bytes_per_token"] == pytest.approx(
+        summary["naive_bytes_per_example"] / summary["mean_tokens"], rel=1e-3)
+    assert summary["naive_bytes_per_example"] > 5 * summary["bytes_per_example"]
     for needle in ("examples", "17", "bytes/token", "bytes/example", "float16", "verify: OK", "teacher",
                    "teacher parts", "naive layout"):
         assert needle in report
