@@ -191,6 +191,25 @@ def dequantise_into(target, values: np.ndarray, scales: np.ndarray, rows: int, w
     target.copy_(dequantised.view(target.shape))
 
 
+def relative_errors(reference: dict, other: dict) -> dict[str, dict[str, float]]:
+    """Per column, the mean and max over examples of ``‖x̂ − x‖₂ / ‖x‖₂``.
+
+    ``reference`` / ``other``: ``example id -> (hidden {layer: tensor}, scores {layer: tensor})``
+    (real tokens only). The norm ratio is used because an element-wise ratio is meaningless
+    for values near zero, which activations are full of.
+    """
+    per_column: dict[str, list[float]] = {}
+    for example_id, (hidden, scores) in reference.items():
+        for prefix, ref_layers, other_layers in (("hidden", hidden, other[example_id][0]),
+                                                 ("attn", scores, other[example_id][1])):
+            for layer, value in ref_layers.items():
+                norm = float(value.float().norm())
+                error = float((other_layers[layer].float() - value.float()).norm())
+                per_column.setdefault(f"{prefix}_{layer}", []).append(error / norm if norm else error)
+    return {column: {"mean": float(np.mean(v)), "max": float(np.max(v))}
+            for column, v in sorted(per_column.items())}
+
+
 # --- the teacher parts ------------------------------------------------------------------------
 
 def _import_class(path: str):
