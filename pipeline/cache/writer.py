@@ -251,10 +251,11 @@ class ForwardRunner:
                 with_logits=self.spec.with_logits)
             # Convert on the device (halves the transfer), then one copy to the host per tensor.
             hidden = {l: self._encode(t, self.hidden_size) for l, t in internals.hidden.items()}
-            # Padded keys hold unmasked garbage: zero them so they do not set an int8 scale.
-            key_mask = mask_device.bool()[:, None, None, :]
-            scores = {l: self._encode(t.masked_fill(~key_mask, 0.0), t.shape[-1])
-                      for l, t in internals.scores.items()}
+            if self.spec.dtype == "int8":
+                # Padded keys hold unmasked scores: zero them so they do not set a row's scale.
+                key_mask = mask_device.bool()[:, None, None, :]
+                internals.scores = {l: t.masked_fill(~key_mask, 0.0) for l, t in internals.scores.items()}
+            scores = {l: self._encode(t, t.shape[-1]) for l, t in internals.scores.items()}
             logits = internals.logits.float().cpu() if self.spec.with_logits else None
         rows = []
         for b, length in enumerate(lengths):
