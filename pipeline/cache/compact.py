@@ -359,12 +359,16 @@ def complete_batch(batch: dict, parts: TeacherParts | None) -> dict:
     if derive["layer0"]:
         new_hidden[0] = embedded
     for layer, layer_input in derive["inputs"].items():
-        computed = parts.scores(layer, embedded if isinstance(layer_input, str) else layer_input)
-        stored = batch["teacher_scores"].get(layer)
+        layer_input = embedded if isinstance(layer_input, str) else layer_input
         rows = derive["rows"].get(layer)
-        if stored is not None and rows is not None:
-            computed = torch.where(rows.to(computed.device)[:, None, None, None], computed, stored)
-        new_scores[layer] = computed
+        if rows is None:                                  # every row derives these scores
+            new_scores[layer] = parts.scores(layer, layer_input)
+            continue
+        # Only the rows that stored their input instead of the scores: recompute just those.
+        index = rows.to(layer_input.device).nonzero().squeeze(1)
+        merged = batch["teacher_scores"][layer].clone()
+        merged[index] = parts.scores(layer, layer_input[index])
+        new_scores[layer] = merged
     zero_padding(new_hidden, new_scores, batch["attention_mask"])
     batch["teacher_hidden"] = {**batch["teacher_hidden"], **new_hidden}
     batch["teacher_scores"] = {**batch["teacher_scores"], **new_scores}
