@@ -25,6 +25,7 @@ dropout; its students are therefore built without attention-probability dropout.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,16 +130,8 @@ def _from_teacher_layers(spec: StudentSpec, family, labels: dict):
 
     if not spec.checkpoint:
         raise ValueError("teacher_layers init needs the teacher directory as `checkpoint`")
-    from transformers.utils import logging as hf_logging
-
-    # A fine-tuned teacher's classifier is "unexpected" in a bare encoder: expected here,
-    # so keep transformers' load report (a warning) out of the run's log.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with _quiet_loading():
         teacher = AutoModel.from_pretrained(spec.checkpoint)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     chosen = list(spec.teacher_layers)
     if not chosen or any(not 1 <= l <= teacher.config.num_hidden_layers for l in chosen):
         raise ValueError(f"teacher_layers {chosen} must be non-empty and within "
@@ -149,7 +142,31 @@ def _from_teacher_layers(spec: StudentSpec, family, labels: dict):
     student = classifier_class(config)(config)
     base = student.base_model
     base.load_state_dict(family.subset_state_dict(teacher.state_dict(), base.state_dict().keys(), chosen))
+    if family.head_modules and any(a.endswith("ForSequenceClassification")
+                                   for a in teacher.config.architectures or []):
+        # DeBERTa's pooler lives in the classifier, outside the base model; the fresh head's
+        # random draws must not move the student's seeded initialisation
+        from transformers import AutoModelForSequenceClassification
+
+        with torch.random.fork_rng(), _quiet_loading():
+            classifier = AutoModelForSequenceClassification.from_pretrained(spec.checkpoint)
+        for name in family.head_modules:
+            getattr(student, name).load_state_dict(getattr(classifier, name).state_dict())
     return student
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' load report lists the fine-tuned head as "unexpected" in a bare encoder:
+    expected here, so keep it out of the run's log."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def check_compatible(student_config, teacher_config, where=None) -> None:

@@ -73,6 +73,8 @@ class EncoderFamily:
                                             "num_attention_heads")
     extra_width_keys: tuple[str, ...] = ()
     notes: str = ""
+    #: modules of the classifier outside the base model that teacher_layers copies (DeBERTa's pooler)
+    head_modules: tuple[str, ...] = ()
     dropped_keys: tuple[str, ...] = field(default=("attention_head_size",))
 
     # --- reading a model -------------------------------------------------------------------
@@ -188,10 +190,10 @@ FAMILIES: tuple[EncoderFamily, ...] = (
                   capture="query_key", query_key=("attention", "q_lin", "k_lin"),
                   size_keys=("n_layers", "dim", "hidden_dim", "n_heads")),
     EncoderFamily("deberta-v2", ("deberta-v2",), "encoder.layer", token_types=True,
-                  capture="deberta_v2", extra_width_keys=("pooler_hidden_size",),
+                  capture="deberta_v2", extra_width_keys=("pooler_hidden_size",), head_modules=("pooler",),
                   notes="DeBERTa-v2 and v3; disentangled scores with position terms"),
     EncoderFamily("deberta", ("deberta",), "encoder.layer", token_types=True, capture=None,
-                  extra_width_keys=("pooler_hidden_size",),
+                  extra_width_keys=("pooler_hidden_size",), head_modules=("pooler",),
                   notes="log_probs only; its student trains without attention-probability dropout"),
     _ModernBertFamily("modernbert", ("modernbert",), "layers", token_types=False,
                       capture="modernbert", notes="rotary positions; sliding-window layers"),
@@ -259,12 +261,16 @@ def capture_scores(model, layers: Sequence[int]) -> Iterator[dict[int, Any]]:
 
     The scores are unmasked (padding is the caller's: :func:`zero_padding` in the cache)."""
     family = family_of(model)
-    family.check_target("scores")
+    if layers:
+        family.check_target("scores")
     blocks = family.layers(model)
     for layer in layers:
         if not 1 <= layer <= len(blocks):
             raise ValueError(f"attention layer {layer} outside the model's 1..{len(blocks)}")
     scores: dict[int, Any] = {}
+    if not layers:
+        yield scores
+        return
     handles: list = []
     install = {"query_key": _hook_query_key, "modernbert": _hook_modernbert,
                "deberta_v2": _hook_deberta_v2}[family.capture]
