@@ -217,3 +217,81 @@ def test_trainer_target_and_student_family_mismatches_are_refused(zoo, tmp_path)
         distill_from_cache(cache, tmp_path / "c", recipe("intermediate", epochs=1, device="cpu"),
                            StudentSpec(**{**small, "num_heads": 2}))
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+@pytest.mark.slow
+def test_dag_with_a_modernbert_teacher_a_bert_mlm_and_log_probs(tmp_path, monkeypatch, minilm_dir,
+                                                                 tiny_mlm_dir, isolated_workdir):
+    """The whole Luigi DAG for a non-BERT teacher: fine-tune -> augment with a BERT MLM (its own
+    tokenizer) -> cache tokenised with the teacher's BPE tokenizer -> two stages -> pipeline."""
+    import luigi
+    from luigi.configuration import LuigiConfigParser
+    from transformers import AutoConfig, AutoTokenizer, pipeline
+
+    import tasks.distill as distill_tasks
+    from tests.test_distill_tasks import write_tsv
+
+    teacher = make_family("modernbert", tmp_path / "teacher", minilm_dir)
+    write_tsv(tmp_path / "train.tsv", 12, 0)
+    write_tsv(tmp_path / "dev.tsv", 8, 1)
+    config = tmp_path / "luigi.cfg"
+    config.write_text(f"""
+[PrepareData]
+source = files
+task = SST-2
+train_file = {tmp_path / 'train.tsv'}
+dev_file = {tmp_path / 'dev.tsv'}
+columns = {{"text_a": "sentence", "label": "label"}}
+[FineTuneTeacher]
+teacher = {teacher}
+finetune = always
+epochs = 1
+batch_size = 8
+device = cpu
+[Augment]
+mode = tinybert
+mlm_model = {tiny_mlm_dir}
+num_aug = 2
+aug_progress = false
+[TeacherCache]
+student_layers = 2
+max_seq_length = 32
+attention_target = log_probs
+[DistillIntermediate]
+attention_target = log_probs
+student_hidden_size = 16
+student_intermediate_size = 32
+student_heads = 4
+epochs = 1
+batch_size = 8
+device = cpu
+[DistillPrediction]
+epochs = 1
+batch_size = 8
+eval_every = 2
+device = cpu
+""")
+    monkeypatch.setattr(LuigiConfigParser, "_config_paths", [str(config)])
+    monkeypatch.setattr(LuigiConfigParser, "_instance", None)
+    luigi.task_register.Register.clear_instance_cache()
+    stage2 = distill_tasks.DistillPrediction()
+    result = luigi.build([stage2], local_scheduler=True, detailed_summary=True, log_level="WARNING")
+    assert result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY"), result.summary_text
+
+    cache = distill_tasks.TeacherCache().output_dir()
+    info = json.loads((cache / "manifest.json").read_text())["info"]
+    assert info["attention_target"] == "log_probs" and info["teacher"]["family"] == "modernbert"
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    from tasks.augment import Augment
+
+    examples = pq.read_table(Augment().output_dir() / "shards").to_pylist()
+    assert info["examples"] == len(examples) > 12     # the originals and their augmented copies
+    rows = {r["id"]: r for r in pq.read_table(cache / "shards").to_pylist()}
+    for example in examples:
+        assert rows[example["id"]]["input_ids"] == tokenizer(example["text_a"], truncation=True,
+                                                           max_length=32)["input_ids"]
+    student = stage2.output_dir() / "student"
+    student_config = AutoConfig.from_pretrained(student)
+    assert student_config.model_type == "modernbert" and student_config.num_hidden_layers == 2
+    assert pipeline("text-classification", model=str(student), device="cpu")("good film")[0]["label"] \
+        in student_config.id2label.values()
