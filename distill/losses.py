@@ -94,7 +94,7 @@ class HiddenProjections(torch.nn.Module):
 
     ``shared``: one map for the embeddings and every layer, as the reference code does.
     ``per_layer``: one map per student layer (0 = embeddings), the paper's separate matrices.
-    Kept outside the student so the exported model is a plain BERT.
+    Kept outside the student so the exported model is a plain model of its family.
 
     When the widths are equal the maps start as the identity (the reference always starts from
     a random map). A student initialised from teacher layers already lives in the teacher's

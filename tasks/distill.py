@@ -154,9 +154,10 @@ class StudentParameters:
 
     student_init = luigi.ChoiceParameter(
         default="config", choices=["config", "general", "checkpoint", "teacher_layers"], significant=True,
-        description="config: a fresh BERT of the shape below; general: DistillGeneral's student; "
-                    "checkpoint: student_checkpoint; teacher_layers: copy the teacher's embeddings "
-                    "and the layer-mapped teacher layers (widths must match).")
+        description="config: a fresh student (of student_family) of the shape below; general: "
+                    "DistillGeneral's student; checkpoint: student_checkpoint; teacher_layers: copy "
+                    "the teacher's embeddings and the layer-mapped teacher layers (its width and "
+                    "family).")
     student_family = luigi.ChoiceParameter(
         default=AUTO_FAMILY, choices=[AUTO_FAMILY] + [family.name for family in FAMILIES],
         significant=True,

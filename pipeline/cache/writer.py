@@ -45,8 +45,10 @@ shards, plenty for any number of workers.
 ``sort_window`` examples) so little compute is spent on padding; outputs are written back in
 source order. The teacher runs in eval mode under ``torch.inference_mode()``, optionally under
 CUDA autocast. Padding changes nothing but floating-point noise: the padded keys are masked
-in the softmax and the scores are read from the query/key projections
-(:mod:`pipeline.cache.teacher_outputs`, no patched transformers).
+in the softmax and the scores are read from the layers' projections by the encoder family's
+adapter (:mod:`pipeline.cache.teacher_outputs`, :mod:`pipeline.common.encoders`, no patched
+transformers). ``attention_target`` (recorded in the manifest) says whether the attention
+columns hold pre-softmax scores or attention log-probabilities.
 """
 from __future__ import annotations
 
