@@ -78,8 +78,12 @@ def _trained_tokenizer(kind: str, specials: list[str], roberta_template: bool, t
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_input_names=input_names, **names)
 
 
-def make_family(family: str, out: Path, minilm_dir: Path, seed: int = 0, **size) -> Path:
-    """Save a tiny ``<Family>ForSequenceClassification`` and its tokenizer to ``out``."""
+def make_family(family: str, out: Path, minilm_dir: Path, seed: int = 0, overrides: dict | None = None,
+                **size) -> Path:
+    """Save a tiny ``<Family>ForSequenceClassification`` and its tokenizer to ``out``.
+
+    DeBERTa-v2 and ModernBERT get an embedding table padded beyond the tokenizer, as their hub
+    checkpoints have; ``overrides`` replace config fields (other variants of a family)."""
     import torch
     import transformers as T
 
@@ -99,6 +103,8 @@ def make_family(family: str, out: Path, minilm_dir: Path, seed: int = 0, **size)
     else:
         raise ValueError(family)
     vocab = len(tokenizer)
+    if family in ("deberta-v2", "modernbert"):
+        vocab = -(-vocab // 64) * 64 + 64
     common = dict(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, **LABELS)
     if family == "bert":
         config = T.BertConfig(max_position_embeddings=64, **size, **common)
@@ -128,6 +134,8 @@ def make_family(family: str, out: Path, minilm_dir: Path, seed: int = 0, **size)
                                     cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
                                     bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
                                     **size, **common)
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = T.AutoModelForSequenceClassification.from_config(config)
     model.config.tinykd_head_trained = True   # a test teacher: its random head is the "trained" one

@@ -43,10 +43,20 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+#: DeBERTa-v2 as its v2-xlarge checkpoints: separate position projections, absolute positions
+#: too, a convolution after the first layer, content->position only
+DEBERTA_V2_SEPARATE = dict(share_att_key=False, position_biased_input=True, type_vocab_size=2,
+                           conv_kernel_size=3, pos_att_type=["c2p"], position_buckets=-1,
+                           norm_rel_ebd="none")
+
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory, minilm_dir):
     root = tmp_path_factory.mktemp("zoo")
-    return {family: make_family(family, root / family, minilm_dir) for family in ALL_FAMILIES}
+    models = {family: make_family(family, root / family, minilm_dir) for family in ALL_FAMILIES}
+    models["deberta-v2-separate"] = make_family("deberta-v2", root / "deberta-v2-separate", minilm_dir,
+                                                overrides=DEBERTA_V2_SEPARATE)
+    return models
 
 
 def model_mask(model, layer: int, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -59,7 +69,7 @@ def model_mask(model, layer: int, attention_mask: torch.Tensor) -> torch.Tensor:
     return allowed
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES + ("deberta-v2-separate",))
 def test_captured_attention_is_what_the_model_softmaxes(zoo, family):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
