@@ -20,6 +20,11 @@ zeroed in both student and teacher, then the squared error is averaged over *eve
 B × heads × T × T, padding included, so the loss shrinks as padding grows; ``masked``
 averages over the real query/key pairs only. Hidden-state and embedding MSEs are averaged
 over real tokens (× width) only.
+
+The attention tensors are whatever the cache's ``attention_target`` says: pre-softmax scores
+(TinyBERT) or attention log-probabilities (:mod:`pipeline.cache.teacher_outputs`); the same MSE
+and the same modes apply to both. In ``reference`` mode a log-probability at or below -100 (a
+probability under 1e-43) is zeroed like such a score.
 """
 from __future__ import annotations
 
