@@ -167,6 +167,16 @@ class _BertFamily(EncoderFamily):
             **labels)
 
 
+class _ElectraFamily(EncoderFamily):
+    """ELECTRA's embeddings may be narrower than its layers (a projection joins them); a fresh
+    student keeps the teacher's embedding width unless that is wider than the student."""
+
+    def student_config(self, teacher_config, shape: StudentShape, labels: dict):
+        config = super().student_config(teacher_config, shape, labels)
+        config.embedding_size = min(teacher_config.embedding_size, shape.hidden_size)
+        return config
+
+
 class _ModernBertFamily(EncoderFamily):
     def layer_type_overrides(self, teacher_config, chosen, num_layers) -> dict:
         types = list(teacher_config.layer_types)
@@ -184,7 +194,7 @@ FAMILIES: tuple[EncoderFamily, ...] = (
                   notes="one token type; pair template <s> A </s></s> B </s>"),
     EncoderFamily("xlm-roberta", ("xlm-roberta",), "encoder.layer", token_types=True,
                   capture="query_key", notes="as RoBERTa, SentencePiece vocabulary"),
-    EncoderFamily("electra", ("electra",), "encoder.layer", token_types=True, capture="query_key",
+    _ElectraFamily("electra", ("electra",), "encoder.layer", token_types=True, capture="query_key",
                   notes="layer 0 is the projected embedding output"),
     EncoderFamily("distilbert", ("distilbert",), "transformer.layer", token_types=False,
                   capture="query_key", query_key=("attention", "q_lin", "k_lin"),
