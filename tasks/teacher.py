@@ -147,6 +147,11 @@ class TeacherCacheParams(luigi.Task):
     attention_layers = luigi.Parameter(
         default="", significant=True,
         description="Override: attention-score layers to cache (empty: from the layer map).")
+    attention_target = luigi.ChoiceParameter(
+        default="scores", choices=["scores", "log_probs"], significant=True,
+        description="What the attention columns hold: 'scores' (pre-softmax, TinyBERT; families whose "
+                    "adapter captures them) or 'log_probs' (attention log-probabilities, any "
+                    "family). The trainer's attention_target must be the same.")
     storage = luigi.ChoiceParameter(
         default="fp16", choices=list(STORAGE_NAMES), significant=True,
         description="How hidden states and scores are stored: fp16 (default), int8 (symmetric, one "
@@ -256,7 +261,8 @@ class TeacherCacheParams(luigi.Task):
             hidden = hidden or sorted(default_hidden)
             attention = attention or sorted(default_attention)
         return CacheSpec(hidden, attention, STORAGE_NAMES[self.storage], self.max_seq_length,
-                         with_logits=self.examples != "corpus", layout=self.layout)
+                         with_logits=self.examples != "corpus", layout=self.layout,
+                         attention_target=self.attention_target)
 
     def teacher_num_layers(self) -> int:
         """The teacher's depth, known before the fine-tuned teacher exists (fine-tuning keeps it)."""

@@ -102,6 +102,8 @@ class CompactPlan:
         hidden, attention = sorted(set(hidden_layers)), sorted(set(attention_layers))
         if layout == "full":
             return cls(layout, hidden, attention, stored_hidden=hidden)
+        if not can_derive_scores:   # a family the parts cannot recompute: store what is listed
+            return cls(layout, hidden, attention, stored_hidden=hidden)
         stored = [l for l in hidden if l != 0]
         sources: dict[int, str] = {}
         if can_derive_scores:
@@ -224,20 +226,32 @@ class TeacherParts:
     key projections of attention layer ``l``. Both run in fp32, in eval mode, without grad.
     """
 
-    def __init__(self, embeddings, query_key: dict, num_heads: int, uses_token_types: bool = True):
+    def __init__(self, embeddings, query_key: dict, num_heads: int, uses_token_types: bool = True,
+                 project=None):
         self.embeddings = embeddings.eval() if embeddings is not None else None
+        self.project = project.eval() if project is not None else None   # ELECTRA's embeddings_project
         self.query_key = query_key
         self.num_heads = num_heads
         self.uses_token_types = uses_token_types
 
+    @staticmethod
+    def supports(model) -> bool:
+        """Plain query/key families (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT): their layer 0 is
+        the embedding module's output and their scores a product of two linear maps."""
+        from pipeline.common.encoders import family_of
+
+        return family_of(model).capture == "query_key"
+
     # writing
     @classmethod
     def from_model(cls, model, score_layers: Sequence[int]) -> "TeacherParts":
-        from pipeline.cache.teacher_outputs import query_key_projections
+        from pipeline.common.encoders import family_of, query_key_modules
 
+        family = family_of(model)
         base = getattr(model, "base_model", model)
-        return cls(base.embeddings, {l: query_key_projections(model, l) for l in score_layers},
-                   model.config.num_attention_heads)
+        return cls(base.embeddings, {l: query_key_modules(model, l) for l in score_layers},
+                   model.config.num_attention_heads, family.token_types,
+                   getattr(base, "embeddings_project", None))
 
     def save(self, out_file: Path, config) -> dict:
         """Write the modules' weights to ``out_file``; return what the manifest records."""
@@ -245,6 +259,9 @@ class TeacherParts:
 
         tensors = {f"embeddings.{k}": v.detach().cpu().contiguous()
                    for k, v in self.embeddings.state_dict().items()}
+        if self.project is not None:
+            tensors.update({f"embeddings_project.{k}": v.detach().cpu().contiguous()
+                            for k, v in self.project.state_dict().items()})
         for layer, (query, key) in self.query_key.items():
             for name, module in (("query", query), ("key", key)):
                 for k, v in module.state_dict().items():
@@ -253,6 +270,7 @@ class TeacherParts:
         embeddings_class = type(self.embeddings)
         return {"file": out_file.name,
                 "embeddings_class": f"{embeddings_class.__module__}.{embeddings_class.__qualname__}",
+                "uses_token_types": self.uses_token_types, "projected": self.project is not None,
                 "score_layers": sorted(self.query_key), "config": config.to_dict()}
 
     # reading
@@ -282,28 +300,32 @@ class TeacherParts:
 
     @classmethod
     def _build(cls, path: Path, tensors: dict, config, parts: dict, info: dict, device) -> "TeacherParts":
-        import torch
-
         try:
             embeddings = _import_class(parts["embeddings_class"])(config)
             embeddings.load_state_dict({k[len("embeddings."):]: v for k, v in tensors.items()
                                         if k.startswith("embeddings.")})
-            query_key = {}
-            for layer in parts["score_layers"]:
-                pair = []
-                for name in ("query", "key"):
-                    prefix = f"layer.{layer}.{name}."
-                    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                    linear = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-                    linear.load_state_dict(state)
-                    pair.append(linear.eval())
-                query_key[int(layer)] = tuple(pair)
+            query_key = {int(layer): (cls._linear(tensors, f"layer.{layer}.query."),
+                                      cls._linear(tensors, f"layer.{layer}.key."))
+                         for layer in parts["score_layers"]}
+            project = cls._linear(tensors, "embeddings_project.") if parts.get("projected") else None
         except (KeyError, RuntimeError, AttributeError, ImportError) as exc:
             raise InputError(f"teacher parts do not match the manifest ({exc})", path) from None
-        loaded = cls(embeddings, query_key, int(info["num_heads"]))
+        loaded = cls(embeddings, query_key, int(info["num_heads"]), bool(parts.get("uses_token_types", True)),
+                     project)
         return loaded.to(device) if device is not None else loaded
 
+    @staticmethod
+    def _linear(tensors: dict, prefix: str):
+        import torch
+
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        linear = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+        linear.load_state_dict(state)
+        return linear.eval()
+
     def to(self, device) -> "TeacherParts":
+        if self.project is not None:
+            self.project.to(device)
         if self.embeddings is not None:
             self.embeddings.to(device)
         for query, key in self.query_key.values():
@@ -315,14 +337,20 @@ class TeacherParts:
         """Layer 0 (the embedding output) in fp32, as the teacher's forward computes it."""
         import torch
 
+        inputs = {"input_ids": input_ids}
+        if self.uses_token_types:
+            inputs["token_type_ids"] = token_type_ids
         with torch.no_grad():
-            return self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids).float()
+            embedded = self.embeddings(**inputs)
+            if self.project is not None:
+                embedded = self.project(embedded)
+            return embedded.float()
 
     def scores(self, layer: int, layer_input):
         """Attention layer ``layer``'s pre-softmax scores [B, heads, T, T] from its input [B, T, H]."""
         import torch
 
-        from pipeline.cache.teacher_outputs import scores_from_query_key
+        from pipeline.common.encoders import scores_from_query_key
 
         query, key = self.query_key[layer]
         with torch.no_grad():
@@ -343,8 +371,6 @@ def complete_batch(batch: dict, parts: TeacherParts | None) -> dict:
     zeroed exactly as :func:`pipeline.cache.teacher_outputs.zero_padding` does for a live
     teacher, so the result is the Batch of docs/DESIGN.md.
     """
-    import torch
-
     from pipeline.cache.teacher_outputs import zero_padding
 
     derive = batch.pop(DERIVE_KEY, None)
