@@ -23,7 +23,8 @@ never sees half an output, and a stage that fails leaves nothing behind (resumab
 their partial directory so a rerun can continue from the pieces already finished). Every
 output carries a ``manifest.json``: parameters, upstream fingerprints, input hashes, library
 versions, row counts, per-file checksums and timings. ``explain`` compares a key with the
-newest existing manifest of the same stage to say *why* a stage will run.
+closest existing manifest of the same stage (same task, most settings in common) to say *why*
+a stage will run, and names the output it compared with.
 """
 from __future__ import annotations
 
@@ -372,8 +373,13 @@ class StageStatus:
 
 
 def explain_key(workdir: Path | str, key: StageKey, hasher: FileHasher | None = None,
-                upstream_names: Mapping[str, str] | None = None) -> StageStatus:
-    """Say whether ``key``'s output exists and, if not, how it differs from the newest output."""
+                upstream_names: Mapping[str, str] | None = None, task: str | None = None) -> StageStatus:
+    """Say whether ``key``'s output exists and, if not, how it differs from the closest output.
+
+    The comparison is with :func:`closest_output` (same task, most of the key in common), not
+    with the newest output of the stage: the newest may be another task's, and "input file
+    dev (…/CoLA/dev.tsv) content changed" says nothing about why RTE's stage will run.
+    """
     hasher = hasher or FileHasher(Path(workdir) / ".hash-cache.json")
     fingerprint = key.fingerprint(hasher)
     final = Path(workdir) / key.stage / fingerprint
@@ -382,12 +388,63 @@ def explain_key(workdir: Path | str, key: StageKey, hasher: FileHasher | None = 
     previous = existing_outputs(workdir, key.stage)
     if not previous:
         return StageStatus(key.stage, fingerprint, final, False, ["no earlier output of this stage"])
-    old = load_manifest(previous[0])
-    reasons = diff_against_manifest(key.document(hasher), old, upstream_names or {})
+    document = key.document(hasher)
+    closest = closest_output(previous, document, task)
+    if closest is None:
+        others = sorted({manifest_task(load_manifest(p)) or "?" for p in previous})
+        return StageStatus(key.stage, fingerprint, final, False,
+                           [f"no earlier output of this stage for task {task} (earlier outputs: "
+                            f"{len(previous)} of task(s) {', '.join(others)})"])
+    path, old, in_common = closest
+    reasons = diff_against_manifest(document, old, upstream_names or {})
     if not reasons:
-        reasons = ["same key as the newest output but another fingerprint (contract changed)"]
-    return StageStatus(key.stage, fingerprint, final, False,
-                       [f"vs {previous[0].name}: {r}" for r in reasons])
+        reasons = ["same key as that output but another fingerprint (contract changed)"]
+    same_task = f"same task {task}; " if task and manifest_task(old) == task else ""
+    header = (f"compared with {path.name}, the closest earlier output ({same_task}"
+              f"{in_common[0]} of {in_common[1]} settings in common):")
+    return StageStatus(key.stage, fingerprint, final, False, [header] + [f"  {r}" for r in reasons])
+
+
+def manifest_task(manifest: Mapping[str, Any]) -> str | None:
+    """The task a manifest's output was built for (its ``task`` parameter or info), if recorded."""
+    task = (manifest.get("params") or {}).get("task") or (manifest.get("info") or {}).get("task")
+    return str(task) if task else None
+
+
+def _settings(document_or_manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Every setting of a key, flattened: parameters, upstream fingerprints, input hashes."""
+    settings = {f"param:{k}": v for k, v in (document_or_manifest.get("params") or {}).items()}
+    settings.update({f"upstream:{k}": v for k, v in (document_or_manifest.get("upstream") or {}).items()})
+    for label, value in (document_or_manifest.get("inputs") or {}).items():
+        settings[f"input:{label}"] = value.get("sha256") if isinstance(value, Mapping) else value
+    return settings
+
+
+def closest_output(outputs: list[Path], document: Mapping[str, Any],
+                   task: str | None = None) -> tuple[Path, dict, tuple[int, int]] | None:
+    """The earlier output most like ``document``: ``(path, manifest, (settings in common, of))``.
+
+    Outputs of the same task come first (those whose task is not recorded next; another
+    task's never, so None when only other tasks' exist), then the most settings in common
+    (parameters, upstream fingerprints, input hashes), then the newest (``outputs`` is newest
+    first).
+    """
+    wanted = _settings(document)
+    best = None
+    for order, path in enumerate(outputs):
+        try:
+            manifest = load_manifest(path)
+        except (FileNotFoundError, ValueError):
+            continue
+        recorded = manifest_task(manifest)
+        if task and recorded and recorded != task:
+            continue
+        theirs = _settings(manifest)
+        common = sum(1 for name, value in wanted.items() if name in theirs and theirs[name] == value)
+        rank = (bool(task) and recorded == task, common, -order)
+        if best is None or rank > best[0]:
+            best = (rank, path, manifest, (common, len(set(wanted) | set(theirs))))
+    return None if best is None else best[1:]
 
 
 def diff_against_manifest(document: dict, manifest: dict, upstream_names: Mapping[str, str]) -> list[str]:

@@ -112,15 +112,32 @@ class StageTask(luigi.Task):
     def upstream_dir(self, label: str) -> Path:
         return self.upstream_tasks()[label].output_dir()
 
+    def task_name(self) -> str | None:
+        """The task (``PrepareData.task``) this output belongs to: its own ``task`` parameter,
+        else its upstream's; None for task-independent stages (packaged word vectors, say)."""
+        own = self.param_kwargs.get("task")
+        if own:
+            return str(own)
+        for task in self.upstream_tasks().values():
+            name = task.task_name()
+            if name:
+                return name
+        return None
+
     def run(self) -> None:
         hasher = shared_hasher(workdir())
         with build_stage(workdir(), self.stage_key(), resumable=self.resumable, hasher=hasher) as out:
             self.build(out)
+            # recorded for `explain`, which compares a key with earlier outputs of its own task
+            task = self.task_name()
+            if task:
+                out.info.setdefault("task", task)
 
     def explain(self):
         """This stage's :class:`~pipeline.stage.StageStatus` (up to date or why it will run)."""
         names = {label: task.stage_name for label, task in self.upstream_tasks().items()}
-        return explain_key(workdir(), self.stage_key(), shared_hasher(workdir()), names)
+        return explain_key(workdir(), self.stage_key(), shared_hasher(workdir()), names,
+                           task=self.task_name())
 
 
 def walk_dag(root: luigi.Task) -> list[luigi.Task]:
