@@ -4,7 +4,7 @@
 
     tinykd run TASK [--PARAM VALUE ...] [--workers N] [--scheduler-host HOST]
     tinykd explain TASK [--PARAM VALUE ...]
-    tinykd gc [--delete] [TASK [--PARAM VALUE ...]]
+    tinykd gc [--delete] [--config FILE ...] [--older-than AGE] [TASK [--PARAM VALUE ...]]
     tinykd inspect CACHE_DIR [--verify]
     tinykd demo [--PARAM VALUE ...]
 
@@ -20,7 +20,7 @@ import argparse
 import contextlib
 import logging
 import os
-import shutil
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -31,7 +31,8 @@ import luigi.cmdline_parser
 from luigi.execution_summary import LuigiStatusCode
 from luigi.task import flatten
 
-from pipeline.stage import PARTIAL_SUFFIX, directory_bytes
+from pipeline.errors import InputError
+from pipeline.stage import delete_entry, gc_plan, human_age
 from tasks.base import PROJECT_ROOT, StageTask, walk_dag, workdir
 
 #: Tasks that ``gc`` keeps (with their whole DAG) when none is named: the ablation grid,
@@ -104,6 +105,13 @@ def _run_luigi(argv: list[str]):
         interface_logger.removeFilter(hold)
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: an InputError's ``file:line: problem``, else ``Type: message``."""
+    text = str(exc) if isinstance(exc, (InputError, luigi.parameter.ParameterException)) \
+        else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split()) or type(exc).__name__
+
+
 def _human_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if count < 1024 or unit == "TiB":
@@ -149,54 +157,125 @@ def referenced_outputs(root: luigi.Task) -> set[Path]:
 
 
 def unreferenced_outputs(referenced: set[Path]) -> list[Path]:
-    """Stage directories under the workdir that are not in ``referenced``.
+    """Entries under the workdir that ``gc --delete`` would remove, given the ``referenced`` outputs.
 
-    Partial directories of referenced fingerprints are kept (a resumable stage continues
-    from them); partial directories of anything else are garbage.
+    Partial directories of referenced fingerprints are kept (a resumable stage continues from
+    them); so is anything a live build holds (:func:`pipeline.stage.gc_plan`).
     """
-    garbage = []
-    base = workdir()
-    if not base.is_dir():
-        return []
-    for stage_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for entry in sorted(stage_dir.iterdir()):
-            if not entry.is_dir():
-                continue
-            name = entry.name
-            if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
-                target = stage_dir / name[1:-len(PARTIAL_SUFFIX)]
-            else:
-                target = entry
-            if target not in referenced:
-                garbage.append(entry)
-    return garbage
+    return [d.entry.path for d in gc_plan(workdir(), referenced) if d.delete]
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> float:
+    """``7d``, ``12h``, ``30min``/``30m``, ``90s``, ``2w`` -> seconds."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]+)\s*", text.lower())
+    if not match or match.group(2) not in _AGE_UNITS:
+        raise InputError(f"--older-than {text!r}: give a number and a unit, e.g. 7d, 12h, 30min "
+                         f"(units: {', '.join(_AGE_UNITS)})")
+    return float(match.group(1)) * _AGE_UNITS[match.group(2)]
+
+
+@contextlib.contextmanager
+def configuration(extra: str | None) -> Iterator[None]:
+    """Luigi's configuration as now, plus ``extra`` (a profile) read last; restored afterwards.
+
+    Task instances are cached by Luigi with the parameters of the configuration in force when
+    they were made, so the cache is cleared on the way in and out.
+    """
+    from luigi.configuration import LuigiConfigParser
+    from luigi.task_register import Register
+
+    saved_paths, saved_instance = list(LuigiConfigParser._config_paths), LuigiConfigParser._instance
+    try:
+        if extra:
+            LuigiConfigParser._config_paths = saved_paths + [str(Path(extra).resolve())]
+            LuigiConfigParser._instance = None
+        Register.clear_instance_cache()
+        yield
+    finally:
+        LuigiConfigParser._config_paths = saved_paths
+        LuigiConfigParser._instance = saved_instance
+        Register.clear_instance_cache()
+
+
+GC_USAGE = """tinykd gc [--delete] [--config FILE ...] [--older-than AGE] [TASK [--PARAM VALUE ...]]
+
+Lists (or with --delete removes) what under the workdir no declared configuration references.
+Each --config FILE is one configuration (luigi.cfg, then FILE); an output referenced by TASK's
+DAG (default: Ablations) under ANY of them is kept. Without --config: the current configuration
+only, so every other task's or profile's outputs count as garbage: declare every profile you
+use. --older-than AGE (7d, 12h, 30min) keeps anything changed more recently than AGE. A partial
+directory whose build lock a live process holds is never touched. Each line says why."""
 
 
 def cmd_gc(argv: list[str]) -> int:
-    """``gc [--delete] [TASK [--PARAM VALUE ...]]``: dry run unless ``--delete``.
-
-    Outputs referenced by TASK's DAG (default: the roots in DEFAULT_GC_ROOTS, with their
-    luigi.cfg parameters) are kept; everything else under the workdir is listed with sizes.
-    """
-    delete = "--delete" in argv
-    task_argv = [a for a in argv if a != "--delete"]
-    if task_argv and task_argv[0] in ("-h", "--help"):
-        print(cmd_gc.__doc__)
+    """``gc``: see :data:`GC_USAGE`. Dry run unless ``--delete``."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(GC_USAGE)
         return 0
+    delete, configs, older_than, task_argv = False, [], None, []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--delete":
+            delete = True
+        elif arg in ("--config", "--older-than"):
+            if not args:
+                raise InputError(f"gc {arg} needs a value")
+            value = args.pop(0)
+            if arg == "--config":
+                if not Path(value).is_file():
+                    raise InputError(f"gc --config {value}: no such file")
+                configs.append(value)
+            else:
+                older_than = parse_age(value)
+        else:
+            task_argv.append(arg)
+    roots = [task_argv] if task_argv else [[name] for name in DEFAULT_GC_ROOTS]
+    root_names = ", ".join(r[0] for r in roots)
     referenced: set[Path] = set()
-    for root_argv in [task_argv] if task_argv else [[name] for name in DEFAULT_GC_ROOTS]:
-        with task_from_argv(root_argv) as root:
-            referenced |= referenced_outputs(root)
-    garbage = unreferenced_outputs(referenced)
-    total = 0
-    for path in garbage:
-        size = directory_bytes(path)
-        total += size
-        print(f"{'deleted' if delete else 'would delete'}  {_human_bytes(size):>10}  {path}")
-        if delete:
-            shutil.rmtree(path)
+    workdirs = set()
+    for config in configs or [None]:
+        with configuration(config):
+            try:
+                for root_argv in roots:
+                    with task_from_argv(root_argv) as root:
+                        referenced |= referenced_outputs(root)
+            except InputError as exc:
+                where = f"under --config {config}" if config else "under the current configuration"
+                raise InputError(f"cannot walk {root_names}'s DAG {where}, so nothing is collected: "
+                                 f"{exc}") from None
+            workdirs.add(workdir())
+    if len(workdirs) > 1:
+        raise InputError(f"the configurations use different workdirs ({', '.join(map(str, sorted(workdirs)))}); "
+                         "collect one workdir at a time")
+    base = workdirs.pop()
+    scope = (f"any of {len(configs)} configurations ({', '.join(configs)})" if len(configs) > 1
+             else f"--config {configs[0]}" if configs else "the current configuration")
+    because = f"not referenced by {root_names} under {scope}"
+    decisions = gc_plan(base, referenced, older_than=older_than, unreferenced_because=because)
+    print(f"gc of {base}: keeping what {root_names} references under {scope}"
+          + (f", and anything changed within {human_age(older_than)}" if older_than else ""))
+    total = count = 0
+    for decision in decisions:
+        entry = decision.entry
+        if not decision.delete:
+            print(f"{'kept':<12}  {_human_bytes(entry.bytes):>10}  {entry.path}  ({decision.reason})")
+            continue
+        if delete and not delete_entry(entry):
+            print(f"{'kept':<12}  {_human_bytes(entry.bytes):>10}  {entry.path}  (kept: a build took "
+                  "its lock just now)")
+            continue
+        total += entry.bytes
+        count += 1
+        print(f"{'deleted' if delete else 'would delete':<12}  {_human_bytes(entry.bytes):>10}  "
+              f"{entry.path}  ({decision.reason})")
     verb = "freed" if delete else "would be freed (dry run; pass --delete)"
-    print(f"{len(garbage)} unreferenced output(s), {_human_bytes(total)} {verb}")
+    kept = sum(1 for d in decisions if not d.delete)
+    print(f"{count} unreferenced output(s), {_human_bytes(total)} {verb}"
+          + (f"; {kept} unreferenced entr{'y' if kept == 1 else 'ies'} kept" if kept else ""))
     return 0
 
 
@@ -265,7 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "demo":  # the demo profile first, so that --config files can still adjust it
         configs.insert(0, str(DEMO_CONFIG))
     _load_project_config(configs)
-    return COMMANDS[argv[0]](argv[1:])
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (InputError, luigi.parameter.ParameterException) as exc:
+        # Bad input or a bad command line: one line that says what and where, no traceback
+        # (the problem is the user's to fix, not a bug to debug).
+        print(f"tinykd {argv[0]}: {one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
