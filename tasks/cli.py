@@ -2,7 +2,7 @@
 
     tinykd [--config FILE ...] COMMAND ...
 
-    tinykd run TASK [--PARAM VALUE ...] [--workers N] [--scheduler-host HOST]
+    tinykd run TASK [--PARAM VALUE ...] [--workers N] [--scheduler-host HOST] [--verbose]
     tinykd explain TASK [--PARAM VALUE ...]
     tinykd gc [--delete] [--config FILE ...] [--older-than AGE] [TASK [--PARAM VALUE ...]]
     tinykd inspect CACHE_DIR [--verify]
@@ -13,6 +13,11 @@ as default; pass ``--scheduler-host`` to use a central ``luigid``. Task paramete
 the command line, then ``luigi.cfg`` (Luigi's configuration mechanism), then defaults.
 ``--config FILE`` adds a configuration file read after luigi.cfg (a profile such as
 ``configs/sst2.cfg``). ``explain`` and ``gc`` walk the same DAG without running anything.
+
+A failed ``run`` ends, after Luigi's summary, with one line per failed task and its error (an
+InputError's ``file:line: problem``); tracebacks go to ``<workdir>/logs/run-*.log``, or to the
+console with ``--verbose``, which also shows Luigi's full per-task lines (by default a task is
+named by its family and output fingerprint).
 """
 from __future__ import annotations
 
@@ -77,8 +82,9 @@ class _HoldSummary(logging.Filter):
 
 
 def cmd_run(argv: list[str]) -> int:
-    result = _run_luigi(argv)
+    result, failures = _run_luigi(argv)
     print(result.summary_text)
+    _print_failures(failures)
     return 0 if _succeeded(result) else 1
 
 
@@ -87,22 +93,169 @@ def _succeeded(result) -> bool:
     return result.status in (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY)
 
 
+def _print_failures(failures: "RunLog") -> None:
+    """After Luigi's summary: one line per failed task, with its error and not its traceback."""
+    errors = failures.errors()
+    for label, error in errors.items():
+        print(f"FAILED {label}: {error}")
+    if errors:
+        where = "above" if failures.verbose else f"in {failures.path}"
+        print(f"(tracebacks {where}; tinykd run --verbose prints them)")
+
+
+def short_task(task: luigi.Task) -> str:
+    """A task as its family and output fingerprint: ``PrepareData[3f2a...]`` (Luigi's repr lists
+    every parameter, hundreds of characters for a distillation stage)."""
+    if isinstance(task, StageTask):
+        try:
+            return f"{task.task_family}[{task.fingerprint()}]"
+        except Exception:   # its key cannot be computed (a missing input): the family says enough
+            return task.task_family
+    return task.task_family
+
+
+def _error_line(text: str) -> str:
+    """The final ``Type: message`` line of a formatted traceback, an InputError as its message."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else text.strip()
+    match = re.match(r"^([A-Za-z_][\w.]*): (.*)$", last)
+    if match and match.group(1).endswith("InputError"):
+        return match.group(2)
+    return last
+
+
+class _ShortFormatter(logging.Formatter):
+    """Luigi's console lines with tasks as family + fingerprint and tracebacks left out."""
+
+    def __init__(self, log_path: Path):
+        super().__init__("%(levelname)s: %(message)s")
+        self.log_path = log_path
+
+    def format(self, record: logging.LogRecord) -> str:
+        args = record.args
+        if isinstance(args, tuple):
+            args = tuple(short_task(a) if isinstance(a, luigi.Task)
+                         else "worker" if isinstance(a, str) and a.startswith("Worker(") else a
+                         for a in args)
+        try:
+            message = record.msg % args if args else str(record.msg)
+        except (TypeError, ValueError):
+            message = record.getMessage()
+        message = re.sub(r"Will not run (\w+)\(.*?\) or any", r"Will not run \1 or any", message,
+                         count=1, flags=re.S)
+        message = re.sub(r"Worker\(salt=[^)]*\)", "worker", message)
+        if record.exc_info or "\n" in message:
+            message = message.splitlines()[0] + f" (traceback in {self.log_path})"
+        return f"{record.levelname}: {message}"
+
+
+class RunLog:
+    """Where a ``tinykd run`` sends Luigi's log: the full log (tracebacks included) to a file,
+    short lines to the console (unless verbose), and each failed task's error to a side file
+    that worker processes append to, read back after the run."""
+
+    def __init__(self, root: Path, verbose: bool):
+        root.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        self.path = root / f"run-{stamp}-{os.getpid()}.log"
+        self.errors_path = self.path.with_suffix(".errors.jsonl")
+        self.verbose = verbose
+        self.file_handler = logging.FileHandler(self.path)
+        self.file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.console_handler = logging.StreamHandler(sys.stderr)
+        if not verbose:
+            self.console_handler.setFormatter(_ShortFormatter(self.path))
+        else:
+            self.console_handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        self.collector = _FailureCollector(self.errors_path)
+
+    def handlers(self) -> list[logging.Handler]:
+        return [self.file_handler, self.console_handler, self.collector]
+
+    def errors(self) -> dict[str, str]:
+        import json
+
+        found: dict[str, str] = {}
+        if self.errors_path.exists():
+            for line in self.errors_path.read_text().splitlines():
+                record = json.loads(line)
+                found.setdefault(record["task"], record["error"])
+        return found
+
+    def close(self) -> None:
+        for handler in self.handlers():
+            handler.close()
+
+
+class _FailureCollector(logging.Handler):
+    """Records the error of every task Luigi reports as failed (run, complete() or requires())."""
+
+    def __init__(self, path: Path):
+        super().__init__(logging.WARNING)
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import json
+
+        exc = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        task = next((a for a in (record.args if isinstance(record.args, tuple) else ())
+                     if isinstance(a, luigi.Task)), None)
+        if exc is not None and task is not None:        # run() raised (any worker process)
+            label, error = short_task(task), one_line(exc)
+        elif "Traceback (most recent call last)" in message:   # complete() / requires() raised
+            match = re.match(r"Will not run (\w+)", message)
+            label, error = (match.group(1) if match else "scheduling"), _error_line(message)
+        else:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"task": label, "error": error}) + "\n")
+
+
 def _run_luigi(argv: list[str]):
-    """Luigi's own command line (local scheduler unless one is named); the run's result."""
+    """Luigi's own command line (local scheduler unless one is named); ``(result, RunLog)``.
+
+    tinykd owns the console: Luigi's log goes to ``<workdir>/logs/run-*.log`` in full and to the
+    console in short lines (tasks as family and fingerprint, no tracebacks) unless ``--verbose``.
+    """
+    import luigi.setup_logging
+
     import tasks  # noqa: F401
 
     args = list(argv)
+    verbose = "--verbose" in args
+    args = [a for a in args if a != "--verbose"]
     if "--scheduler-host" not in args and "--local-scheduler" not in args:
         args.append("--local-scheduler")
-    if not any(a.startswith("--log-level") for a in args):
-        args += ["--log-level", "INFO"]   # Luigi's default, DEBUG, logs every completeness check
+    level = "INFO"   # Luigi's default, DEBUG, logs every completeness check
+    for i, arg in enumerate(args):
+        if arg == "--log-level" and i + 1 < len(args):
+            level = args[i + 1]
+        elif arg.startswith("--log-level="):
+            level = arg.split("=", 1)[1]
+    run_log = RunLog(workdir() / "logs", verbose)
     hold = _HoldSummary()
     interface_logger = logging.getLogger("luigi-interface")
+    tinykd_logger = logging.getLogger("tinykd")
+    saved = (list(interface_logger.handlers), interface_logger.level, interface_logger.propagate,
+             list(tinykd_logger.handlers), tinykd_logger.level, luigi.setup_logging.InterfaceLogging._configured)
+    # Luigi would add its own console handler (with tracebacks); ours replace it for this run.
+    luigi.setup_logging.InterfaceLogging._configured = True
+    interface_logger.handlers = run_log.handlers()
+    interface_logger.setLevel(getattr(logging, str(level).upper(), logging.INFO))
+    interface_logger.propagate = False
+    tinykd_logger.handlers = [run_log.file_handler, run_log.console_handler]
+    tinykd_logger.setLevel(logging.INFO)
     interface_logger.addFilter(hold)
     try:
-        return luigi.run(cmdline_args=args, detailed_summary=True)
+        return luigi.run(cmdline_args=args, detailed_summary=True), run_log
     finally:
         interface_logger.removeFilter(hold)
+        (interface_logger.handlers, level_before, interface_logger.propagate, tinykd_logger.handlers,
+         tinykd_level, luigi.setup_logging.InterfaceLogging._configured) = saved
+        interface_logger.setLevel(level_before)
+        tinykd_logger.setLevel(tinykd_level)
+        run_log.close()
 
 
 def one_line(exc: BaseException) -> str:
@@ -303,11 +456,12 @@ def cmd_demo(argv: list[str]) -> int:
 
         ensure_demo_task(DEMO_DATA)
         args += ["--PrepareData-glue-dir", str(DEMO_DATA)]
-    result = _run_luigi(args)
+    result, failures = _run_luigi(args)
     if _succeeded(result):
-        with task_from_argv(args) as root:
+        with task_from_argv([a for a in args if a != "--verbose"]) as root:
             print(report_summary(root))
     print(result.summary_text)
+    _print_failures(failures)
     return 0 if _succeeded(result) else 1
 
 
