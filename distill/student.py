@@ -130,6 +130,13 @@ def check_compatible(student_config, teacher_config, where=None) -> None:
                          "scores head by head, so they must be equal", where)
 
 
+def student_shape(config) -> dict:
+    """The shape of a built student, from its own config (not from the spec that asked for it:
+    a checkpoint or teacher-layer student has the shape it was saved with)."""
+    return {"num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size, "num_heads": config.num_attention_heads}
+
+
 def vocab_sha256(tokenizer) -> str:
     """Fingerprint of a tokenizer's vocabulary: the cache writer's own definition, so a
     student's tokenizer and a cache's ``tokenizer_vocab_sha256`` compare like for like."""

