@@ -31,7 +31,7 @@ import luigi
 
 from pipeline.errors import InputError
 from pipeline.stage import StageBuild
-from tasks.base import StageTask
+from tasks.base import StageTask, num_threads_parameter
 from tasks.prepare import PrepareData
 
 EXAMPLE_SOURCES = ("augmented", "train", "corpus")
@@ -72,6 +72,7 @@ class FineTuneTeacher(StageTask):
     device = luigi.Parameter(default="auto", significant=False,
                              description="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
     progress = luigi.BoolParameter(default=False, significant=False, description="Show a progress bar.")
+    num_threads = num_threads_parameter()
 
     def teacher_source(self) -> str:
         if self.teacher:
@@ -173,6 +174,7 @@ class TeacherCacheParams(luigi.Task):
         description="Parquet BYTE_STREAM_SPLIT encoding of the float columns before zstd "
                     "(smaller files, identical values).")
     progress = luigi.BoolParameter(default=False, significant=False, description="Show a progress bar.")
+    num_threads = num_threads_parameter()
 
     # --- shared helpers -----------------------------------------------------------------
     def cache_params(self) -> dict[str, Any]:
