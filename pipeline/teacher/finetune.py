@@ -11,6 +11,9 @@ everything distilled from them. This module therefore
   (``tinykd_head_trained``) so a head saved untrained is never mistaken for a trained one;
 * checks that the head's size and label names agree with the task's labels (a teacher whose
   label 0 is "positive" for a task whose label 0 is "negative" would invert every target);
+* compares the teacher's dev score with the majority-class baseline (the constant prediction
+  of the most frequent train label) and warns loudly, recording ``degenerate`` in the manifest,
+  when it is not better: small fine-tunes (RTE, CoLA) often end there, with Matthews 0.0;
 * fine-tunes (AdamW, linear warm-up then decay; dev evaluation every ``eval_every`` steps and
   after the last step, or with ``eval_every = 0`` at each epoch's end; the best checkpoint
   kept) when the head is untrained, and skips the fine-tune when the given teacher is already
@@ -118,6 +121,51 @@ def warn_if_untrained_head(teacher: str | Path, head_trained: bool) -> bool:
         LOG.warning("\n%s\n%s\n%s", "!" * 80, message, "!" * 80)
         warnings.warn(message, UserWarning, stacklevel=2)
     return head_trained
+
+
+def majority_baseline(train_labels: Sequence, dev, task: str | None, task_type: str,
+                      num_labels: int) -> dict:
+    """Dev metrics of the trivial predictor: the majority train class for every dev example
+    (regression: the train mean, whose correlations are 0). A teacher must beat it."""
+    import numpy as np
+
+    from pipeline.common.metrics import task_metrics
+
+    dev_labels = np.asarray(dev.column("label").to_pylist())
+    if task_type == "regression":
+        value = float(np.mean(train_labels)) if len(train_labels) else 0.0
+        metrics = task_metrics(task, task_type, np.full((len(dev_labels), 1), value), dev_labels)
+        return {**metrics, "predicts": value}
+    counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=num_labels)
+    majority = int(counts.argmax())
+    logits = np.zeros((len(dev_labels), max(num_labels, majority + 1)))
+    logits[:, majority] = 1.0
+    return {**task_metrics(task, task_type, logits, dev_labels), "predicts": majority}
+
+
+def check_against_baseline(teacher_dev: dict, baseline: dict, teacher: str | Path,
+                           label_names: Sequence[str] | None = None) -> dict:
+    """Compare the teacher's dev score with the majority-class baseline; warn loudly when the
+    teacher is not better (a degenerate teacher: everything distilled from it learns that).
+
+    Returns the manifest record: ``{"degenerate", "teacher", "baseline", "metric", "predicts"}``.
+    """
+    metric = teacher_dev.get("primary_metric")
+    ours, theirs = float(teacher_dev.get("primary", float("nan"))), float(baseline.get(metric, baseline["primary"]))
+    degenerate = not ours > theirs
+    predicts = baseline.get("predicts")
+    if isinstance(predicts, int) and label_names and predicts < len(label_names):
+        predicts = label_names[predicts]
+    record = {"degenerate": degenerate, "metric": metric, "teacher": ours, "baseline": theirs,
+              "predicts": predicts}
+    if degenerate:
+        message = (f"TEACHER NO BETTER THAN THE MAJORITY CLASS: {teacher} scores dev {metric} "
+                   f"{ours:.4f}, the constant prediction {predicts!r} scores {theirs:.4f}. A student "
+                   "distilled from it learns the majority class. Train the teacher longer or on more "
+                   "data, check the labels, or give a stronger teacher.")
+        LOG.warning("\n%s\n%s\n%s", "!" * 80, message, "!" * 80)
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return record
 
 
 def _read_examples(path: Path, limit: int = 0):
@@ -270,6 +318,8 @@ def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_d
     dev = _read_examples(dev_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(finetune_kwargs)
+    baseline = majority_baseline(train.column("label").to_pylist(), dev, task_info.get("task"),
+                                 task_type, num_labels)
     if skip:
         warn_if_untrained_head(teacher, head_trained)
         setattr(model.config, HEAD_TRAINED_ATTR, head_trained)
@@ -279,9 +329,12 @@ def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_d
         metrics = evaluate(model.to(device), tokenizer, dev, task_info.get("task"), task_type,
                            kwargs.get("max_seq_length", 128), 2 * kwargs.get("batch_size", 32), device)
         info.update(dev=metrics, head_trained=head_trained)
-        return info
-    result = finetune(model, tokenizer, train, dev, out_dir, task=task_info.get("task"),
-                      task_type=task_type, **kwargs)
-    info.update(dev=result["best"], history=result["history"], steps=result["steps"],
-                train_examples=result["train_examples"], head_trained=True)
+    else:
+        result = finetune(model, tokenizer, train, dev, out_dir, task=task_info.get("task"),
+                          task_type=task_type, **kwargs)
+        info.update(dev=result["best"], history=result["history"], steps=result["steps"],
+                    train_examples=result["train_examples"], head_trained=True)
+    info["majority_baseline"] = baseline
+    info["baseline_check"] = check_against_baseline(info["dev"], baseline, teacher, label_names)
+    info["degenerate"] = info["baseline_check"]["degenerate"]
     return info
