@@ -122,6 +122,10 @@ def _trainer_parameters(stage: str):
                         "-1: 4 on CUDA, else 0 (a background thread reads ahead when there are "
                         "more than 2 cores; on 2 cores the step gets both and reads in between).")
         num_threads = num_threads_parameter()
+        progress = luigi.BoolParameter(
+            default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+            description="Show a tqdm bar on the console (steps, loss, best dev metric, ETA); "
+                        "--progress false hides it.")
 
         def train_config(self):
             from distill.trainer import TrainConfig

@@ -190,3 +190,25 @@ def test_stage2_refuses_a_stage1_output_of_another_task(tmp_path, assets):
         distill_from_cache(assets["caches"]["float16"], tmp_path / "s2",
                            recipe("prediction", batch_size=8, epochs=1, device="cpu"),
                            stage1_dir=tmp_path / "mrpc-s1", prepared_dir=root / "prepared")
+
+
+def _last_bar(err: str, desc: str) -> str:
+    bars = [line for line in err.replace("\r", "\n").splitlines() if line.startswith(desc)]
+    assert bars, err
+    return bars[-1]
+
+
+def test_distillation_shows_a_progress_bar_with_steps_loss_and_eta(tmp_path, assets, capsys):
+    """Issue 15 item 12: the distillation stages, most of the demo's time, showed no progress."""
+    cache = assets["caches"]["float16"]
+    distill_from_cache(cache, tmp_path / "s1", recipe("intermediate", batch_size=8, epochs=1, device="cpu",
+                                                      progress=True), StudentSpec(**STUDENT))
+    final = _last_bar(capsys.readouterr().err, "distill (intermediate)")
+    assert final.startswith("distill (intermediate): 100%") and "5/5" in final, final
+    assert "loss=" in final and ("step/s" in final or "s/step" in final)
+    assert "<00:00" in final          # tqdm's elapsed<remaining (ETA)
+    distill_from_cache(cache, tmp_path / "s2", recipe("prediction", batch_size=8, epochs=1, eval_every=2,
+                                                      device="cpu", progress=True),
+                       stage1_dir=tmp_path / "s1", prepared_dir=assets["root"] / "prepared")
+    final = _last_bar(capsys.readouterr().err, "distill (prediction)")
+    assert final.startswith("distill (prediction): 100%") and "best dev accuracy=" in final, final

@@ -274,6 +274,9 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if bar is not None:
+                bar.set_postfix_str(f"loss={float(loss.detach()):.4f}" + (
+                    f" best dev {best['primary_metric']}={best['primary']:.4f}" if best else ""),
+                    refresh=False)
                 bar.update(1)
             if (eval_every and step % eval_every == 0) or step == total_steps \
                     or (not eval_every and step % steps_per_epoch == 0):
