@@ -162,7 +162,8 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
     evaluator = None
     if prepared_dir is not None and config.uses_prediction:
         dev = load_dev(prepared_dir, tokenizer, int(info.get("max_seq_length", 128)), task_type, dev_limit)
-        evaluator = Evaluator(dev, task, task_type, eval_batch_size, resolve_device(config.device))
+        evaluator = Evaluator(dev, task, task_type, eval_batch_size, resolve_device(config.device),
+                              metric=info.get("metric"))
     best_dir = out_dir / "best_student"
 
     def keep_best(model, best):

@@ -123,6 +123,12 @@ class PrepareData(StageTask):
         default="", choices=["", "classification", "regression"], significant=True,
         description="classification (int labels) or regression (float labels); empty: the GLUE "
                     "task's type, else classification.")
+    metric = luigi.ChoiceParameter(
+        default="", choices=["", "accuracy", "f1", "mcc", "corr", "pearson", "spearman"],
+        significant=True,
+        description="The dev metric that picks the best teacher and student checkpoints. Empty: "
+                    "the task's (a GLUE name: GLUE's; any other: accuracy, or corr for "
+                    "regression). A files or HF source needs a task name or this.")
     skip_bad_rows = luigi.BoolParameter(
         default=False, significant=True,
         description="Drop bad rows (wrong column count, missing field, empty text, invalid UTF-8, "
@@ -150,10 +156,11 @@ class PrepareData(StageTask):
                 raise InputError("source=glue needs PrepareData's glue_dir (or $GLUE_DIR)")
             if not self.task:
                 raise InputError("source=glue needs PrepareData's task (e.g. SST-2, MRPC)")
-            return {"kind": "glue", "glue_dir": _resolved(glue_dir), "task": self.task}
+            return {"kind": "glue", "glue_dir": _resolved(glue_dir), "task": self.task,
+                    "metric": self.metric}
         label_names = self.label_names if isinstance(self.label_names, str) else list(self.label_names)
         common = {"columns": dict(self.columns), "label_names": label_names,
-                  "task_type": self.task_type, "task": self.task}
+                  "task_type": self.task_type, "task": self.task, "metric": self.metric}
         if self.source == "hf":
             return {"kind": "hf", "name": self.hf_name, "config": self.hf_config,
                     "revision": self.hf_revision, "cache_dir": _resolved(self.hf_cache_dir),
@@ -164,6 +171,8 @@ class PrepareData(StageTask):
 
     def stage_params(self) -> dict[str, Any]:
         params = super().stage_params()
+        if not self.metric:
+            params.pop("metric")   # the default: fingerprints from before the parameter stay valid
         if self.source == "hf" and _is_local(self.hf_name):
             params["hf_name"] = "<local, hashed>"   # its content is in stage_inputs
         return params

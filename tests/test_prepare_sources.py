@@ -168,3 +168,23 @@ def test_label_names_parameter_accepts_infer_and_lists():
     assert parameter.serialize("infer") == "infer"
     # a declared list keeps its fingerprint-relevant form (a tuple, as Luigi's ListParameter)
     assert PrepareData(label_names=["a", "b"]).label_names == ("a", "b")
+
+
+def test_an_explicit_metric_is_recorded_and_used_downstream(tmp_path):
+    """Item 6: "an explicit task name or an explicit metric"; the metric travels to evaluation."""
+    import numpy as np
+
+    from pipeline.common.metrics import task_metrics
+
+    source = _files(tmp_path, "text\tlabel\ngood\tpos\nbad\tneg\n", "text\tlabel\nfine\tpos\n")
+    source.update(columns={"text_a": "text", "label": "label"}, label_names=["neg", "pos"])
+    info = prepare({**source, "metric": "f1"}, tmp_path / "out")["info"]
+    assert info["task"] == "custom" and info["metric"] == "f1"
+    assert prepare({**source, "task": "CoLA"}, tmp_path / "cola")["info"]["metric"] == "mcc"
+    assert prepare({**source, "task": "reviews"}, tmp_path / "own")["info"]["metric"] == "accuracy"
+    with pytest.raises(InputError, match="metric 'corr' is not one for classification"):
+        prepare({**source, "metric": "corr"}, tmp_path / "bad")
+    logits, labels = np.array([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]), np.array([1, 0, 0])
+    scored = task_metrics(info["task"], "classification", logits, labels, info["metric"])
+    assert scored["primary_metric"] == "f1" and scored["primary"] == pytest.approx(2 / 3)
+    assert scored["accuracy"] == pytest.approx(2 / 3)

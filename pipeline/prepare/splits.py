@@ -611,17 +611,21 @@ def _mapping_and_spec(source: Mapping[str, Any], default_columns: Mapping[str, s
         default_task.label_names if default_task and task_type == CLASSIFICATION else None)
     if task_type == REGRESSION:
         label_names = None
-    spec = TaskSpec(str(source["task"]), task_type, "text_b" in columns, label_names,
+    spec = TaskSpec(str(source.get("task") or CUSTOM_TASK), task_type, "text_b" in columns, label_names,
                     default_task.label_range if default_task and task_type == REGRESSION else None)
     return columns, spec
 
 
+#: The task name recorded when a files/HF source gives only an explicit metric.
+CUSTOM_TASK = "custom"
+
+
 def _require_task_name(source: Mapping[str, Any]) -> None:
-    if not source.get("task"):
+    if not source.get("task") and not source.get("metric"):
         raise InputError(
-            f"source kind {source.get('kind')!r} needs a task name (PrepareData's task): a GLUE task "
-            f"({', '.join(GLUE_TASKS)}) for its metric, labels and task type, or a name of your own "
-            "(dev metric: accuracy; corr for task_type=regression)")
+            f"source kind {source.get('kind')!r} needs a task name or a metric (PrepareData's task, "
+            f"metric): a GLUE task ({', '.join(GLUE_TASKS)}) brings its metric, labels and task "
+            "type; any other name (or none, with metric = accuracy, f1, mcc or corr) is yours")
 
 
 def _index_mapping(columns: Mapping[str, Any], path: Path, fmt: str) -> bool:
@@ -801,8 +805,15 @@ def prepare(source: Mapping[str, Any], out_dir: Path | str, *, skip_bad_rows: bo
     for split, table in tables.items():
         write_split(out_dir / f"{split}.parquet", table, spec)
 
+    from pipeline.common.metrics import metric_names   # scipy: not on the no-op rerun's path
+
+    try:
+        metric = metric_names(spec.name, spec.task_type, source.get("metric") or None)[0]
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     info = {
         "task": spec.name,
+        "metric": metric,
         "task_type": spec.task_type,
         "label_names": list(spec.label_names or []),
         "num_labels": len(spec.label_names) if spec.task_type == CLASSIFICATION else 1,

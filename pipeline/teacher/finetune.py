@@ -124,7 +124,7 @@ def warn_if_untrained_head(teacher: str | Path, head_trained: bool) -> bool:
 
 
 def majority_baseline(train_labels: Sequence, dev, task: str | None, task_type: str,
-                      num_labels: int) -> dict:
+                      num_labels: int, metric: str | None = None) -> dict:
     """Dev metrics of the trivial predictor: the majority train class for every dev example
     (regression: the train mean, whose correlations are 0). A teacher must beat it."""
     import numpy as np
@@ -134,13 +134,13 @@ def majority_baseline(train_labels: Sequence, dev, task: str | None, task_type: 
     dev_labels = np.asarray(dev.column("label").to_pylist())
     if task_type == "regression":
         value = float(np.mean(train_labels)) if len(train_labels) else 0.0
-        metrics = task_metrics(task, task_type, np.full((len(dev_labels), 1), value), dev_labels)
+        metrics = task_metrics(task, task_type, np.full((len(dev_labels), 1), value), dev_labels, metric)
         return {**metrics, "predicts": value}
     counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=num_labels)
     majority = int(counts.argmax())
     logits = np.zeros((len(dev_labels), max(num_labels, majority + 1)))
     logits[:, majority] = 1.0
-    return {**task_metrics(task, task_type, logits, dev_labels), "predicts": majority}
+    return {**task_metrics(task, task_type, logits, dev_labels, metric), "predicts": majority}
 
 
 def check_against_baseline(teacher_dev: dict, baseline: dict, teacher: str | Path,
@@ -178,7 +178,7 @@ def _read_examples(path: Path, limit: int = 0):
 
 
 def evaluate(model, tokenizer, examples, task: str | None, task_type: str, max_seq_length: int,
-             batch_size: int, device) -> dict:
+             batch_size: int, device, metric: str | None = None) -> dict:
     """Dev metrics of ``model`` (GLUE's metric for the task; see :mod:`pipeline.common.metrics`)."""
     import numpy as np
     import torch
@@ -198,13 +198,14 @@ def evaluate(model, tokenizer, examples, task: str | None, task_type: str, max_s
             for i, row in zip(batch, out):
                 logits[i] = row
     labels = np.asarray(examples.column("label").to_pylist())
-    return task_metrics(task, task_type, np.stack(logits), labels)
+    return task_metrics(task, task_type, np.stack(logits), labels, metric)
 
 
 def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, task_type: str,
              epochs: float = 3.0, learning_rate: float = 2e-5, batch_size: int = 32,
              warmup_ratio: float = 0.1, weight_decay: float = 0.01, max_seq_length: int = 128,
-             eval_every: int = 0, seed: int = 42, device: str = "auto", progress: bool = False) -> dict:
+             eval_every: int = 0, seed: int = 42, device: str = "auto", progress: bool = False,
+             metric: str | None = None) -> dict:
     """Fine-tune ``model`` on ``train``; evaluate on ``dev``; save the best to ``out_dir``.
 
     AdamW with linear warm-up over ``warmup_ratio`` of the steps then linear decay. Dev
@@ -243,7 +244,8 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
 
     def checkpoint() -> None:
         nonlocal best
-        metrics = evaluate(model, tokenizer, dev, task, task_type, max_seq_length, 2 * batch_size, device_)
+        metrics = evaluate(model, tokenizer, dev, task, task_type, max_seq_length, 2 * batch_size, device_,
+                           metric)
         history.append({"step": step, **metrics})
         LOG.info("teacher fine-tune step %d: dev %s = %.4f", step, metrics["primary_metric"], metrics["primary"])
         if best is None or metrics["primary"] > best["primary"]:
@@ -322,7 +324,7 @@ def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_d
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(finetune_kwargs)
     baseline = majority_baseline(train.column("label").to_pylist(), dev, task_info.get("task"),
-                                 task_type, num_labels)
+                                 task_type, num_labels, task_info.get("metric"))
     if skip:
         warn_if_untrained_head(teacher, head_trained)
         setattr(model.config, HEAD_TRAINED_ATTR, head_trained)
@@ -330,11 +332,12 @@ def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_d
         tokenizer.save_pretrained(out_dir)
         device = resolve_device(kwargs.get("device", "auto"))
         metrics = evaluate(model.to(device), tokenizer, dev, task_info.get("task"), task_type,
-                           kwargs.get("max_seq_length", 128), 2 * kwargs.get("batch_size", 32), device)
+                           kwargs.get("max_seq_length", 128), 2 * kwargs.get("batch_size", 32), device,
+                           task_info.get("metric"))
         info.update(dev=metrics, head_trained=head_trained)
     else:
         result = finetune(model, tokenizer, train, dev, out_dir, task=task_info.get("task"),
-                          task_type=task_type, **kwargs)
+                          task_type=task_type, metric=task_info.get("metric"), **kwargs)
         info.update(dev=result["best"], history=result["history"], steps=result["steps"],
                     train_examples=result["train_examples"], head_trained=True)
     info["majority_baseline"] = baseline
