@@ -262,6 +262,8 @@ def one_line(exc: BaseException) -> str:
     """An exception as one line: an InputError's ``file:line: problem``, else ``Type: message``."""
     text = str(exc) if isinstance(exc, (InputError, luigi.parameter.ParameterException)) \
         else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, ValueError) and "Error when parsing" in str(exc) and exc.__cause__ is not None:
+        text = f"{exc} ({exc.__cause__})"   # which value, and what is wrong with it
     return " ".join(text.split()) or type(exc).__name__
 
 
@@ -503,6 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, luigi.parameter.ParameterException) as exc:
         # Bad input or a bad command line: one line that says what and where, no traceback
         # (the problem is the user's to fix, not a bug to debug).
+        print(f"tinykd {argv[0]}: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        # Luigi wraps a configuration value it cannot parse in a ValueError whose cause says why
+        if "--verbose" in argv or "Error when parsing" not in str(exc):
+            raise
         print(f"tinykd {argv[0]}: {one_line(exc)}", file=sys.stderr)
         return 2
 
