@@ -88,3 +88,17 @@ def test_luigis_per_task_lines_are_short_unless_verbose(tmp_path, capsys):
     assert main(["run", "Consumer", "--path", str(text), "--scale", "2", "--module", "tests.test_stage",
                  "--no-lock", "--verbose"]) == 0
     assert "Consumer(path=" in capsys.readouterr().err
+
+
+def test_an_unparsable_configuration_value_is_one_line(tmp_path, capsys, monkeypatch):
+    """A ';' comment after a JSON value is part of the value for Luigi: say which value fails."""
+    from luigi.configuration import LuigiConfigParser
+
+    config = tmp_path / "rte.cfg"
+    config.write_text('[PrepareData]\nsource = files\nlabel_names = ["entailment", "not_entailment"]   ; 0, 1\n')
+    monkeypatch.setattr(LuigiConfigParser, "_config_paths", [str(config)])
+    monkeypatch.setattr(LuigiConfigParser, "_instance", None)
+    luigi.task_register.Register.clear_instance_cache()
+    assert main(["explain", "PrepareData"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Error when parsing the default value of 'label_names'" in err[0], err
