@@ -71,7 +71,9 @@ class FineTuneTeacher(StageTask):
     seed = luigi.IntParameter(default=42, significant=True, description="Seed of initialisation and shuffling.")
     device = luigi.Parameter(default="auto", significant=False,
                              description="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
-    progress = luigi.BoolParameter(default=False, significant=False, description="Show a progress bar.")
+    progress = luigi.BoolParameter(
+        default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="Show a tqdm bar on the console (steps or examples, ETA); --progress false hides it.")
     num_threads = num_threads_parameter()
 
     def teacher_source(self) -> str:
@@ -173,7 +175,9 @@ class TeacherCacheParams(luigi.Task):
         default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
         description="Parquet BYTE_STREAM_SPLIT encoding of the float columns before zstd "
                     "(smaller files, identical values).")
-    progress = luigi.BoolParameter(default=False, significant=False, description="Show a progress bar.")
+    progress = luigi.BoolParameter(
+        default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="Show a tqdm bar on the console (steps or examples, ETA); --progress false hides it.")
     num_threads = num_threads_parameter()
 
     # --- shared helpers -----------------------------------------------------------------
