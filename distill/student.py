@@ -182,9 +182,11 @@ def check_compatible(student_config, teacher_config, where=None) -> None:
 
 def student_shape(config) -> dict:
     """The shape of a built student, from its own config (not from the spec that asked for it:
-    a checkpoint or teacher-layer student has the shape it was saved with)."""
-    return {"num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
-            "intermediate_size": config.intermediate_size, "num_heads": config.num_attention_heads}
+    a checkpoint or teacher-layer student has the shape it was saved with). Read through the
+    family's own config keys (DistilBERT: n_layers, dim, hidden_dim, n_heads)."""
+    layers, hidden, ffn, heads = family_of(config).size_keys
+    return {"num_layers": getattr(config, layers), "hidden_size": getattr(config, hidden),
+            "intermediate_size": getattr(config, ffn), "num_heads": getattr(config, heads)}
 
 
 def vocab_sha256(tokenizer) -> str:
