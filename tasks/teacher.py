@@ -189,13 +189,14 @@ class TeacherCacheParams(luigi.Task):
         return str(Path(self.corpus).expanduser().resolve())
 
     def upstream_requirements(self) -> dict[str, luigi.Task]:
+        augment = self.augment_settings()
         if self.examples == "corpus":
             return {}
         required: dict[str, luigi.Task] = {"data": PrepareData(), "teacher": FineTuneTeacher()}
         if self.examples == "augmented":
             from tasks.augment import Augment
 
-            required["examples"] = Augment(**self.augment_settings())
+            required["examples"] = Augment(**augment)
         return required
 
     def augment_settings(self) -> dict[str, Any]:

@@ -228,3 +228,18 @@ def test_bf16_autocast_runs_and_devices_refuse_what_they_cannot_do(tiny_mlm):
         check_precision("int8", "cuda")
     with pytest.raises(InputError, match="unknown mlm_precision"):
         check_precision("int4", "cpu")
+
+
+def test_teacher_cache_accepts_only_sampling_overrides_of_augmented_data():
+    from tasks.augment import Augment
+    from tasks.teacher import TeacherCache
+
+    cache = TeacherCache(augment={"num_aug": 5, "aug_seed": 3})
+    examples = cache.upstream_requirements()["examples"]
+    assert isinstance(examples, Augment) and (examples.num_aug, examples.aug_seed) == (5, 3)
+    assert examples.task_id != TeacherCache().upstream_requirements()["examples"].task_id
+    assert "augment" not in cache.cache_stage_params()   # the Augment fingerprint says it
+    with pytest.raises(InputError, match=r"unknown key\(s\) \['mode'\]"):
+        TeacherCache(augment={"mode": "glove"}).upstream_requirements()
+    with pytest.raises(InputError, match="does not read augmented data"):
+        TeacherCache(examples="train", augment={"num_aug": 5}).upstream_requirements()

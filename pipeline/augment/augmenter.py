@@ -357,7 +357,7 @@ def sample_examples(examples: Sequence[dict[str, Any]], sides: Sequence[SideCand
 
 
 # --------------------------------------------------------------------------------------------
-# The Augment stage (sampling over the Candidates stage's shards): sharded, resumable output.
+# Shared by the two stages: the shard layout, the augmented rows' schema, the candidate sources.
 # --------------------------------------------------------------------------------------------
 
 def output_schema(label_type):
