@@ -48,7 +48,7 @@ class Ablations(StageTask):
     """Distil one student per variant of an ablation grid from one teacher cache; report."""
 
     stage_name = "ablations"
-    stage_version = "1"
+    stage_version = "2"   # 2: summary.json names each variant's teacher cache
 
     grid = luigi.Parameter(
         default=str(DEFAULT_GRID), significant=False,
@@ -110,18 +110,21 @@ class Ablations(StageTask):
         teacher_dev = (teacher.get("dev") or {})
         teacher_metric = teacher_dev.get(results[0].metric_name)
         task = data["info"].get("task") or "task"
+        caches = {name: variant.cache_task().fingerprint() for name, variant in self.variant_tasks().items()}
+        one_cache = len(set(caches.values())) == 1
         notes = [
             f"Task {task}: {data['rows'].get('train', '?')} train examples "
-            f"({cache['info'].get('examples', '?')} in the teacher cache, augmentation included), "
+            f"({cache['info'].get('examples', '?')} in the {'' if one_cache else 'main '}teacher "
+            "cache, augmentation included), "
             f"{data['rows'].get('dev', '?')} dev examples.",
             f"Teacher: {teacher.get('teacher')} "
             f"({'as given' if teacher.get('skipped_finetune') else 'fine-tuned by the pipeline'}); "
             f"cache {cache['info'].get('dtype')}, hidden layers {cache['info'].get('hidden_layers')}, "
             f"attention layers {cache['info'].get('attention_layers')}.",
-            "Each variant is a stage-1 + stage-2 distillation from that one cache; the student's "
+            f"Each variant is a stage-1 + stage-2 distillation from "
+            f"{'that one cache' if one_cache else 'its teacher cache (below)'}; the student's "
             "best dev score over its stage-2 evaluations is reported.",
         ]
-        caches = {name: variant.cache_task().fingerprint() for name, variant in self.variant_tasks().items()}
         notes += _cache_notes(caches, {name: dict(t.augment) for name, t in self.variant_tasks().items()})
         with out.timed("report"):
             paths = write_report(results, out.path, f"{task} ablations", teacher_metric, notes)
