@@ -243,3 +243,13 @@ def test_teacher_cache_accepts_only_sampling_overrides_of_augmented_data():
         TeacherCache(augment={"mode": "glove"}).upstream_requirements()
     with pytest.raises(InputError, match="does not read augmented data"):
         TeacherCache(examples="train", augment={"num_aug": 5}).upstream_requirements()
+
+
+def test_a_precision_the_device_cannot_run_fails_before_anything_is_written(tmp_path, glove_dir,
+                                                                         tiny_mlm_dir):
+    resources = AugmentResources(vectors_dir=glove_dir, mlm_model=str(tiny_mlm_dir), device="cpu",
+                                 mlm_precision="fp16")
+    with pytest.raises(InputError, match="fp16 is CUDA autocast"):
+        candidates_split(split_table(SENTENCES), tmp_path / "out", AugmentConfig(), resources,
+                         progress=False)
+    assert not (tmp_path / "out").exists()

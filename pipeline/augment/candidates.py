@@ -139,6 +139,11 @@ def candidates_split(table, out_dir: Path | str, config: AugmentConfig,
         raise InputError(f"the split lacks columns {sorted(missing)}")
     if examples_per_shard < 1:
         raise InputError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
+    if augmenter is None and config.mode != "glove":
+        from pipeline.augment.mlm_candidates import check_precision, pick_device
+
+        # Before anything is loaded or written: a precision the device cannot run.
+        check_precision(resources.mlm_precision, pick_device(resources.device).split(":")[0])
     out_dir = Path(out_dir)
     (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     schema = candidates_schema()
