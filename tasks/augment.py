@@ -33,7 +33,7 @@ from typing import Any
 import luigi
 
 from pipeline.stage import StageBuild
-from tasks.base import StageTask
+from tasks.base import StageTask, num_threads_parameter
 from tasks.prepare import PrepareData
 
 _VECTOR_SOURCES = ["packaged", "glove_text", "word2vec", "trained"]
@@ -181,6 +181,7 @@ class CandidateParameters:
     aug_progress = luigi.BoolParameter(
         default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
         description="Show a tqdm progress bar (examples/s); --aug-progress false hides it.")
+    num_threads = num_threads_parameter()
 
     def candidate_parameters(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in CANDIDATE_PARAMETERS}
@@ -265,6 +266,7 @@ class Augment(CandidateParameters, StageTask):
     stage_name = "augment"
     stage_version = "2"   # 2: sampling over the Candidates stage (same bytes as version 1)
     resumable = True
+    uses_torch = False    # sampling only: num_threads is passed on to Candidates
 
     aug_p = luigi.FloatParameter(
         default=0.4, significant=True, description="p_t: probability of replacing a position.")
