@@ -171,6 +171,8 @@ class CandidateParameters:
         description="Input examples per shard of the candidates and of the augmented output "
                     "(the unit of resuming). Content does not depend on it, the file layout "
                     "does (and, with mlm_precision=int8, the batches do).")
+    # significant=True for Luigi (two batch sizes are two tasks); Candidates.stage_params keeps
+    # it out of the fingerprint unless the arithmetic depends on it (int8).
     aug_batch_size = luigi.IntParameter(
         default=64, significant=True,
         description="MLM forward batch size (rows). Enters the fingerprint only with "
