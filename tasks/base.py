@@ -72,6 +72,9 @@ class StageTask(luigi.Task):
     stage_version: ClassVar[str] = "1"
     #: Keep the partial directory after a failure so a rerun can continue from it.
     resumable: ClassVar[bool] = False
+    #: Whether ``build()`` runs torch (then ``num_threads``, when declared, is applied to it).
+    #: False for a stage that only passes ``num_threads`` on: it need not import torch at all.
+    uses_torch: ClassVar[bool] = True
 
     # --- declared by subclasses -------------------------------------------------------------
     def stage_inputs(self) -> dict[str, str | Path]:
@@ -138,7 +141,7 @@ class StageTask(luigi.Task):
     def run(self) -> None:
         hasher = shared_hasher(workdir())
         with build_stage(workdir(), self.stage_key(), resumable=self.resumable, hasher=hasher) as out:
-            if "num_threads" in self.param_kwargs:   # a compute stage: its thread count, for build()
+            if "num_threads" in self.param_kwargs and self.uses_torch:   # its thread count, for build()
                 from pipeline.common.device import torch_threads
 
                 with torch_threads(self.num_threads) as threads:
