@@ -96,20 +96,18 @@ class CompactPlan:
 
     @classmethod
     def make(cls, layout: str, hidden_layers: Sequence[int], attention_layers: Sequence[int],
-             can_derive_scores: bool = True) -> "CompactPlan":
+             can_derive: bool = True) -> "CompactPlan":
+        """``can_derive``: whether :class:`TeacherParts` can recompute this teacher's layer 0
+        and scores (plain query/key families, ``scores`` target); if not, everything listed is
+        stored whatever the layout."""
         if layout not in LAYOUTS:
             raise InputError(f"unknown cache layout {layout!r}; choose one of {list(LAYOUTS)}")
         hidden, attention = sorted(set(hidden_layers)), sorted(set(attention_layers))
-        if layout == "full":
-            return cls(layout, hidden, attention, stored_hidden=hidden)
-        if not can_derive_scores:   # a family the parts cannot recompute: store what is listed
+        if layout == "full" or not can_derive:
             return cls(layout, hidden, attention, stored_hidden=hidden)
         stored = [l for l in hidden if l != 0]
-        sources: dict[int, str] = {}
-        if can_derive_scores:
-            for layer in attention:
-                sources[layer] = ("embeddings" if layer == 1 else
-                                  "hidden" if layer - 1 in stored else "row")
+        sources = {layer: ("embeddings" if layer == 1 else "hidden" if layer - 1 in stored else "row")
+                   for layer in attention}
         derive_embeddings = 0 in hidden or any(s == "embeddings" for s in sources.values())
         return cls(layout, hidden, attention, stored, derive_embeddings, sources)
 

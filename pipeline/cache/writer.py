@@ -137,10 +137,10 @@ class CacheSpec:
         self.attention_layers = sorted({int(x) for x in self.attention_layers})
         self.plan(True)   # an unknown layout fails here
 
-    def plan(self, can_derive_scores: bool) -> CompactPlan:
-        """What is stored and what is recomputed (scores are derived only for teachers whose
-        query/key projections :class:`pipeline.cache.compact.TeacherParts` can hold)."""
-        return CompactPlan.make(self.layout, self.hidden_layers, self.attention_layers, can_derive_scores)
+    def plan(self, can_derive: bool) -> CompactPlan:
+        """What is stored and what is recomputed (only for teachers whose layer 0 and scores
+        :class:`pipeline.cache.compact.TeacherParts` can recompute: :func:`can_derive_scores`)."""
+        return CompactPlan.make(self.layout, self.hidden_layers, self.attention_layers, can_derive)
 
 
 def check_layers(spec: CacheSpec, num_layers: int, teacher: str) -> None:
