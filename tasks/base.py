@@ -13,6 +13,7 @@ imports torch, transformers or datasets (stages import them inside ``build()``).
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,7 +21,10 @@ from typing import Any, ClassVar
 import luigi
 from luigi.task import flatten
 
-from pipeline.stage import FileHasher, StageBuild, StageKey, build_stage, explain_key
+from pipeline.stage import (FileHasher, StageAlreadyComplete, StageBuild, StageKey, build_stage,
+                            explain_key, verify_upstream)
+
+LOG = logging.getLogger("luigi-interface")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = PROJECT_ROOT / "data" / "work"
@@ -61,6 +65,10 @@ class StageTask(luigi.Task):
     stage_version: ClassVar[str] = "1"
     #: Keep the partial directory after a failure so a rerun can continue from it.
     resumable: ClassVar[bool] = False
+    #: Whether readers of this stage re-hash its Parquet files before use (sizes are always
+    #: checked). Off only for stages whose Parquet files are large and carry page CRCs that
+    #: their reader verifies on every read (the teacher cache).
+    hash_parquet_on_read: ClassVar[bool] = True
 
     # --- declared by subclasses -------------------------------------------------------------
     def stage_inputs(self) -> dict[str, str | Path]:
@@ -114,8 +122,18 @@ class StageTask(luigi.Task):
 
     def run(self) -> None:
         hasher = shared_hasher(workdir())
-        with build_stage(workdir(), self.stage_key(), resumable=self.resumable, hasher=hasher) as out:
-            self.build(out)
+        try:
+            with build_stage(workdir(), self.stage_key(), resumable=self.resumable, hasher=hasher) as out:
+                self.verify_upstream()
+                self.build(out)
+        except StageAlreadyComplete as done:
+            # Another local process built it while this one waited for the build lock.
+            LOG.info("%s: %s", self.task_id, done)
+
+    def verify_upstream(self) -> None:
+        """Check every upstream output against its manifest before ``build()`` reads it."""
+        for task in self.upstream_tasks().values():
+            verify_upstream(task.output_dir(), hash_parquet=task.hash_parquet_on_read)
 
     def explain(self):
         """This stage's :class:`~pipeline.stage.StageStatus` (up to date or why it will run)."""

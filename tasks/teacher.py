@@ -291,6 +291,9 @@ class TeacherCacheShard(TeacherCacheParams, StageTask):
 
     stage_name = "teacher_cache_shard"
     stage_version = "2"   # 2: rows carry aug_index
+    # Gigabytes of Parquet with page CRCs (verified by pipeline.cache.reader on every read);
+    # TeacherCache re-hashes each shard once, before linking it (assemble_cache).
+    hash_parquet_on_read = False
 
     shard_index = luigi.IntParameter(significant=True, description="Which shard (0-based).")
 
@@ -333,6 +336,8 @@ class TeacherCache(TeacherCacheParams, StageTask):
 
     stage_name = "teacher_cache"
     stage_version = "2"   # 2: rows carry aug_index
+    # Read by every trainer stage; its page CRCs are verified as they are read.
+    hash_parquet_on_read = False
 
     def shard_tasks(self, num_examples: int) -> list[TeacherCacheShard]:
         count = -(-num_examples // self.shard_size)

@@ -485,11 +485,26 @@ SHARED_INFO_KEYS = ("hidden_layers", "attention_layers", "dtype", "with_logits",
                     "num_heads", "num_labels", "tokenizer_vocab_sha256", "max_seq_length")
 
 
+def _check_shard_file(file: Path, shard: dict) -> None:
+    """The shard file as its manifest recorded it (present, size, sha256), or InputError."""
+    from pipeline.stage import sha256_file
+
+    if not file.is_file():
+        raise InputError("teacher-cache shard listed in its manifest is missing", file)
+    if file.stat().st_size != shard["bytes"]:
+        raise InputError(f"teacher-cache shard has {file.stat().st_size} bytes, its manifest says "
+                         f"{shard['bytes']}; remove {file.parent.parent} to rebuild it", file)
+    if "sha256" in shard and sha256_file(file) != shard["sha256"]:
+        raise InputError("teacher-cache shard's content differs from its manifest (sha256); "
+                         f"remove {file.parent.parent} to rebuild it", file)
+
+
 def assemble_cache(shard_dirs: Sequence[Path | str], out_dir: Path | str) -> dict:
     """Make ``out_dir`` a self-contained cache over the given one-shard outputs.
 
     Shard files are hard-linked (a copy where the filesystem cannot link), so the cache costs
-    no extra disk and stays readable if the shard outputs are garbage-collected.
+    no extra disk and stays readable if the shard outputs are garbage-collected. Each shard
+    file is checked against its manifest (size, sha256) before it is linked.
     """
     import os
     import shutil
@@ -511,10 +526,14 @@ def assemble_cache(shard_dirs: Sequence[Path | str], out_dir: Path | str) -> dic
                                  f"{info.get(key)!r} vs {first.get(key)!r}", shard_dir)
         for shard in info["shards"]:
             target = out_dir / shard["file"]
+            source = Path(shard_dir) / shard["file"]
+            # A hard link shares the inode: a shard corrupted since it was written would be
+            # published again under the cache's new fingerprint. Check it first.
+            _check_shard_file(source, shard)
             try:
-                os.link(Path(shard_dir) / shard["file"], target)
+                os.link(source, target)
             except OSError:
-                shutil.copy2(Path(shard_dir) / shard["file"], target)
+                shutil.copy2(source, target)
             merged["shards"].append(shard)
     merged["shards"].sort(key=lambda s: s["index"])
     merged["examples"] = sum(s["rows"] for s in merged["shards"])
