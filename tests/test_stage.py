@@ -191,3 +191,79 @@ def test_manifest_is_json_with_sorted_keys(text_file):
     assert luigi.build([Source(path=str(text_file))], local_scheduler=True, log_level="ERROR")
     raw = (Source(path=str(text_file)).output_dir() / "manifest.json").read_text()
     assert json.loads(raw)["stage"] == "test_source"
+
+
+BUILDER = """
+import sys
+from pathlib import Path
+from pipeline.stage import StageAlreadyComplete, StageKey, build_stage
+workdir, label = Path(sys.argv[1]), sys.argv[2]
+try:
+    with build_stage(workdir, StageKey("contended", "1", {"a": 1})) as out:
+        (out.path / f"{label}.txt").write_text(label)
+        print("inside", flush=True)
+        sys.stdin.readline()          # hold the build open until the test says go
+    print("built", flush=True)
+except StageAlreadyComplete:
+    print("skipped", flush=True)
+"""
+
+
+def _builder(tmp_path, label):
+    import subprocess
+    import sys
+
+    script = tmp_path / "builder.py"
+    script.write_text(BUILDER)
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.Popen([sys.executable, str(script), str(tmp_path / "work"), label], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)}, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_second_local_build_waits_for_the_first_then_skips(tmp_path):
+    """Two processes, one fingerprint, no luigid: the second neither deletes the first's
+    partial directory nor publishes its own; it waits for the lock, sees the output, skips."""
+    first = _builder(tmp_path, "first")
+    assert first.stdout.readline().strip() == "inside"
+    second = _builder(tmp_path, "second")
+    time.sleep(1.5)                               # long enough for the second to reach the lock
+    assert second.poll() is None, second.communicate()
+    out_first, err_first = first.communicate("go\n", timeout=60)
+    out_second, err_second = second.communicate("go\n", timeout=60)
+    assert first.returncode == 0, err_first
+    assert second.returncode == 0, err_second
+    assert out_first.split() == ["built"]
+    assert out_second.split() == ["skipped"]      # never got inside the build
+    final = tmp_path / "work" / "contended" / StageKey("contended", "1", {"a": 1}).fingerprint()
+    assert sorted(p.name for p in final.iterdir()) == ["first.txt", "manifest.json"]
+    assert verify_outputs(final) == []
+
+
+def test_temporary_names_are_unique_per_process(tmp_path):
+    from pipeline.stage import temporary_name
+
+    name = temporary_name(tmp_path / "last.pt")
+    assert name.parent == tmp_path and name.name == f".last.pt.{os.getpid()}.tmp"
+
+
+def test_a_damaged_upstream_file_is_named_and_explain_calls_it_broken(text_file, isolated_workdir):
+    from pipeline.errors import InputError
+
+    assert luigi.build([Source(path=str(text_file))], local_scheduler=True, log_level="ERROR")
+    lines = _fresh(Source, path=str(text_file)).output_dir() / "lines.txt"
+    original = lines.read_bytes()
+    lines.write_bytes(original[:-1] + b"X")                  # same size, one byte flipped
+    consumer = _fresh(Consumer, path=str(text_file))
+    with pytest.raises(InputError, match=r"lines\.txt: upstream output is damaged: content differs"):
+        consumer.run()
+    lines.write_bytes(original + b"more")                    # resized
+    status = _fresh(Source, path=str(text_file)).explain()
+    assert status.broken and not status.up_to_date
+    assert any("lines.txt" in r and "bytes, the manifest says" in r for r in status.reasons)
+    lines.unlink()                                           # deleted
+    status = _fresh(Source, path=str(text_file)).explain()
+    assert status.broken and any("missing" in r for r in status.reasons)
+    with pytest.raises(InputError, match=r"lines\.txt: upstream output is damaged: missing"):
+        _fresh(Consumer, path=str(text_file)).run()
+    assert not _fresh(Consumer, path=str(text_file)).output_dir().exists()
