@@ -75,15 +75,48 @@ class _HoldSummary(logging.Filter):
         return "===== Luigi Execution Summary =====" not in str(record.msg)
 
 
+#: Seconds between re-checks while tasks of this DAG run on other workers (central scheduler).
+OTHER_WORKERS_POLL_S = 2.0
+
+
 def cmd_run(argv: list[str]) -> int:
     result = _run_luigi(argv)
+    if "--scheduler-host" in argv:
+        result = _until_other_workers_finish(argv, result)
     print(result.summary_text)
     return 0 if _succeeded(result) else 1
 
 
+def _until_other_workers_finish(argv: list[str], result):
+    """Under luigid, wait while other workers still run tasks of this DAG; the final result.
+
+    A worker's own summary cannot tell whether the DAG completed: a task another worker ran
+    while this one was not asking counts as "not granted run permission" (NOT_RUN, so every
+    worker but the one that ran the last task would exit 1 although the DAG completed), and a
+    worker that finds everything else running elsewhere ends "successfully" before the DAG is
+    done. So while no task failed and the requested task is not complete, schedule the DAG
+    again after a pause: tasks done meanwhile are "already done", and a task whose worker died
+    goes back to the pool and runs here.
+    """
+    while result.status in _NO_FAILURE and not _requested_task_complete(argv):
+        time.sleep(OTHER_WORKERS_POLL_S)
+        result = _run_luigi(argv)
+    return result
+
+
+def _requested_task_complete(argv: list[str]) -> bool:
+    with task_from_argv(argv) as root:
+        return root.complete()
+
+
+_NO_FAILURE = (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY, LuigiStatusCode.NOT_RUN)
+
+
 def _succeeded(result) -> bool:
     # scheduling_succeeded stays True when a task fails; the status says what happened.
-    return result.status in (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY)
+    # NOT_RUN only means that other workers ran some tasks (luigid): cmd_run has waited for
+    # them and checked the requested task itself.
+    return result.status in _NO_FAILURE
 
 
 def _run_luigi(argv: list[str]):
@@ -93,6 +126,11 @@ def _run_luigi(argv: list[str]):
     args = list(argv)
     if "--scheduler-host" not in args and "--local-scheduler" not in args:
         args.append("--local-scheduler")
+    # Luigi's pid lock would make a second identical command exit 0 having done nothing,
+    # even on another workdir. Stage builds lock per output instead (pipeline.locks): runs
+    # on one workdir share the work stage by stage, runs on different workdirs are independent.
+    if "--no-lock" not in args:
+        args.append("--no-lock")
     if not any(a.startswith("--log-level") for a in args):
         args += ["--log-level", "INFO"]   # Luigi's default, DEBUG, logs every completeness check
     hold = _HoldSummary()
