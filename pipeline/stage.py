@@ -74,7 +74,10 @@ FINGERPRINT_LENGTH = 16
 RUN_HISTORY_FIELDS = ("timings", "host", "libraries")
 RUN_HISTORY_INFO_KEYS = ("worker_pid", "shards_resumed", "resumed_from", "train_seconds",
                          "data_wait_share", "startup_wait_share", "mlm_forward_seconds",
-                         "seconds")
+                         "seconds", "data_wait_s", "step_s", "torch_threads")
+#: Files whose content holds such fields (the distillation stages' logs: per-step wait and
+#: step times, the run's timings); compared field by field without them.
+RUN_HISTORY_FILES = ("metrics.json", "metrics.jsonl")
 
 
 def canonical_json(value: Any) -> str:
@@ -409,6 +412,26 @@ def write_file_atomic(path: Path, write) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def without_run_history(value: Any) -> Any:
+    """``value`` (parsed JSON) without the keys of :data:`RUN_HISTORY_INFO_KEYS`, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_run_history(v) for k, v in value.items() if k not in RUN_HISTORY_INFO_KEYS}
+    if isinstance(value, list):
+        return [without_run_history(v) for v in value]
+    return value
+
+
+def manifest_content(manifest: Mapping[str, Any]) -> dict:
+    """What a manifest says about the output's content: equal for a fresh, a resumed and a
+    concurrent build of one fingerprint. Drops the run-history sections and keys, and the
+    checksums of :data:`RUN_HISTORY_FILES` (compare those files with :func:`without_run_history`)."""
+    content = {k: v for k, v in manifest.items() if k not in RUN_HISTORY_FIELDS}
+    content["info"] = without_run_history(content.get("info", {}))
+    content["files"] = {rel: entry for rel, entry in content.get("files", {}).items()
+                        if Path(rel).name not in RUN_HISTORY_FILES}
+    return content
 
 
 def load_manifest(output_dir: Path | str) -> dict:

@@ -132,7 +132,7 @@ class Augment(StageTask):
     """TinyBERT augmentation of the prepared train split (MLM + GloVe word replacement)."""
 
     stage_name = "augment"
-    stage_version = "1"
+    stage_version = "2"   # 2: Parquet page CRCs; GloVe word counts per shard (resume-invariant)
     resumable = True
 
     mode = luigi.ChoiceParameter(

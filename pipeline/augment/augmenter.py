@@ -62,6 +62,9 @@ DEFAULT_N = 20
 NEVER_SPLIT = ("[UNK]", "[SEP]", "[PAD]", "[CLS]", "[MASK]")
 SHARD_DIR = "shards"
 COUNTS_METADATA_KEY = b"tinykd.augment.counts"
+#: The distinct GloVe words a shard looked up: {"found": [...], "absent": [...]}. The run's
+#: glove_distinct_words counts come from their union, the same however it was sharded/resumed.
+GLOVE_WORDS_METADATA_KEY = b"tinykd.augment.glove_words"
 _ONLY_LETTERS = re.compile("[a-z]+")
 
 
@@ -175,6 +178,8 @@ class Augmenter:
         self.splitter = basic_tokenizer(do_lower_case=True if lower is None else bool(lower))
         self._pieces: dict[str, tuple[int, ...]] = {}
         self._glove: dict[str, list[str] | None] = {}
+        #: GloVe words the current ``augment()`` call looked up (its shard's).
+        self.shard_glove_words: set[str] = set()
         self.counts: Counter = Counter()
 
     # -- word pieces ------------------------------------------------------------------------
@@ -219,14 +224,15 @@ class Augmenter:
         return plan
 
     def _glove_candidates(self, words: Iterable[str]) -> None:
-        new = [w for w in dict.fromkeys(words) if w not in self._glove]
-        if not new:
-            return
-        found = self.vectors.neighbours(new, self.config.top_m)
-        for word in new:
-            self._glove[word] = found.get(word)
-        self.counts["glove_distinct_words"] += len(new)
-        self.counts["glove_distinct_words_absent"] += sum(1 for w in new if w not in found)
+        distinct = list(dict.fromkeys(words))
+        new = [w for w in distinct if w not in self._glove]
+        if new:
+            found = self.vectors.neighbours(new, self.config.top_m)
+            for word in new:
+                self._glove[word] = found.get(word)
+        # Recorded per shard, counted over the run's union (augment_split): the lookup
+        # cache is per process, so counting its misses would give a resumed run other counts.
+        self.shard_glove_words.update(distinct)
 
     # -- the batch --------------------------------------------------------------------------
     def _plan_all(self, examples: Sequence[dict[str, Any]]) -> tuple[list[list[_Side]], list]:
@@ -274,7 +280,12 @@ class Augmenter:
                 for sides in plans for plan in sides]
 
     def augment(self, examples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Augmented rows (original first) for ``examples`` (dicts: id, text_a, text_b, label)."""
+        """Augmented rows (original first) for ``examples`` (dicts: id, text_a, text_b, label).
+
+        The counts it adds depend on ``examples`` alone (one call per shard in
+        :func:`augment_split`), so a resumed run records the same counts as a fresh one.
+        """
+        self.shard_glove_words = set()
         plans, mlm_results = self._plan_all(examples)
         rows: list[dict[str, Any]] = []
         for example, sides in zip(examples, plans):
@@ -317,7 +328,13 @@ def read_augmented(out_dir: Path | str):
     import pyarrow.parquet as pq
 
     files = sorted((Path(out_dir) / SHARD_DIR).glob("part-*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files])
+    tables = []
+    for file in files:
+        try:
+            tables.append(pq.read_table(file, page_checksum_verification=True))
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"corrupt augment shard: {exc}", file) from None
+    return pa.concat_tables(tables)
 
 
 @dataclass
@@ -374,6 +391,8 @@ def augment_split(table, out_dir: Path | str, config: AugmentConfig,
     total = table.num_rows
     num_shards = max(1, -(-total // examples_per_shard))
     counts: Counter = Counter()
+    glove_found: set[str] = set()
+    glove_absent: set[str] = set()
     resumed = 0
     started = time.perf_counter()
     bar = tqdm(total=total, unit="ex", desc=f"augment ({config.mode})", disable=not progress,
@@ -382,8 +401,15 @@ def augment_split(table, out_dir: Path | str, config: AugmentConfig,
         path = shard_path(out_dir, shard)
         begin, end = shard * examples_per_shard, min(total, (shard + 1) * examples_per_shard)
         if path.exists():
-            metadata = pq.read_schema(path).metadata or {}
-            counts.update(json.loads(metadata[COUNTS_METADATA_KEY]))
+            try:
+                metadata = pq.read_schema(path).metadata or {}
+                counts.update(json.loads(metadata[COUNTS_METADATA_KEY]))
+                words = json.loads(metadata.get(GLOVE_WORDS_METADATA_KEY, b'{}'))
+            except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
+                raise InputError(f"unreadable finished shard of an interrupted run ({exc}); "
+                                 "delete it to redo it", path) from None
+            glove_found.update(words.get("found", ()))
+            glove_absent.update(words.get("absent", ()))
             resumed += 1
             bar.update(end - begin)
             continue
@@ -392,12 +418,22 @@ def augment_split(table, out_dir: Path | str, config: AugmentConfig,
         before = Counter(augmenter.counts)
         rows = augmenter.augment(table.slice(begin, end - begin).to_pylist())
         shard_counts = dict(augmenter.counts - before)
+        found = sorted(w for w in augmenter.shard_glove_words if augmenter._glove.get(w) is not None)
+        absent = sorted(w for w in augmenter.shard_glove_words if augmenter._glove.get(w) is None)
+        glove_found.update(found)
+        glove_absent.update(absent)
         out = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
-            {COUNTS_METADATA_KEY: json.dumps(shard_counts, sort_keys=True).encode()})
-        write_file_atomic(path, lambda tmp: pq.write_table(out, tmp, compression="zstd"))
+            {COUNTS_METADATA_KEY: json.dumps(shard_counts, sort_keys=True).encode(),
+             GLOVE_WORDS_METADATA_KEY: json.dumps({"found": found, "absent": absent}).encode()})
+        # Page CRCs: a flipped byte fails the read instead of decoding into other rows.
+        write_file_atomic(path, lambda tmp: pq.write_table(out, tmp, compression="zstd",
+                                                           write_page_checksum=True))
         counts.update(shard_counts)
         bar.update(end - begin)
     bar.close()
+    if glove_found or glove_absent:
+        counts["glove_distinct_words"] = len(glove_found | glove_absent)
+        counts["glove_distinct_words_absent"] = len(glove_absent)
     elapsed = time.perf_counter() - started
     result: dict[str, Any] = {"counts": dict(sorted(counts.items())), "shards": num_shards,
                               "shards_resumed": resumed, "seconds": round(elapsed, 3)}
