@@ -45,7 +45,7 @@ class FineTuneTeacher(StageTask):
     """The task's teacher, saved with ``save_pretrained`` (fine-tuned when its head is new)."""
 
     stage_name = "teacher"
-    stage_version = "1"
+    stage_version = "2"   # 2: the fresh head is seeded (reproducible teacher)
 
     teacher = luigi.Parameter(
         default="", significant=True,

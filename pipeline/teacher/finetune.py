@@ -254,6 +254,11 @@ def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_d
     task_type = task_info.get("task_type", "classification")
     label_names = task_info.get("label_names")
     num_labels = 1 if task_type == "regression" else int(task_info.get("num_labels") or len(label_names or []) or 2)
+    import torch
+
+    # A fresh classifier head is drawn from torch's global RNG while the checkpoint loads:
+    # seed first, or two fine-tunes of one fingerprint give two teachers.
+    torch.manual_seed(finetune_kwargs.get("seed", 42))
     model, head_trained, label_check = load_sequence_classifier(teacher, num_labels, label_names, task_type)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(teacher))
