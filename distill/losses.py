@@ -1,6 +1,6 @@
 """TinyBERT's distillation losses, each a plain function of student and teacher tensors.
 
-Two families (SPEC §3):
+Two families (docs/ALGORITHM.md §2):
 
 * **Intermediate** (stage 1 and general distillation): the embedding output and the hidden
   states of mapped layers, compared after a learned projection of the student to the

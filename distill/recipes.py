@@ -1,4 +1,4 @@
-"""SPEC §3 default recipes of the distillation stages, as plain data.
+"""The default recipes (docs/ALGORITHM.md §2.8) of the distillation stages, as plain data.
 
 Kept free of torch so the Luigi wiring (tasks/distill.py) can take its parameter defaults from
 here without slowing down a no-op rerun; :func:`distill.trainer.recipe` builds a

@@ -125,8 +125,9 @@ class TrainConfig:
 
 
 def recipe(stage: str, **overrides) -> TrainConfig:
-    """SPEC §3 defaults. ``intermediate``: stage 1 (and general distillation), lr 5e-5 constant,
-    10 epochs; ``prediction``: stage 2, lr 3e-5, 3 epochs, 10 % linear warm-up then decay."""
+    """The default recipes (docs/ALGORITHM.md §2.8). ``intermediate``: stage 1 (and general
+    distillation), lr 5e-5 constant, 10 epochs; ``prediction``: stage 2, lr 3e-5, 3 epochs, 10 %
+    linear warm-up then decay."""
     from distill.recipes import RECIPES
 
     if stage not in RECIPES:

@@ -43,7 +43,7 @@ class GeneralTeacherCache(TeacherCache):
 
 
 def _trainer_parameters(stage: str):
-    """A parameter mixin for one stage, with that stage's recipe (SPEC §3) as defaults."""
+    """A parameter mixin for one stage, with that stage's recipe (docs/ALGORITHM.md §2.8) as defaults."""
     from dataclasses import fields
 
     from distill.recipes import RECIPES

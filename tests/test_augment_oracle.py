@@ -1,6 +1,6 @@
 """The fast augmentation path against a plain, unbatched implementation of the reference.
 
-The oracle below is written from SPEC section 2 and the reference's behaviour: it re-tokenises
+The oracle below is written from docs/ALGORITHM.md §1 and the reference's behaviour: it re-tokenises
 the sentence for every word, finds the word's pieces by counting word-initial pieces, runs one
 MLM forward at batch size 1 per position (no padding, no attention mask), argsorts the GloVe
 similarities of each word on its own, and samples with plain Python loops. It shares nothing

@@ -1,4 +1,4 @@
-"""TinyBERT's data augmentation (SPEC section 2), fast and deterministic.
+"""TinyBERT's data augmentation (docs/ALGORITHM.md §1), fast and deterministic.
 
 **The algorithm (the reference's).** A sentence is split into words by BERT's basic tokenizer
 (lower-casing, accent stripping, punctuation split). A word is a *replacement position* when,

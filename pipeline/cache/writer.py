@@ -3,7 +3,7 @@
 Every distillation run and every ablation needs the same teacher outputs for the same
 examples: logits, the hidden states of the mapped layers (0 = embedding output) and the
 pre-softmax attention scores of the mapped layers. Recomputing them costs a teacher forward
-per example per epoch; caching them costs disk. SPEC §4 does the arithmetic: per example of L
+per example per epoch; caching them costs disk. docs/ALGORITHM.md §3.1 does the arithmetic: per example of L
 real tokens, a BERT-base teacher and a 4-layer student need 5·L·768 hidden values and
 4·12·L² score values. Hence the layout, one row per example:
 
