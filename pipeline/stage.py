@@ -61,6 +61,8 @@ LOG = logging.getLogger("tinykd.stage")
 #: Bump when the fingerprint recipe or the manifest layout itself changes.
 CONTRACT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+#: The manifest's checksum of itself (absent from manifests written before it existed).
+MANIFEST_CHECKSUM_KEY = "manifest_sha256"
 PARTIAL_SUFFIX = ".partial"
 #: Libraries whose versions are recorded in every manifest (recorded, not fingerprinted:
 #: upgrading numpy should not invalidate a week of teacher caching).
@@ -71,7 +73,7 @@ FINGERPRINT_LENGTH = 16
 #: machine and process, and how a resumed build got there. A resumed or concurrent build
 #: equals an uninterrupted one in everything else (tests and scripts/soak.py compare so).
 #: ``timings`` and ``host`` are top-level sections; the others are keys inside ``info``.
-RUN_HISTORY_FIELDS = ("timings", "host", "libraries")
+RUN_HISTORY_FIELDS = ("timings", "host", "libraries", "manifest_sha256")
 RUN_HISTORY_INFO_KEYS = ("worker_pid", "shards_resumed", "resumed_from", "train_seconds",
                          "data_wait_share", "startup_wait_share", "mlm_forward_seconds",
                          "seconds", "data_wait_s", "step_s", "torch_threads")
@@ -262,7 +264,7 @@ class StageBuild:
             if rel == MANIFEST_NAME:
                 continue
             files[rel] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
-        return {
+        manifest = {
             "stage": self.key.stage,
             "version": str(self.key.version),
             "fingerprint": self.fingerprint,
@@ -282,6 +284,15 @@ class StageBuild:
             },
             "host": {"platform": platform.platform(), "argv": sys.argv[:1]},
         }
+        manifest[MANIFEST_CHECKSUM_KEY] = manifest_checksum(manifest)
+        return manifest
+
+
+def manifest_checksum(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own checksum field: a flipped
+    byte in manifest.json (a row count, an info value) is then as detectable as one in a file."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM_KEY}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
 def _iso(ts: float) -> str:
@@ -457,6 +468,9 @@ def output_problems(output_dir: Path | str, checksums: bool = True,
     manifest = load_manifest(output_dir)
     listed = manifest.get("files", {})
     problems = []
+    if checksums and MANIFEST_CHECKSUM_KEY in manifest \
+            and manifest[MANIFEST_CHECKSUM_KEY] != manifest_checksum(manifest):
+        problems.append((output_dir / MANIFEST_NAME, "content differs from its own checksum"))
     for rel, expected in listed.items():
         file = output_dir / rel
         if not file.is_file():

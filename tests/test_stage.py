@@ -267,3 +267,17 @@ def test_a_damaged_upstream_file_is_named_and_explain_calls_it_broken(text_file,
     with pytest.raises(InputError, match=r"lines\.txt: upstream output is damaged: missing"):
         _fresh(Consumer, path=str(text_file)).run()
     assert not _fresh(Consumer, path=str(text_file)).output_dir().exists()
+
+
+def test_a_flipped_byte_in_a_manifest_is_detected(text_file, isolated_workdir):
+    from pipeline.errors import InputError
+    from pipeline.stage import verify_upstream
+
+    assert luigi.build([Source(path=str(text_file))], local_scheduler=True, log_level="ERROR")
+    out = _fresh(Source, path=str(text_file)).output_dir()
+    verify_upstream(out)
+    path = out / "manifest.json"
+    path.write_text(path.read_text().replace('"lines": 2', '"lines": 3'))   # still valid JSON
+    with pytest.raises(InputError, match=r"manifest\.json: upstream output is damaged: content differs "
+                                         r"from its own checksum"):
+        verify_upstream(out)
