@@ -164,6 +164,11 @@ def explain_lines(root: luigi.Task) -> list[str]:
         if status.up_to_date:
             lines.append(f"up to date  {task.task_family:<22} {status.output_dir}")
             continue
+        if status.broken:   # exists, so Luigi will not rebuild it; its readers will refuse it
+            stale.add(task.task_id)
+            lines.append(f"broken      {task.task_family:<22} {status.output_dir}")
+            lines.extend(f"              {reason}" for reason in status.reasons)
+            continue
         stale.add(task.task_id)
         lines.append(f"will run    {task.task_family:<22} -> {status.output_dir}")
         for reason in status.reasons:

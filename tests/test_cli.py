@@ -215,3 +215,15 @@ def test_every_worker_under_luigid_exits_0_when_the_dag_completed(tmp_path, isol
         scheduler.wait(timeout=30)
     assert codes == [0, 0], "\n".join(log.read_text()[-2500:] for log in logs)
     assert Fan(path=str(text)).output_dir().exists()
+
+
+def test_explain_calls_an_output_with_a_missing_file_broken(tmp_path, capsys):
+    text = tmp_path / "in.txt"
+    text.write_text("a\n")
+    assert luigi.build([Consumer(path=str(text))], local_scheduler=True, log_level="ERROR")
+    _clear()
+    (Source(path=str(text)).output_dir() / "lines.txt").unlink()
+    _clear()
+    lines = explain_lines(Consumer(path=str(text)))
+    assert lines[0].startswith("broken      Source") and "lines.txt: missing" in lines[1]
+    assert any("remove" in line and "to rebuild it" in line for line in lines)

@@ -1,0 +1,263 @@
+"""Soak test of the promise "one fingerprint, one content": kills, concurrency, corruption.
+
+    python scripts/soak.py [--kills 20] [--task Ablations] [--config configs/demo.cfg]
+                           [--glue-dir data/demo] [--seed 0] [--work DIR] [-- LUIGI_ARGS ...]
+
+Four phases, each in its own workdir under ``--work`` (default: a temporary directory):
+
+1. **reference**: one uninterrupted ``tinykd run TASK`` from scratch.
+2. **kills**: the same run from scratch, SIGKILLed (its whole process group) ``--kills`` times
+   at random points (uniform over the reference's wall time), resumed after each, then run to
+   the end. Every final file must equal the reference's byte for byte, except the run-history
+   fields (timings, pids, resume counters: ``pipeline.stage.RUN_HISTORY_*``), compared with those
+   fields removed: ``manifest.json`` via ``manifest_content``, JSON files key by key, the
+   ablation table without its training-time column. Absolute workdir paths are replaced by
+   ``<workdir>`` before comparing.
+3. **concurrent**: two identical runs started together on one workdir (no luigid): both must
+   exit 0, and the outputs must equal the reference's as above.
+4. **flips**: in a copy of the reference, for every file of every stage output (manifest
+   included), one random byte is flipped and the check a consumer runs before using it must
+   fail naming that file: ``verify_upstream`` (sizes, sha256, the manifest's own checksum), and
+   for the teacher cache, whose Parquet is not re-hashed, reading every row group through the
+   cache reader (page CRCs). The flip is undone before the next file.
+
+Prints one JSON line with the figures and one human line; exits 1 if any phase failed. Sized
+for the demo DAG (``make demo``: about 6 min per run on 2 cores, so 20 kills take about an
+hour); pass LUIGI_ARGS after ``--`` to shrink it, e.g. ``--task DistillPrediction --
+--PrepareData-max-train-examples 64``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from pipeline.errors import InputError  # noqa: E402
+from pipeline.stage import (MANIFEST_NAME, RUN_HISTORY_FILES, load_manifest, manifest_content,  # noqa: E402
+                            verify_upstream, without_run_history)
+
+#: Stages whose Parquet files their readers check by page CRC instead of sha256.
+PAGE_CRC_STAGES = ("teacher_cache",)
+#: Table columns (Markdown/CSV headers) holding timings.
+TIMING_COLUMN_WORDS = ("time", "seconds")
+
+
+def tinykd_command(args) -> list[str]:
+    command = [sys.executable, "-m", "tasks"]
+    if args.config:
+        command += ["--config", str(args.config)]
+    command += ["run", args.task, "--PrepareData-glue-dir", str(args.glue_dir), *args.luigi_args]
+    return command
+
+
+def environment(workdir: Path) -> dict:
+    return {**os.environ, "TINYKD_WORKDIR": str(workdir), "PYTHONPATH": str(PROJECT_ROOT),
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def start(args, workdir: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(tinykd_command(args), cwd=PROJECT_ROOT, env=environment(workdir),
+                            stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run_to_end(args, workdir: Path, log: Path) -> tuple[int, float]:
+    started = time.monotonic()
+    code = start(args, workdir, log).wait()
+    return code, time.monotonic() - started
+
+
+# --- comparison -------------------------------------------------------------------------------
+def final_files(workdir: Path) -> dict[str, Path]:
+    """``stage/fingerprint/relative path`` -> file, for every completed output."""
+    found = {}
+    for stage in sorted(p for p in workdir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for output in sorted(p for p in stage.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for file in sorted(output.rglob("*")):
+                if file.is_file() and not any(part.startswith(".") for part in file.relative_to(output).parts):
+                    found[file.relative_to(workdir).as_posix()] = file
+    return found
+
+
+def _mask_table(text: str, delimiter: str) -> str:
+    """A Markdown (``|``) or CSV table without its timing columns."""
+    if delimiter == ",":
+        rows = list(csv.reader(io.StringIO(text)))
+        if not rows:
+            return text
+        keep = [i for i, h in enumerate(rows[0]) if not any(w in h.lower() for w in TIMING_COLUMN_WORDS)]
+        return "\n".join(",".join(row[i] for i in keep if i < len(row)) for row in rows)
+    out, keep = [], None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            out.append(line)
+            keep = None
+            continue
+        cells = line.strip().strip("|").split("|")
+        if keep is None:   # a header row
+            keep = [i for i, h in enumerate(cells) if not any(w in h.lower() for w in TIMING_COLUMN_WORDS)]
+        out.append("|".join(cells[i] for i in keep if i < len(cells)))
+    return "\n".join(out)
+
+
+def comparable(file: Path, workdir: Path):
+    """The file's content with run-history fields and the workdir's path taken out."""
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8").replace(str(workdir), "<workdir>")
+    except UnicodeDecodeError:
+        return data
+    if file.name == MANIFEST_NAME:
+        return manifest_content(json.loads(text))
+    if file.name in RUN_HISTORY_FILES and file.suffix == ".jsonl":
+        return [without_run_history(json.loads(line)) for line in text.splitlines() if line.strip()]
+    if file.suffix == ".json":
+        return without_run_history(json.loads(text))
+    if file.suffix == ".md":
+        return _mask_table(text, "|")
+    if file.suffix == ".csv":
+        return _mask_table(text, ",")
+    return text
+
+
+def differences(reference: Path, other: Path) -> list[str]:
+    ours, theirs = final_files(reference), final_files(other)
+    problems = [f"only in the reference: {rel}" for rel in sorted(set(ours) - set(theirs))]
+    problems += [f"not in the reference: {rel}" for rel in sorted(set(theirs) - set(ours))]
+    for rel in sorted(set(ours) & set(theirs)):
+        if comparable(ours[rel], reference) != comparable(theirs[rel], other):
+            problems.append(f"differs: {rel}")
+    return problems
+
+
+# --- phases ------------------------------------------------------------------------------------
+def phase_kills(args, work: Path, reference_seconds: float, rng: random.Random) -> dict:
+    """SIGKILL at ``--kills`` random instants of the run's time (uniform over the reference
+    run's wall time, summed over the restarts), then run to the end and compare."""
+    workdir, log = work / "killed", work / "killed.log"
+    instants = sorted(rng.uniform(1.0, max(2.0, reference_seconds)) for _ in range(args.kills))
+    kills, elapsed, kill_times = 0, 0.0, []
+    for instant in instants:
+        process = start(args, workdir, log)
+        delay = max(0.2, instant - elapsed)
+        try:
+            code = process.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            kills += 1
+            kill_times.append(round(delay, 1))
+            elapsed = instant
+            continue
+        if code != 0:
+            return {"kills": kills, "error": f"run exited {code} (see {log})", "differences": []}
+        break      # it finished before the next instant: nothing left to interrupt
+    code, _ = run_to_end(args, workdir, log)
+    problems = differences(work / "reference", workdir) if code == 0 else [f"final run exited {code}"]
+    return {"kills": kills, "seconds_before_each_kill": kill_times, "differences": problems}
+
+
+def phase_concurrent(args, work: Path) -> dict:
+    workdir = work / "concurrent"
+    processes = [start(args, workdir, work / f"concurrent-{i}.log") for i in (1, 2)]
+    codes = [p.wait() for p in processes]
+    problems = differences(work / "reference", workdir) if codes == [0, 0] else []
+    return {"exit_codes": codes, "differences": problems}
+
+
+def _detected(stage: str, output: Path, file: Path) -> bool:
+    """Whether the check a consumer runs before using ``output`` fails naming ``file``."""
+    try:
+        verify_upstream(output, hash_parquet=stage not in PAGE_CRC_STAGES)
+    except (InputError, ValueError) as exc:
+        return str(file) in str(exc) or (file.name == MANIFEST_NAME and str(output) in str(exc))
+    if stage in PAGE_CRC_STAGES and file.suffix == ".parquet":
+        from pipeline.cache.reader import open_cache
+
+        try:
+            reader = open_cache(output)
+            for _ in reader.batches(64, shuffle=False):
+                pass
+        except (InputError, ValueError) as exc:
+            return str(file) in str(exc) or str(output) in str(exc)
+    return False
+
+
+def phase_flips(work: Path, rng: random.Random) -> dict:
+    copy = work / "flips"
+    shutil.copytree(work / "reference", copy)   # real copies: the cache's hard links are not shared
+    tried, missed = 0, []
+    for rel, file in final_files(copy).items():
+        stage = rel.split("/")[0]
+        output = copy / "/".join(rel.split("/")[:2])
+        original = file.read_bytes()
+        if not original:
+            continue
+        position = rng.randrange(len(original))
+        flipped = bytearray(original)
+        flipped[position] ^= 1 << rng.randrange(8)
+        file.write_bytes(bytes(flipped))
+        try:
+            tried += 1
+            if not _detected(stage, output, file):
+                missed.append(f"{rel} @ byte {position}")
+        finally:
+            file.write_bytes(original)
+    return {"files_flipped": tried, "undetected": missed}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--task", default="Ablations")
+    parser.add_argument("--config", type=Path, default=PROJECT_ROOT / "configs" / "demo.cfg")
+    parser.add_argument("--glue-dir", type=Path, default=PROJECT_ROOT / "data" / "demo")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=None, help="kept afterwards when given")
+    parser.add_argument("luigi_args", nargs="*", help="after --: more tinykd run arguments")
+    args = parser.parse_args()
+    if args.glue_dir == PROJECT_ROOT / "data" / "demo":
+        from pipeline.prepare.demo_task import ensure_demo_task
+
+        ensure_demo_task(args.glue_dir)
+    rng = random.Random(args.seed)
+    work = args.work or Path(tempfile.mkdtemp(prefix="tinykd-soak-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    code, reference_seconds = run_to_end(args, work / "reference", work / "reference.log")
+    if code != 0:
+        print(json.dumps({"error": f"the reference run exited {code}", "log": str(work / "reference.log")}))
+        return 1
+    kills = phase_kills(args, work, reference_seconds, rng)
+    concurrent = phase_concurrent(args, work)
+    flips = phase_flips(work, rng)
+    ok = (not kills.get("error") and not kills["differences"] and concurrent["exit_codes"] == [0, 0]
+          and not concurrent["differences"] and not flips["undetected"])
+    result = {"task": args.task, "luigi_args": args.luigi_args, "reference_seconds": round(reference_seconds, 1),
+              "kills": kills, "concurrent": concurrent, "flips": flips, "ok": ok,
+              "seconds": round(time.monotonic() - started, 1), "work": str(work)}
+    print(json.dumps(result))
+    print(f"soak {'OK' if ok else 'FAILED'}: {kills.get('kills', 0)} SIGKILLs -> "
+          f"{len(kills.get('differences', [])) or 'no'} differing files; two concurrent runs -> exit "
+          f"{concurrent['exit_codes']}, {len(concurrent['differences']) or 'no'} differing files; "
+          f"{flips['files_flipped']} flipped files -> {len(flips['undetected'])} undetected "
+          f"({result['seconds']:.0f} s, reference run {reference_seconds:.0f} s)")
+    if args.work is None and ok:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
