@@ -261,7 +261,10 @@ def _atomic_torch_save(value: Any, path: Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(value, tmp)
+        # Through a file object: given a path, torch names the archive inside after the file,
+        # and a per-process temporary name would make equal states differ in bytes.
+        with open(tmp, "wb") as handle:
+            torch.save(value, handle)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)

@@ -11,8 +11,8 @@ Four phases, each in its own workdir under ``--work`` (default: a temporary dire
    the end. Every final file must equal the reference's byte for byte, except the run-history
    fields (timings, pids, resume counters: ``pipeline.stage.RUN_HISTORY_*``), compared with those
    fields removed: ``manifest.json`` via ``manifest_content``, JSON files key by key, the
-   ablation table without its training-time column. Absolute workdir paths are replaced by
-   ``<workdir>`` before comparing.
+   ablation table without its training-time column. Every phase builds in the same directory
+   (renamed after the phase), so recorded absolute paths agree.
 3. **concurrent**: two identical runs started together on one workdir (no luigid): both must
    exit 0, and the outputs must equal the reference's as above.
 4. **flips**: in a copy of the reference, for every file of every stage output (manifest
@@ -112,11 +112,11 @@ def _mask_table(text: str, delimiter: str) -> str:
     return "\n".join(out)
 
 
-def comparable(file: Path, workdir: Path):
-    """The file's content with run-history fields and the workdir's path taken out."""
+def comparable(file: Path):
+    """The file's content without its run-history fields."""
     data = file.read_bytes()
     try:
-        text = data.decode("utf-8").replace(str(workdir), "<workdir>")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         return data
     if file.name == MANIFEST_NAME:
@@ -137,16 +137,22 @@ def differences(reference: Path, other: Path) -> list[str]:
     problems = [f"only in the reference: {rel}" for rel in sorted(set(ours) - set(theirs))]
     problems += [f"not in the reference: {rel}" for rel in sorted(set(theirs) - set(ours))]
     for rel in sorted(set(ours) & set(theirs)):
-        if comparable(ours[rel], reference) != comparable(theirs[rel], other):
+        if comparable(ours[rel]) != comparable(theirs[rel]):
             problems.append(f"differs: {rel}")
     return problems
 
 
 # --- phases ------------------------------------------------------------------------------------
+def build_dir(work: Path) -> Path:
+    """Every phase builds in the same directory (then renamed after its phase), so that the
+    absolute paths some outputs record (the teacher's, in the cache manifest) are equal."""
+    return work / "build"
+
+
 def phase_kills(args, work: Path, reference_seconds: float, rng: random.Random) -> dict:
     """SIGKILL at ``--kills`` random instants of the run's time (uniform over the reference
     run's wall time, summed over the restarts), then run to the end and compare."""
-    workdir, log = work / "killed", work / "killed.log"
+    workdir, log = build_dir(work), work / "killed.log"
     instants = sorted(rng.uniform(1.0, max(2.0, reference_seconds)) for _ in range(args.kills))
     kills, elapsed, kill_times = 0, 0.0, []
     for instant in instants:
@@ -162,18 +168,21 @@ def phase_kills(args, work: Path, reference_seconds: float, rng: random.Random) 
             elapsed = instant
             continue
         if code != 0:
+            workdir.rename(work / "killed")
             return {"kills": kills, "error": f"run exited {code} (see {log})", "differences": []}
         break      # it finished before the next instant: nothing left to interrupt
     code, _ = run_to_end(args, workdir, log)
-    problems = differences(work / "reference", workdir) if code == 0 else [f"final run exited {code}"]
+    workdir.rename(work / "killed")
+    problems = differences(work / "reference", work / "killed") if code == 0 else [f"final run exited {code}"]
     return {"kills": kills, "seconds_before_each_kill": kill_times, "differences": problems}
 
 
 def phase_concurrent(args, work: Path) -> dict:
-    workdir = work / "concurrent"
+    workdir = build_dir(work)
     processes = [start(args, workdir, work / f"concurrent-{i}.log") for i in (1, 2)]
     codes = [p.wait() for p in processes]
-    problems = differences(work / "reference", workdir) if codes == [0, 0] else []
+    workdir.rename(work / "concurrent")
+    problems = differences(work / "reference", work / "concurrent") if codes == [0, 0] else []
     return {"exit_codes": codes, "differences": problems}
 
 
@@ -236,7 +245,8 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="tinykd-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    code, reference_seconds = run_to_end(args, work / "reference", work / "reference.log")
+    code, reference_seconds = run_to_end(args, build_dir(work), work / "reference.log")
+    build_dir(work).rename(work / "reference")
     if code != 0:
         print(json.dumps({"error": f"the reference run exited {code}", "log": str(work / "reference.log")}))
         return 1

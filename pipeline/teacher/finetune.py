@@ -120,11 +120,9 @@ def warn_if_untrained_head(teacher: str | Path, head_trained: bool) -> bool:
 
 
 def _read_examples(path: Path, limit: int = 0):
-    import pyarrow.parquet as pq
+    from pipeline.common.examples import normalise_examples, read_parquet_checked
 
-    from pipeline.common.examples import normalise_examples
-
-    table = normalise_examples(pq.read_table(path), path)
+    table = normalise_examples(read_parquet_checked(path), path)
     return table.slice(0, limit) if limit else table
 
 
