@@ -34,6 +34,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -51,6 +52,8 @@ from pipeline.stage import (MANIFEST_NAME, RUN_HISTORY_FILES, load_manifest, man
 
 #: Stages whose Parquet files their readers check by page CRC instead of sha256.
 PAGE_CRC_STAGES = ("teacher_cache",)
+#: Luigi's log line of a task starting (the last one before a kill names the stage it hit).
+RUNNING = re.compile(r"running\s+(\w+)\(")
 #: Table columns (Markdown/CSV headers) holding timings.
 TIMING_COLUMN_WORDS = ("time", "seconds")
 
@@ -154,7 +157,7 @@ def phase_kills(args, work: Path, reference_seconds: float, rng: random.Random) 
     run's wall time, summed over the restarts), then run to the end and compare."""
     workdir, log = build_dir(work), work / "killed.log"
     instants = sorted(rng.uniform(1.0, max(2.0, reference_seconds)) for _ in range(args.kills))
-    kills, elapsed, kill_times = 0, 0.0, []
+    kills, elapsed, kill_times, killed_in = 0, 0.0, [], []
     for instant in instants:
         process = start(args, workdir, log)
         delay = max(0.2, instant - elapsed)
@@ -165,6 +168,8 @@ def phase_kills(args, work: Path, reference_seconds: float, rng: random.Random) 
             process.wait()
             kills += 1
             kill_times.append(round(delay, 1))
+            running = RUNNING.findall(log.read_text())
+            killed_in.append(running[-1] if running else "(start-up)")
             elapsed = instant
             continue
         if code != 0:
@@ -174,7 +179,8 @@ def phase_kills(args, work: Path, reference_seconds: float, rng: random.Random) 
     code, _ = run_to_end(args, workdir, log)
     workdir.rename(work / "killed")
     problems = differences(work / "reference", work / "killed") if code == 0 else [f"final run exited {code}"]
-    return {"kills": kills, "seconds_before_each_kill": kill_times, "differences": problems}
+    return {"kills": kills, "seconds_before_each_kill": kill_times, "killed_in": killed_in,
+            "differences": problems}
 
 
 def phase_concurrent(args, work: Path) -> dict:
@@ -182,8 +188,11 @@ def phase_concurrent(args, work: Path) -> dict:
     processes = [start(args, workdir, work / f"concurrent-{i}.log") for i in (1, 2)]
     codes = [p.wait() for p in processes]
     workdir.rename(work / "concurrent")
+    # stages one run found published by the other once it had waited for their build lock
+    waited = sum(log.read_text().count("was published by another process")
+                 for log in (work / "concurrent-1.log", work / "concurrent-2.log"))
     problems = differences(work / "reference", work / "concurrent") if codes == [0, 0] else []
-    return {"exit_codes": codes, "differences": problems}
+    return {"exit_codes": codes, "stages_skipped_after_waiting": waited, "differences": problems}
 
 
 def _detected(stage: str, output: Path, file: Path) -> bool:
