@@ -20,6 +20,11 @@ zeroed in both student and teacher, then the squared error is averaged over *eve
 B × heads × T × T, padding included, so the loss shrinks as padding grows; ``masked``
 averages over the real query/key pairs only. Hidden-state and embedding MSEs are averaged
 over real tokens (× width) only.
+
+The attention tensors are whatever the cache's ``attention_target`` says: pre-softmax scores
+(TinyBERT) or attention log-probabilities (:mod:`pipeline.cache.teacher_outputs`); the same MSE
+and the same modes apply to both. In ``reference`` mode a log-probability at or below -100 (a
+probability under 1e-43) is zeroed like such a score.
 """
 from __future__ import annotations
 
@@ -94,7 +99,7 @@ class HiddenProjections(torch.nn.Module):
 
     ``shared``: one map for the embeddings and every layer, as the reference code does.
     ``per_layer``: one map per student layer (0 = embeddings), the paper's separate matrices.
-    Kept outside the student so the exported model is a plain BERT.
+    Kept outside the student so the exported model is a plain model of its family.
 
     When the widths are equal the maps start as the identity (the reference always starts from
     a random map). A student initialised from teacher layers already lives in the teacher's

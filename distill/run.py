@@ -34,6 +34,7 @@ from distill.student import (StudentSpec, build_student, export_student, read_di
                              vocab_sha256)
 from distill.trainer import (CachedTeacher, OnlineTeacher, Trainer, TrainConfig, _atomic_torch_save,
                              resolve_device)
+from pipeline.common.encoders import family_of, use_eager_attention
 from pipeline.errors import InputError
 from pipeline.cache.layer_map import cached_layers, layer_map
 
@@ -50,6 +51,7 @@ def _load_teacher_side(info: dict, cache_dir: Path):
         tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load the cache's teacher config/tokenizer ({exc})", teacher_path) from None
+    family_of(config, teacher_path)
     if vocab_sha256(tokenizer) != info.get("tokenizer_vocab_sha256"):
         raise InputError("the teacher's tokenizer no longer matches the one the cache was built with "
                          "(vocabulary sha256 differs)", teacher_path)
@@ -144,12 +146,24 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
     hidden_needed, attention_needed = cached_layers(mapped) if config.uses_intermediate else ([], [])
     if not config.attention_weight > 0:
         attention_needed = []
-    if attention_needed and int(info.get("num_heads", 0)) != student.config.num_attention_heads:
-        raise InputError(f"cache holds {info.get('num_heads')}-head attention scores, the student has "
-                         f"{student.config.num_attention_heads} heads", cache_dir)
+    if attention_needed:
+        cached_target = info.get("attention_target", "scores")
+        if not online and cached_target != config.attention_target:
+            raise InputError(f"cache holds attention {cached_target} ([TeacherCache] attention_target"
+                             f" = {cached_target}), the trainer asked for {config.attention_target}; "
+                             "set the same attention_target on the cache and the trainer", cache_dir)
+        family_of(teacher_config, teacher_path).check_target(config.attention_target, teacher_path)
+        family_of(student).check_target(config.attention_target, student_spec.checkpoint or None)
+        if int(info.get("num_heads", 0)) != student.config.num_attention_heads:
+            raise InputError(f"cache holds {info.get('num_heads')}-head attention {cached_target}, "
+                             f"the student has {student.config.num_attention_heads} heads: the "
+                             "attention loss compares them head by head", cache_dir)
+        if not family_of(student).exposes_scores:
+            use_eager_attention(student)   # its log_probs come from output_attentions
     try:
         reader = open_cache(cache_dir, hidden_needed, attention_needed, with_teacher=not online,
-                            with_logits=config.uses_prediction, originals_only=originals_only)
+                            with_logits=config.uses_prediction, originals_only=originals_only,
+                            attention_target=config.attention_target)
     except InputError as exc:   # name the map that asked for the missing layers
         raise InputError(f"{exc.problem} (student layer map {layer_strategy!r}: student layers "
                          f"1..{len(mapped)} -> teacher layers {mapped})", exc.path, exc.line) from None
@@ -157,14 +171,18 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
         from transformers import AutoModel, AutoModelForSequenceClassification
         cls = AutoModelForSequenceClassification if config.uses_prediction else AutoModel
         teacher_model = cls.from_pretrained(teacher_path).to(resolve_device(config.device))
+        if attention_needed and not family_of(teacher_model).exposes_scores:
+            use_eager_attention(teacher_model)
         provider = OnlineTeacher(teacher_model, hidden_needed, attention_needed,
-                                 with_logits=config.uses_prediction)
+                                 with_logits=config.uses_prediction,
+                                 attention_target=config.attention_target)
     else:
         provider = CachedTeacher()
 
     distill_info = {"task": task, "task_type": task_type, "label_names": label_names,
                     "tokenizer_vocab_sha256": info.get("tokenizer_vocab_sha256"),
                     "teacher": info.get("teacher"), "layer_map": mapped,
+                    "attention_target": config.attention_target,
                     "stage": "prediction" if config.uses_prediction else "intermediate",
                     "student_init": student_spec.as_dict()}
     evaluator = None

@@ -1,20 +1,31 @@
-"""The student model: where its weights come from, and how it is saved.
+"""The student model: its family, where its weights come from, and how it is saved.
 
-A student is a plain ``BertForSequenceClassification`` (so the exported directory works with
-``transformers.pipeline``), built one of three ways:
+A student is a ``<Family>ForSequenceClassification`` of the teacher's encoder family
+(``family = auto``; :mod:`pipeline.common.encoders` has one adapter per family) or a BERT
+(``family = bert``, possible for any teacher: a BERT embeds any tokenizer's ids and feeds a
+family without token types zeros), so the exported directory works with
+``transformers.pipeline``. It is built with the teacher's vocabulary and exported with the
+teacher's tokenizer, one of three ways:
 
 * ``config``: a fresh model of a given shape. The default is TinyBERT4 (4 layers, hidden 312,
-  FFN 1200, 12 heads); the vocabulary, position and type-vocabulary sizes come from the
-  teacher, because the student reads the teacher's token ids (it shares its tokenizer).
+  FFN 1200, 12 heads); everything else comes from the teacher's configuration (its
+  vocabulary, positions, type vocabulary, activation...), because the student reads the
+  teacher's token ids. A BERT student is a default ``BertConfig`` of that shape with the
+  teacher's vocabulary, positions, types and padding id.
 * ``checkpoint``: an existing model directory, typically a general-distilled student or the
   stage-1 output. A bare encoder or a head of another size gets a freshly initialised head.
-* ``teacher_layers``: the teacher's embeddings and a subset of its layers (TinyBERT6 style);
-  only possible when the widths match.
+* ``teacher_layers``: the teacher's embeddings, a subset of its layers and whatever else its
+  base model holds outside the layers (pooler, relative-position embeddings, final norm),
+  for every family (TinyBERT6 style); the student is of the teacher's family.
 
 The student's heads must equal the teacher's: the attention loss compares scores head by head.
+A family that cannot expose its pre-softmax scores (DeBERTa v1) is trained on attention
+log-probabilities from ``output_attentions``, which transformers returns after the attention
+dropout; its students are therefore built without attention-probability dropout.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +33,7 @@ from typing import Sequence
 
 import torch
 
+from pipeline.common.encoders import AUTO_FAMILY, StudentShape, family_named, family_of
 from pipeline.errors import InputError
 
 STUDENT_INITS = ("config", "checkpoint", "teacher_layers")
@@ -41,6 +53,7 @@ class StudentSpec:
     checkpoint: str = ""
     teacher_layers: list[int] = field(default_factory=list)
     seed: int = 42
+    family: str = AUTO_FAMILY
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,68 +68,105 @@ def _label_kwargs(num_labels: int, task_type: str, label_names: Sequence[str] | 
     return kwargs
 
 
+def student_family(spec: StudentSpec, teacher_config):
+    """The student's family: the teacher's (``auto`` or its name) or ``bert``; others refused.
+
+    Another family would need its own tokenizer (vocabulary, special tokens, pair template),
+    while the student must read the teacher's token ids."""
+    teacher_family = family_of(teacher_config, spec.checkpoint or None)
+    if spec.family in (AUTO_FAMILY, teacher_family.name):
+        return teacher_family
+    wanted = family_named(spec.family)
+    if wanted.name != "bert":
+        raise InputError(f"student family {wanted.name} does not match the teacher's tokenizer "
+                         f"({teacher_family.name}); a student reads the teacher's token ids, so its "
+                         f"family is the teacher's ({AUTO_FAMILY}) or bert")
+    if spec.init == "teacher_layers":
+        raise InputError(f"teacher_layers copies {teacher_family.name} layers: the student is of the "
+                         f"teacher's family (student_family = {AUTO_FAMILY}), not bert")
+    return wanted
+
+
+def classifier_class(config):
+    """The ``...ForSequenceClassification`` class of a config's family."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification._model_mapping[type(config)]
+
+
 def build_student(spec: StudentSpec, teacher_config, num_labels: int, task_type: str = "classification",
                   label_names: Sequence[str] | None = None):
-    """Return a ``BertForSequenceClassification`` student according to ``spec``."""
-    from transformers import BertConfig, BertForSequenceClassification
+    """Return a ``<Family>ForSequenceClassification`` student according to ``spec``."""
+    from transformers import AutoModelForSequenceClassification
 
     labels = _label_kwargs(num_labels, task_type, label_names)
+    family = student_family(spec, teacher_config)
     torch.manual_seed(spec.seed)   # head / fresh weights are reproducible
     if spec.init == "config":
-        config = BertConfig(
-            vocab_size=teacher_config.vocab_size,
-            max_position_embeddings=teacher_config.max_position_embeddings,
-            type_vocab_size=teacher_config.type_vocab_size,
-            pad_token_id=teacher_config.pad_token_id,
-            hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
-            intermediate_size=spec.intermediate_size, num_attention_heads=spec.num_heads,
-            **labels)
-        student = BertForSequenceClassification(config)
+        shape = StudentShape(spec.num_layers, spec.hidden_size, spec.intermediate_size, spec.num_heads)
+        config = family.student_config(teacher_config, shape, labels)
+        if not family.exposes_scores:
+            config.attention_probs_dropout_prob = 0.0
+        student = classifier_class(config)(config)
     elif spec.init == "checkpoint":
         path = Path(spec.checkpoint)
         if not (path / "config.json").exists():
             raise InputError("student checkpoint has no config.json (expected a save_pretrained "
                              "directory)", path)
-        student = BertForSequenceClassification.from_pretrained(
+        student = AutoModelForSequenceClassification.from_pretrained(
             path, ignore_mismatched_sizes=True, **labels)
+        family_of(student, path)
     elif spec.init == "teacher_layers":
-        student = _from_teacher_layers(spec, teacher_config, labels)
+        student = _from_teacher_layers(spec, family, labels)
     else:
         raise ValueError(f"unknown student init {spec.init!r}; choose one of {STUDENT_INITS}")
     check_compatible(student.config, teacher_config, where=spec.checkpoint or None)
     return student
 
 
-def _from_teacher_layers(spec: StudentSpec, teacher_config, labels: dict):
-    """Copy the teacher's embeddings, the chosen layers (1-based) and its pooler."""
-    from transformers import BertForSequenceClassification, BertModel
+def _from_teacher_layers(spec: StudentSpec, family, labels: dict):
+    """Copy the teacher's base model, keeping only the chosen layers (1-based)."""
+    from transformers import AutoModel
 
     if not spec.checkpoint:
         raise ValueError("teacher_layers init needs the teacher directory as `checkpoint`")
-    from transformers.utils import logging as hf_logging
-
-    # A fine-tuned teacher's classifier is "unexpected" in a bare BertModel: expected here,
-    # so keep transformers' load report (a warning) out of the run's log.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        teacher = BertModel.from_pretrained(spec.checkpoint)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with _quiet_loading():
+        teacher = AutoModel.from_pretrained(spec.checkpoint)
     chosen = list(spec.teacher_layers)
     if not chosen or any(not 1 <= l <= teacher.config.num_hidden_layers for l in chosen):
         raise ValueError(f"teacher_layers {chosen} must be non-empty and within "
                          f"1..{teacher.config.num_hidden_layers}")
-    config = teacher.config.__class__.from_dict({**teacher.config.to_dict(),
-                                                 "num_hidden_layers": len(chosen), **labels})
-    student = BertForSequenceClassification(config)
-    base = student.bert
-    base.embeddings.load_state_dict(teacher.embeddings.state_dict())
-    for target, source in zip(base.encoder.layer, chosen):
-        target.load_state_dict(teacher.encoder.layer[source - 1].state_dict())
-    if teacher.pooler is not None and base.pooler is not None:
-        base.pooler.load_state_dict(teacher.pooler.state_dict())
+    config = family.subset_config(teacher.config, chosen, labels)
+    if not family.exposes_scores:
+        config.attention_probs_dropout_prob = 0.0
+    student = classifier_class(config)(config)
+    base = student.base_model
+    base.load_state_dict(family.subset_state_dict(teacher.state_dict(), base.state_dict().keys(), chosen))
+    if family.head_modules and any(a.endswith("ForSequenceClassification")
+                                   for a in teacher.config.architectures or []):
+        # DeBERTa's pooler lives in the classifier, outside the base model; the fresh head's
+        # random draws must not move the student's seeded initialisation
+        from transformers import AutoModelForSequenceClassification
+
+        with torch.random.fork_rng(), _quiet_loading():
+            classifier = AutoModelForSequenceClassification.from_pretrained(spec.checkpoint)
+        for name in family.head_modules:
+            getattr(student, name).load_state_dict(getattr(classifier, name).state_dict())
     return student
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' load report lists the fine-tuned head as "unexpected" in a bare encoder:
+    expected here, so keep it out of the run's log."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def check_compatible(student_config, teacher_config, where=None) -> None:

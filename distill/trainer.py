@@ -9,8 +9,9 @@ The loop never sees where the teacher's tensors come from. It draws Batch dicts
   :func:`pipeline.cache.teacher_outputs.forward_internals` + ``zero_padding`` -- the very functions
   the cache writer used -- so the parity test of cache against online is one flag.
 
-The student's own internals come from the same ``forward_internals`` (hooks on query/key keep
-the gradient), the losses from :mod:`distill.losses`, each logged separately.
+The student's own internals come from the same ``forward_internals`` (the score-capture hooks
+keep the gradient; ``attention_target`` says whether the attention loss compares pre-softmax
+scores or attention log-probabilities, and must be the cache's), the losses from :mod:`distill.losses`, each logged separately.
 
 **Resume.** Every ``checkpoint_every`` steps the full state is written atomically to
 ``<out>/checkpoints/last.pt``: student, projections, optimizer, scheduler, the RNG states
@@ -75,6 +76,7 @@ class TrainConfig:
     hidden_weight: float = 1.0
     prediction_weight: float = 0.0
     attention_mode: str = "reference"
+    attention_target: str = "scores"     # or "log_probs" (pipeline.cache.teacher_outputs)
     projection_mode: str = "shared"
     prediction_loss: str = "soft_ce"     # regression tasks always use MSE to the teacher
     temperature: float = 1.0
@@ -100,6 +102,10 @@ class TrainConfig:
     num_threads: int = 0                 # CPU intra-op threads; 0 = torch default
 
     def validate(self) -> None:
+        from pipeline.common.encoders import ATTENTION_TARGETS
+
+        if self.attention_target not in ATTENTION_TARGETS:
+            raise ValueError(f"attention_target {self.attention_target!r} not in {ATTENTION_TARGETS}")
         if self.attention_mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode {self.attention_mode!r} not in {ATTENTION_MODES}")
         if self.projection_mode not in PROJECTION_MODES:
@@ -158,17 +164,20 @@ class OnlineTeacher:
     online = True
 
     def __init__(self, model: torch.nn.Module, hidden_layers: Sequence[int],
-                 attention_layers: Sequence[int], with_logits: bool = True):
+                 attention_layers: Sequence[int], with_logits: bool = True,
+                 attention_target: str = "scores"):
         self.model = model.eval()
         self.hidden_layers = list(hidden_layers)
         self.attention_layers = list(attention_layers)
         self.with_logits = with_logits
+        self.attention_target = attention_target
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Batch:
         internals = forward_internals(self.model, batch["input_ids"], batch["token_type_ids"],
                                       batch["attention_mask"], self.hidden_layers,
-                                      self.attention_layers, with_logits=self.with_logits)
+                                      self.attention_layers, with_logits=self.with_logits,
+                                      attention_target=self.attention_target)
         hidden, scores = dict(internals.hidden), dict(internals.scores)
         zero_padding(hidden, scores, batch["attention_mask"])
         out = dict(batch)
@@ -236,13 +245,19 @@ def _seed_everything(seed: int) -> None:
 
 
 def _parameter_groups(modules: Sequence[torch.nn.Module], weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases and LayerNorm weights (as BERT's recipe)."""
+    """AdamW groups: no weight decay on biases and layer-norm weights (as BERT's recipe).
+
+    Layer norms are found by type as well as by BERT's ``LayerNorm`` name: other families name
+    them ``norm``, ``sa_layer_norm``, ``final_norm``..."""
     decay, no_decay = [], []
     for module in modules:
+        norm_params = {id(p) for m in module.modules() if isinstance(m, torch.nn.LayerNorm)
+                       for p in m.parameters(recurse=False)}
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
+            exempt = name.endswith("bias") or "LayerNorm" in name or id(param) in norm_params
+            (no_decay if exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -387,7 +402,8 @@ class Trainer:
                                   enabled=config.amp and self.device.type == "cuda")
         with autocast:
             internals = forward_internals(self.student, batch["input_ids"], batch["token_type_ids"], mask,
-                                          self.student_hidden_layers, self.student_attention_layers)
+                                          self.student_hidden_layers, self.student_attention_layers,
+                                          attention_target=config.attention_target)
         losses: dict[str, torch.Tensor] = {}
         if config.uses_intermediate:
             losses.update(intermediate_losses(
@@ -570,11 +586,13 @@ class Trainer:
 @torch.no_grad()
 def predict_logits(student: torch.nn.Module, batches: Iterator[Batch], device: torch.device):
     """Student logits and labels over a batch source (evaluation mode is the caller's)."""
+    from pipeline.common.encoders import model_inputs
+
     logits, labels = [], []
     for batch in batches:
         batch = to_device(batch, device)
-        out = student(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                      attention_mask=batch["attention_mask"])
+        out = student(**model_inputs(student, batch["input_ids"], batch["token_type_ids"],
+                                     batch["attention_mask"]))
         logits.append(out.logits.float().cpu())
         labels.append(batch["labels"].cpu())
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()

@@ -32,6 +32,7 @@ from typing import Any
 import luigi
 
 from distill.recipes import RECIPES
+from pipeline.common.encoders import AUTO_FAMILY, FAMILIES
 from pipeline.stage import StageBuild
 from tasks.base import StageTask
 from tasks.prepare import PrepareData
@@ -67,6 +68,11 @@ def _trainer_parameters(stage: str):
             default="reference", choices=["reference", "masked"], significant=True,
             description="reference: zero padded (and <= -100) scores, average over every element "
                         "as the reference code; masked: average over real query/key pairs only.")
+        attention_target = luigi.ChoiceParameter(
+            default="scores", choices=["scores", "log_probs"], significant=True,
+            description="What the attention loss compares: 'scores' (pre-softmax, TinyBERT) or "
+                        "'log_probs' (attention log-probabilities, MSE); must be what the cache "
+                        "holds ([TeacherCache] attention_target).")
         projection_mode = luigi.ChoiceParameter(
             default="shared", choices=["shared", "per_layer"], significant=True,
             description="Student-to-teacher width projection: one shared matrix (reference code) "
@@ -148,9 +154,16 @@ class StudentParameters:
 
     student_init = luigi.ChoiceParameter(
         default="config", choices=["config", "general", "checkpoint", "teacher_layers"], significant=True,
-        description="config: a fresh BERT of the shape below; general: DistillGeneral's student; "
-                    "checkpoint: student_checkpoint; teacher_layers: copy the teacher's embeddings "
-                    "and the layer-mapped teacher layers (widths must match).")
+        description="config: a fresh student (of student_family) of the shape below; general: "
+                    "DistillGeneral's student; checkpoint: student_checkpoint; teacher_layers: copy "
+                    "the teacher's embeddings and the layer-mapped teacher layers (its width and "
+                    "family).")
+    student_family = luigi.ChoiceParameter(
+        default=AUTO_FAMILY, choices=[AUTO_FAMILY] + [family.name for family in FAMILIES],
+        significant=True,
+        description="Encoder family of a fresh student: auto (the teacher's) or bert (any teacher: "
+                    "a BERT reads any tokenizer's ids); another family is refused (it would need "
+                    "its own tokenizer).")
     student_hidden_size = luigi.IntParameter(default=312, significant=True,
                                              description="Student width (TinyBERT4: 312).")
     student_intermediate_size = luigi.IntParameter(default=1200, significant=True,
@@ -192,7 +205,7 @@ class StudentParameters:
         return StudentSpec(init=init, num_layers=num_layers, hidden_size=self.student_hidden_size,
                            intermediate_size=self.student_intermediate_size, num_heads=self.student_heads,
                            checkpoint=str(Path(checkpoint).expanduser().resolve()) if checkpoint else "",
-                           teacher_layers=teacher_layers, seed=self.seed)
+                           teacher_layers=teacher_layers, seed=self.seed, family=self.student_family)
 
     def student_inputs(self) -> dict[str, str | Path]:
         if self.student_init == "checkpoint" and self.student_checkpoint:

@@ -146,6 +146,11 @@ class TeacherCacheParams(luigi.Task):
     attention_layers = luigi.Parameter(
         default="", significant=True,
         description="Override: attention-score layers to cache (empty: from the layer map).")
+    attention_target = luigi.ChoiceParameter(
+        default="scores", choices=["scores", "log_probs"], significant=True,
+        description="What the attention columns hold: 'scores' (pre-softmax, TinyBERT; families whose "
+                    "adapter captures them) or 'log_probs' (attention log-probabilities, any "
+                    "family). The trainer's attention_target must be the same.")
     dtype = luigi.ChoiceParameter(
         default="float16", choices=["float16", "bfloat16", "float32"], significant=True,
         description="Storage dtype of hidden states and scores (bfloat16 is stored as uint16 bits).")
@@ -248,7 +253,7 @@ class TeacherCacheParams(luigi.Task):
             hidden = hidden or sorted(default_hidden)
             attention = attention or sorted(default_attention)
         return CacheSpec(hidden, attention, self.dtype, self.max_seq_length,
-                         with_logits=self.examples != "corpus")
+                         with_logits=self.examples != "corpus", attention_target=self.attention_target)
 
     def teacher_num_layers(self) -> int:
         """The teacher's depth, known before the fine-tuned teacher exists (fine-tuning keeps it)."""

@@ -39,6 +39,7 @@ def summarise(cache_dir: Path | str) -> dict:
         "naive_bytes_per_example": naive,
         "hidden_layers": info["hidden_layers"],
         "attention_layers": info["attention_layers"],
+        "attention_target": info.get("attention_target", "scores"),
         "dtype": info["dtype"],
         "with_logits": info.get("with_logits", True),
         "num_labels": info.get("num_labels"),
@@ -75,7 +76,8 @@ def inspect_cache(cache_dir: Path | str, verify: bool = False) -> tuple[str, boo
         f"  size            {_human(summary['bytes'])}; {summary['bytes_per_example']:.0f} bytes/example "
         f"(naive fp32 padded to {summary['max_seq_length']}: {summary['naive_bytes_per_example']} "
         f"bytes/example, {summary['naive_bytes_per_example'] / max(summary['bytes_per_example'], 1):.0f}x more)",
-        f"  layers          hidden {summary['hidden_layers']}, attention scores {summary['attention_layers']}",
+        f"  layers          hidden {summary['hidden_layers']}, attention "
+        f"{summary['attention_target'].replace('_', '-')} {summary['attention_layers']}",
         f"  dtype           {summary['dtype']}; logits: {'yes' if summary['with_logits'] else 'no (bare encoder)'}"
         f"; labels: {summary['num_labels']} {summary['label_names'] or ''}".rstrip(),
         f"  teacher         {teacher.get('path')} ({teacher.get('architecture')}, "

@@ -111,16 +111,28 @@ class CacheReader:
     one, ``[]`` = none: the columns are not even read). ``dtype``: the storage dtype the trainer
     expects (None = any). ``with_teacher=False`` reads only tokens, labels and ids (the
     online-teacher mode). ``originals_only``: only the rows with ``aug_index == 0``.
+    ``attention_target``: what the trainer's attention loss compares (``scores`` or
+    ``log_probs``); a cache holding the other is refused (None = any).
     """
 
     def __init__(self, cache_dir: Path | str, hidden_layers: Sequence[int] | None = None,
                  attention_layers: Sequence[int] | None = None, dtype: str | None = None,
                  with_teacher: bool = True, with_logits: bool | None = None,
-                 originals_only: bool = False):
+                 originals_only: bool = False, attention_target: str | None = None):
         self.cache_dir = Path(cache_dir)
         self.originals_only = originals_only
         self.info = load_cache_info(self.cache_dir)
         self.dtype = self.info["dtype"]
+        # caches written before the attention target existed hold scores
+        self.attention_target = self.info.get("attention_target", "scores")
+        if attention_target is not None and attention_layers != [] and with_teacher \
+                and attention_target != self.attention_target:
+            raise InputError(f"cache holds attention {self.attention_target} ([TeacherCache] "
+                             f"attention_target = {self.attention_target}), the trainer asked for "
+                             f"{attention_target}; set the same attention_target on the cache and "
+                             "the trainer", self.cache_dir)
+        # padding ids as the writer padded (RoBERTa pads with 1; its positions depend on it)
+        self.pad_token_id = int(self.info.get("pad_token_id", 0) or 0)
         cached_hidden = [int(x) for x in self.info["hidden_layers"]]
         cached_attn = [int(x) for x in self.info["attention_layers"]]
         if dtype is not None and dtype != self.dtype:
@@ -338,7 +350,7 @@ class CacheReader:
 
         lengths = [int(t.length[r]) for t, r in refs]
         batch, width = len(refs), max(lengths)
-        input_ids = torch.zeros((batch, width), dtype=torch.long)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
         token_types = torch.zeros((batch, width), dtype=torch.long)
         mask = torch.zeros((batch, width), dtype=torch.long)
         out: dict[str, Any] = {"ids": [t.ids[r] for t, r in refs]}
@@ -401,10 +413,10 @@ def _take(table: _Loaded, row: int, columns: Sequence[str]) -> pa.Table:
 def open_cache(cache_dir: Path | str, hidden_layers: Sequence[int] | None = None,
                attention_layers: Sequence[int] | None = None, dtype: str | None = None,
                with_teacher: bool = True, with_logits: bool | None = None,
-               originals_only: bool = False) -> CacheReader:
+               originals_only: bool = False, attention_target: str | None = None) -> CacheReader:
     """Open a teacher cache for training; see :class:`CacheReader`."""
     return CacheReader(cache_dir, hidden_layers, attention_layers, dtype, with_teacher, with_logits,
-                       originals_only)
+                       originals_only, attention_target)
 
 
 def _iterable_dataset_base():

@@ -1,28 +1,40 @@
-"""Read a BERT's logits, hidden states and pre-softmax attention scores, unmodified.
+"""Read an encoder's logits, hidden states and attention targets, unmodified.
 
 TinyBERT's attention loss uses the attention *scores* before the softmax. Hugging Face
 models only return the probabilities (``output_attentions``), and their fused attention
-kernels never materialise the scores at all. But the scores of layer l are a function of
-that layer's query and key projections alone:
+kernels never materialise the scores at all. But the scores of a layer are a function of that
+layer's own projections (and, for some families, its position terms), so forward hooks
+capture what is needed without patching transformers or forcing the slow eager attention;
+:mod:`pipeline.common.encoders` has one capture per encoder family. The same function serves
+the cache writer (teacher, no grad) and the trainer (student, with grad, and the
+online-teacher mode), which is what makes cache-vs-online parity a matter of floating point
+only.
 
-    scores = (W_q h + b_q)(W_k h + b_k)^T / sqrt(d_head)      (per head, before the mask)
+**Attention targets** (``attention_target``, recorded by the cache, checked by the trainer):
 
-so forward hooks on the ``query`` and ``key`` linear layers capture what is needed without
-patching transformers or forcing the slow eager attention; the product is formed once per
-mapped layer. The same function serves the cache writer (teacher, no grad) and the trainer
-(student, with grad, and the online-teacher mode), which is what makes cache-vs-online
-parity a matter of floating point only.
+* ``scores``: the pre-softmax scores, as TinyBERT (families whose adapter captures them);
+* ``log_probs``: the attention log-probabilities ``log softmax(scores + mask)``, i.e. the scores
+  with each query row's shift removed -- the one thing softmax ignores -- so the MSE on them
+  is TinyBERT's score MSE made shift-invariant. Where the adapter captures scores they are
+  computed from them (before attention dropout, so a training student gets the
+  probabilities its layer actually formed); otherwise from ``output_attentions`` with the
+  eager attention, available on any transformers encoder. We keep the MSE rather than a KL
+  divergence: it is the same loss function (and the same ``reference``/``masked`` averaging)
+  for both targets, it weighs every real query/key pair as the score MSE does, and a cached
+  teacher tensor is all it needs.
 
-Scores are returned *without* the additive padding mask; callers zero padded positions with
-:func:`zero_padding` so cached and live tensors are treated identically.
+Both are returned *without* the padding mask; callers zero padded positions with
+:func:`zero_padding` so cached and live tensors are treated identically. Pairs a
+sliding-window layer never attends to (ModernBERT) are zeroed here, like padding.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
+
+from pipeline.common.encoders import (ATTENTION_TARGETS, capture_scores, family_of, window_of)
 
 
 @dataclass
@@ -31,70 +43,67 @@ class Internals:
 
     logits: torch.Tensor | None
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)   # [B, T, H]
-    scores: dict[int, torch.Tensor] = field(default_factory=dict)   # [B, heads, T, T]
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)   # [B, heads, T, T]: the target
 
 
-def encoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
-    """The transformer layers of a BERT-like model (bare encoder or with a task head)."""
-    base = getattr(model, "base_model", model)
-    encoder = getattr(base, "encoder", None)
-    if encoder is None or not hasattr(encoder, "layer"):
-        raise TypeError(f"{type(model).__name__} is not a BERT-style encoder (no encoder.layer)")
-    return encoder.layer
+def _outside_window(length: int, window: int, device) -> torch.Tensor:
+    positions = torch.arange(length, device=device)
+    return (positions[:, None] - positions[None, :]).abs() > window
 
 
-@contextlib.contextmanager
-def capture_query_key(model: torch.nn.Module, layers: Sequence[int]) -> Iterator[dict]:
-    """Record the query/key projection outputs of the given 1-based layers during a forward."""
-    blocks = encoder_layers(model)
-    captured: dict[int, dict[str, torch.Tensor]] = {}
-    handles = []
-    for layer in layers:
-        if not 1 <= layer <= len(blocks):
-            raise ValueError(f"attention layer {layer} outside the model's 1..{len(blocks)}")
-        self_attn = blocks[layer - 1].attention.self
-        for name in ("query", "key"):
-            def hook(_module, _inputs, output, layer=layer, name=name):
-                captured.setdefault(layer, {})[name] = output
-            handles.append(getattr(self_attn, name).register_forward_hook(hook))
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def scores_from_query_key(query: torch.Tensor, key: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[B, T, heads*d] query/key projections -> [B, heads, T, T] scaled dot products."""
-    batch, length, width = query.shape
-    head_dim = width // num_heads
-    q = query.view(batch, length, num_heads, head_dim).transpose(1, 2)
-    k = key.view(batch, length, num_heads, head_dim).transpose(1, 2)
-    return torch.matmul(q, k.transpose(-1, -2)) * head_dim ** -0.5
+def log_probs_from_scores(scores: torch.Tensor, attention_mask: torch.Tensor,
+                          window: int | None = None) -> torch.Tensor:
+    """``log softmax`` over the keys the layer attends to (real tokens, within its window)."""
+    excluded = ~attention_mask.to(torch.bool)[:, None, None, :]
+    if window is not None:
+        excluded = excluded | _outside_window(scores.shape[-1], window, scores.device)
+    return torch.log_softmax(scores.masked_fill(excluded, torch.finfo(scores.dtype).min), dim=-1)
 
 
 def forward_internals(model: torch.nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
                       attention_mask: torch.Tensor, hidden_layers: Sequence[int] = (),
-                      attention_layers: Sequence[int] = (), with_logits: bool = True) -> Internals:
-    """Run ``model`` once and return logits, the requested hidden states and raw scores.
+                      attention_layers: Sequence[int] = (), with_logits: bool = True,
+                      attention_target: str = "scores") -> Internals:
+    """Run ``model`` once and return logits, the requested hidden states and attention targets.
 
     ``hidden_layers`` use ``output_hidden_states`` numbering (0 = embeddings).
     ``with_logits`` False allows a bare encoder (``AutoModel``) without a task head.
     """
-    num_heads = model.config.num_attention_heads
+    if attention_target not in ATTENTION_TARGETS:
+        raise ValueError(f"attention_target {attention_target!r} not in {ATTENTION_TARGETS}")
+    family = family_of(model)
     num_layers = model.config.num_hidden_layers
     bad = [l for l in hidden_layers if not 0 <= l <= num_layers]
     if bad:
         raise ValueError(f"hidden layer(s) {bad} outside the model's 0..{num_layers}")
-    with capture_query_key(model, attention_layers) as captured:
-        out = model(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
-                    output_hidden_states=bool(hidden_layers), return_dict=True)
+    inputs = family.model_inputs(input_ids, token_type_ids, attention_mask)
+    from_probabilities = bool(attention_layers) and not family.exposes_scores
+    if from_probabilities:
+        family.check_target(attention_target)
+        if getattr(model.config, "_attn_implementation", "eager") != "eager":
+            raise ValueError("attention_target=log_probs from output_attentions needs the eager "
+                             "attention (pipeline.common.encoders.use_eager_attention)")
+        out = model(**inputs, output_hidden_states=bool(hidden_layers),
+                    output_attentions=True, return_dict=True)
+        captured = {}
+    else:
+        with capture_scores(model, attention_layers) as captured:
+            out = model(**inputs, output_hidden_states=bool(hidden_layers), return_dict=True)
     result = Internals(logits=out.logits if with_logits else None)
     for layer in hidden_layers:
         result.hidden[layer] = out.hidden_states[layer]
     for layer in attention_layers:
-        qk = captured[layer]
-        result.scores[layer] = scores_from_query_key(qk["query"], qk["key"], num_heads)
+        window = window_of(model, layer)
+        if from_probabilities:
+            probs = out.attentions[layer - 1]
+            value = torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
+        elif attention_target == "log_probs":
+            value = log_probs_from_scores(captured[layer], attention_mask, window)
+        else:
+            value = captured[layer]
+        if window is not None:
+            value = value.masked_fill(_outside_window(value.shape[-1], window, value.device), 0.0)
+        result.scores[layer] = value
     return result
 
 

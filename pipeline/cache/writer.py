@@ -45,8 +45,10 @@ shards, plenty for any number of workers.
 ``sort_window`` examples) so little compute is spent on padding; outputs are written back in
 source order. The teacher runs in eval mode under ``torch.inference_mode()``, optionally under
 CUDA autocast. Padding changes nothing but floating-point noise: the padded keys are masked
-in the softmax and the scores are read from the query/key projections
-(:mod:`pipeline.cache.teacher_outputs`, no patched transformers).
+in the softmax and the scores are read from the layers' projections by the encoder family's
+adapter (:mod:`pipeline.cache.teacher_outputs`, :mod:`pipeline.common.encoders`, no patched
+transformers). ``attention_target`` (recorded in the manifest) says whether the attention
+columns hold pre-softmax scores or attention log-probabilities.
 """
 from __future__ import annotations
 
@@ -115,10 +117,17 @@ class CacheSpec:
     dtype: str = DEFAULT_DTYPE
     max_seq_length: int = 128
     with_logits: bool = True
+    #: ``scores`` (pre-softmax, TinyBERT) or ``log_probs`` (pipeline.cache.teacher_outputs)
+    attention_target: str = "scores"
 
     def __post_init__(self):
+        from pipeline.common.encoders import ATTENTION_TARGETS
+
         if self.dtype not in STORAGE_DTYPES:
             raise InputError(f"unknown cache dtype {self.dtype!r}; choose one of {sorted(STORAGE_DTYPES)}")
+        if self.attention_target not in ATTENTION_TARGETS:
+            raise InputError(f"unknown attention_target {self.attention_target!r}; choose one of "
+                             f"{ATTENTION_TARGETS}")
         self.hidden_layers = sorted({int(x) for x in self.hidden_layers})
         self.attention_layers = sorted({int(x) for x in self.attention_layers})
 
@@ -198,7 +207,7 @@ class ForwardRunner:
             internals = forward_internals(
                 self.model, ids.to(self.device), types.to(self.device), mask.to(self.device),
                 hidden_layers=self.spec.hidden_layers, attention_layers=self.spec.attention_layers,
-                with_logits=self.spec.with_logits)
+                with_logits=self.spec.with_logits, attention_target=self.spec.attention_target)
             # Convert on the device (halves the transfer), then one copy to the host per tensor.
             hidden = {l: t.to(self.torch_dtype).cpu() for l, t in internals.hidden.items()}
             scores = {l: t.to(self.torch_dtype).cpu() for l, t in internals.scores.items()}
@@ -347,17 +356,35 @@ def _check_labels(labels: list, label_type: pa.DataType, num_labels: int, source
                              source or None, row)
 
 
+def check_teacher_family(teacher: str | Path, attention_target: str = "scores") -> None:
+    """Refuse, from its config alone, a teacher without an adapter or without the attention
+    target asked for: before any weights are loaded, any forward or any file written."""
+    from transformers import AutoConfig
+
+    from pipeline.common.encoders import family_of
+
+    try:
+        config = AutoConfig.from_pretrained(str(teacher))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the teacher's config ({exc})", teacher) from None
+    family_of(config, str(teacher)).check_target(attention_target, str(teacher))
+
+
 def load_cache_teacher(teacher: str | Path, with_logits: bool, tokenizer: str | Path | None = None,
-                       num_labels: int | None = None):
+                       num_labels: int | None = None, attention_target: str = "scores"):
     """Load the teacher (classifier or bare encoder) and the tokenizer used for the data.
 
+    The data is tokenised with the teacher's tokenizer (or ``tokenizer``, which must share its
+    vocabulary): its special tokens and pair template, e.g. RoBERTa's ``<s> A </s></s> B </s>``.
     Returns ``(model, tokenizer, head_trained)`` (``head_trained`` None for a bare encoder).
     """
     from transformers import AutoModel, AutoTokenizer
 
+    from pipeline.common.encoders import family_of, use_eager_attention
     from pipeline.teacher.finetune import load_sequence_classifier
 
     teacher = str(teacher)
+    check_teacher_family(teacher, attention_target)
     tokenizer_source = str(tokenizer) if tokenizer else teacher
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer_source)
@@ -372,6 +399,8 @@ def load_cache_teacher(teacher: str | Path, with_logits: bool, tokenizer: str | 
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot load the teacher ({exc})", teacher) from None
     check_tokenizer_matches_teacher(tok, model, teacher, tokenizer_source)
+    if not family_of(model).exposes_scores:
+        use_eager_attention(model)   # its log_probs come from output_attentions
     if tokenizer and tokenizer_source != teacher:
         try:
             own = AutoTokenizer.from_pretrained(teacher)
@@ -406,7 +435,10 @@ def teacher_description(teacher: str | Path, model) -> dict:
     from pipeline.stage import FileHasher
 
     teacher = str(teacher)
+    from pipeline.common.encoders import family_of
+
     described = {"path": teacher, "architecture": type(model).__name__,
+                 "model_type": model.config.model_type, "family": family_of(model).name,
                  "num_layers": model.config.num_hidden_layers,
                  "hidden_size": model.config.hidden_size,
                  "num_heads": model.config.num_attention_heads}
@@ -438,7 +470,8 @@ def write_shard_output(source: Path | str, start: int, stop: int, shard_index: i
     if spec.with_logits and task_info.get("num_labels") and task_info["num_labels"] > _head_size(teacher):
         raise InputError(f"the task has {task_info['num_labels']} classes but the teacher's head has "
                          f"{_head_size(teacher)}", teacher)
-    model, tok, head_trained = load_cache_teacher(teacher, spec.with_logits, tokenizer)
+    model, tok, head_trained = load_cache_teacher(teacher, spec.with_logits, tokenizer,
+                                                  attention_target=spec.attention_target)
     check_layers(spec, model.config.num_hidden_layers, str(teacher))
     if spec.with_logits:
         warn_if_untrained_head(teacher, head_trained)
@@ -446,6 +479,8 @@ def write_shard_output(source: Path | str, start: int, stop: int, shard_index: i
         "teacher": {**teacher_description(teacher, model), "head_trained": head_trained},
         "hidden_layers": spec.hidden_layers, "attention_layers": spec.attention_layers,
         "dtype": spec.dtype, "with_logits": spec.with_logits,
+        "attention_target": spec.attention_target,
+        "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else 0,
         "hidden_size": model.config.hidden_size, "num_heads": model.config.num_attention_heads,
         "num_labels": model.config.num_labels if spec.with_logits else 0,
         "label_names": task_info.get("label_names"), "task_type": task_info.get("task_type"),
@@ -464,7 +499,7 @@ def write_shard_output(source: Path | str, start: int, stop: int, shard_index: i
     shard_dir.mkdir(parents=True, exist_ok=True)
     out_file = shard_dir / SHARD_NAME.format(shard_index)
     metadata = {k: info[k] for k in ("hidden_layers", "attention_layers", "dtype", "hidden_size",
-                                     "num_heads", "tokenizer_vocab_sha256")}
+                                     "num_heads", "tokenizer_vocab_sha256", "attention_target")}
     stats = write_cache_shard(examples, model, tok, out_file, spec, batch_size=batch_size,
                               device=device, autocast=autocast, row_group_bytes=row_group_bytes,
                               compression_level=compression_level,
@@ -482,7 +517,8 @@ def write_shard_output(source: Path | str, start: int, stop: int, shard_index: i
 
 #: Info keys that every shard of one cache must agree on.
 SHARED_INFO_KEYS = ("hidden_layers", "attention_layers", "dtype", "with_logits", "hidden_size",
-                    "num_heads", "num_labels", "tokenizer_vocab_sha256", "max_seq_length")
+                    "num_heads", "num_labels", "tokenizer_vocab_sha256", "max_seq_length",
+                    "attention_target")
 
 
 def _check_shard_file(file: Path, shard: dict) -> None:

@@ -25,13 +25,15 @@ def tokenizer_vocab_sha256(tokenizer) -> str:
 
 
 def check_tokenizer_matches_teacher(tokenizer, model, teacher: str, tokenizer_source: str) -> None:
-    """The data is tokenised with ``tokenizer``; its ids must index the teacher's embeddings."""
+    """The data is tokenised with ``tokenizer``; its ids must index the teacher's embeddings.
+
+    The embedding table may be larger than the tokenizer (DeBERTa-v3 and ModernBERT pad it to a
+    multiple of 64 or 128 rows); a tokenizer with more tokens than rows is refused."""
     vocab_size = model.config.vocab_size
-    if len(tokenizer) != vocab_size:
-        raise InputError(f"the teacher's vocabulary ({vocab_size} tokens) differs from the "
-                         f"tokenizer's ({len(tokenizer)} tokens, from {tokenizer_source}); "
-                         "the teacher, the data's tokenizer and the student must share one "
-                         "vocabulary", teacher)
+    if len(tokenizer) > vocab_size:
+        raise InputError(f"the tokenizer has {len(tokenizer)} tokens (from {tokenizer_source}) but "
+                         f"the teacher's vocabulary only {vocab_size}; the teacher, the data's "
+                         "tokenizer and the student must share one vocabulary", teacher)
 
 
 def tokenize_examples(tokenizer, examples: pa.Table, max_seq_length: int,

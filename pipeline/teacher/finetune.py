@@ -78,11 +78,14 @@ def load_sequence_classifier(teacher: str | Path, num_labels: int | None = None,
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from pipeline.common.encoders import family_of
+
     teacher = str(teacher)
     try:
         config = AutoConfig.from_pretrained(teacher)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load the teacher's config ({exc})", teacher) from None
+    family_of(config, teacher)   # a family without an adapter: refused before any weights load
     is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     kwargs = {}
     if is_classifier:
@@ -132,6 +135,7 @@ def evaluate(model, tokenizer, examples, task: str | None, task_type: str, max_s
     import numpy as np
     import torch
 
+    from pipeline.common.encoders import model_inputs
     from pipeline.common.metrics import task_metrics
     from pipeline.common.tokenize import length_sorted_batches, pad_batch, tokenize_examples
 
@@ -142,8 +146,8 @@ def evaluate(model, tokenizer, examples, task: str | None, task_type: str, max_s
         for batch in length_sorted_batches([len(x) for x in ids], batch_size, 4096):
             input_ids, token_types, mask = pad_batch([ids[i] for i in batch], [types[i] for i in batch],
                                                      tokenizer.pad_token_id or 0)
-            out = model(input_ids=input_ids.to(device), token_type_ids=token_types.to(device),
-                        attention_mask=mask.to(device)).logits.float().cpu().numpy()
+            out = model(**model_inputs(model, input_ids.to(device), token_types.to(device),
+                                       mask.to(device))).logits.float().cpu().numpy()
             for i, row in zip(batch, out):
                 logits[i] = row
     labels = np.asarray(examples.column("label").to_pylist())
@@ -166,6 +170,7 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
     from transformers import get_linear_schedule_with_warmup
 
     from pipeline.common.device import resolve_device
+    from pipeline.common.encoders import model_inputs
     from pipeline.common.tokenize import pad_batch, tokenize_examples
 
     device_ = resolve_device(device)
@@ -213,8 +218,8 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
             input_ids, token_types, mask = pad_batch([ids[i] for i in batch], [types[i] for i in batch],
                                                      tokenizer.pad_token_id or 0)
             target = torch.tensor([labels[i] for i in batch], dtype=label_dtype)
-            loss = model(input_ids=input_ids.to(device_), token_type_ids=token_types.to(device_),
-                         attention_mask=mask.to(device_), labels=target.to(device_)).loss
+            loss = model(**model_inputs(model, input_ids.to(device_), token_types.to(device_),
+                                        mask.to(device_)), labels=target.to(device_)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
