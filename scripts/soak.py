@@ -1,7 +1,8 @@
 """Soak test of the promise "one fingerprint, one content": kills, concurrency, corruption.
 
     python scripts/soak.py [--kills 20] [--task Ablations] [--config configs/demo.cfg]
-                           [--glue-dir data/demo] [--seed 0] [--work DIR] [-- LUIGI_ARGS ...]
+                           [--glue-dir data/demo] [--seed 0] [--cache-flips 100] [--work DIR]
+                           [-- LUIGI_ARGS ...]
 
 Four phases, each in its own workdir under ``--work`` (default: a temporary directory):
 
@@ -19,7 +20,8 @@ Four phases, each in its own workdir under ``--work`` (default: a temporary dire
    included), one random byte is flipped and the check a consumer runs before using it must
    fail naming that file: ``verify_upstream`` (sizes, sha256, the manifest's own checksum), and
    for the teacher cache, whose Parquet is not re-hashed, reading every row group through the
-   cache reader (page CRCs). The flip is undone before the next file.
+   cache reader (page CRCs). The flip is undone before the next file. Then ``--cache-flips``
+   flips in one cache shard, each left to the reader alone (no sha256), are counted.
 
 Prints one JSON line with the figures and one human line; exits 1 if any phase failed. Sized
 for the demo DAG (``make demo``: about 6 min per run on 2 cores, so 20 kills take about an
@@ -195,25 +197,44 @@ def phase_concurrent(args, work: Path) -> dict:
     return {"exit_codes": codes, "stages_skipped_after_waiting": waited, "differences": problems}
 
 
-def _detected(stage: str, output: Path, file: Path) -> bool:
-    """Whether the check a consumer runs before using ``output`` fails naming ``file``."""
+def _detected(stage: str, output: Path, file: Path) -> str:
+    """How the check a consumer runs before using ``output`` reacts to a damaged ``file``:
+    "named" (an InputError naming it), "unnamed" (another error: a bug to fix) or "" (none)."""
     try:
         verify_upstream(output, hash_parquet=stage not in PAGE_CRC_STAGES)
     except (InputError, ValueError) as exc:
-        return str(file) in str(exc) or (file.name == MANIFEST_NAME and str(output) in str(exc))
+        named = str(file) in str(exc) or (file.name == MANIFEST_NAME and str(output) in str(exc))
+        return "named" if named else "unnamed"
     if stage in PAGE_CRC_STAGES and file.suffix == ".parquet":
-        from pipeline.cache.reader import open_cache
-
         try:
-            reader = open_cache(output)
-            for _ in reader.batches(64, shuffle=False):
-                pass
-        except (InputError, ValueError) as exc:
-            return str(file) in str(exc) or str(output) in str(exc)
-    return False
+            _read_all(output)
+        except InputError as exc:
+            return "named" if str(file) in str(exc) or str(output) in str(exc) else "unnamed"
+        except Exception:  # noqa: BLE001 - counted: every failure must name its file
+            return "unnamed"
+    return ""
 
 
-def phase_flips(work: Path, rng: random.Random) -> dict:
+def _read_all(output: Path) -> list[dict]:
+    from pipeline.cache.reader import open_cache
+
+    return list(open_cache(output).batches(64, shuffle=False))
+
+
+def _same_batches(got: list[dict], expected: list[dict]) -> bool:
+    import torch
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+        return a == b
+
+    return len(got) == len(expected) and all(same(g, e) for g, e in zip(got, expected))
+
+
+def phase_flips(work: Path, rng: random.Random, cache_flips: int) -> dict:
     copy = work / "flips"
     shutil.copytree(work / "reference", copy)   # real copies: the cache's hard links are not shared
     tried, missed = 0, []
@@ -229,11 +250,41 @@ def phase_flips(work: Path, rng: random.Random) -> dict:
         file.write_bytes(bytes(flipped))
         try:
             tried += 1
-            if not _detected(stage, output, file):
-                missed.append(f"{rel} @ byte {position}")
+            outcome = _detected(stage, output, file)
+            if outcome != "named":
+                missed.append(f"{rel} @ byte {position}: {outcome or 'not detected'}")
         finally:
             file.write_bytes(original)
-    return {"files_flipped": tried, "undetected": missed}
+    result = {"files_flipped": tried, "undetected": missed}
+    # The teacher cache is the one output not re-hashed before use: many flips in one shard,
+    # each left to the reader alone (page CRCs, footer and layout checks).
+    shards = sorted(copy.glob("teacher_cache/[!.]*/shards/*.parquet"))
+    if shards and cache_flips:
+        shard, output = shards[0], shards[0].parent.parent
+        original = shard.read_bytes()
+        expected = _read_all(output)
+        caught, harmless, silent, unnamed = 0, 0, [], []
+        for _ in range(cache_flips):
+            position = rng.randrange(len(original))
+            flipped = bytearray(original)
+            flipped[position] ^= 1 << rng.randrange(8)
+            shard.write_bytes(bytes(flipped))
+            outcome = _detected("teacher_cache", output, shard)
+            if outcome == "named":
+                caught += 1
+            elif outcome == "unnamed":
+                unnamed.append(position)
+            elif _same_batches(_read_all(output), expected):
+                harmless += 1            # e.g. a statistics byte in the footer: nothing read changed
+            else:
+                silent.append(position)
+        shard.write_bytes(original)
+        result["cache_shard_flips"] = {"file": shard.relative_to(copy).as_posix(), "bytes": len(original),
+                                       "flips": cache_flips, "detected_by_the_reader": caught,
+                                       "undetected_but_nothing_read_changed": harmless,
+                                       "failed_without_naming_the_file": unnamed,
+                                       "silently_changed_what_was_read": silent}
+    return result
 
 
 def main() -> int:
@@ -243,6 +294,8 @@ def main() -> int:
     parser.add_argument("--config", type=Path, default=PROJECT_ROOT / "configs" / "demo.cfg")
     parser.add_argument("--glue-dir", type=Path, default=PROJECT_ROOT / "data" / "demo")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-flips", type=int, default=100,
+                        help="single-byte flips in one teacher-cache shard, each left to the reader")
     parser.add_argument("--work", type=Path, default=None, help="kept afterwards when given")
     parser.add_argument("luigi_args", nargs="*", help="after --: more tinykd run arguments")
     args = parser.parse_args()
@@ -261,9 +314,11 @@ def main() -> int:
         return 1
     kills = phase_kills(args, work, reference_seconds, rng)
     concurrent = phase_concurrent(args, work)
-    flips = phase_flips(work, rng)
+    flips = phase_flips(work, rng, args.cache_flips)
     ok = (not kills.get("error") and not kills["differences"] and concurrent["exit_codes"] == [0, 0]
-          and not concurrent["differences"] and not flips["undetected"])
+          and not concurrent["differences"] and not flips["undetected"]
+          and not flips.get("cache_shard_flips", {}).get("silently_changed_what_was_read")
+          and not flips.get("cache_shard_flips", {}).get("failed_without_naming_the_file"))
     result = {"task": args.task, "luigi_args": args.luigi_args, "reference_seconds": round(reference_seconds, 1),
               "kills": kills, "concurrent": concurrent, "flips": flips, "ok": ok,
               "seconds": round(time.monotonic() - started, 1), "work": str(work)}
@@ -271,7 +326,9 @@ def main() -> int:
     print(f"soak {'OK' if ok else 'FAILED'}: {kills.get('kills', 0)} SIGKILLs -> "
           f"{len(kills.get('differences', [])) or 'no'} differing files; two concurrent runs -> exit "
           f"{concurrent['exit_codes']}, {len(concurrent['differences']) or 'no'} differing files; "
-          f"{flips['files_flipped']} flipped files -> {len(flips['undetected'])} undetected "
+          f"{flips['files_flipped']} flipped files -> {len(flips['undetected'])} undetected; "
+          f"{flips.get('cache_shard_flips', {}).get('detected_by_the_reader', 0)}/"
+          f"{flips.get('cache_shard_flips', {}).get('flips', 0)} cache-shard flips caught by the reader "
           f"({result['seconds']:.0f} s, reference run {reference_seconds:.0f} s)")
     if args.work is None and ok:
         shutil.rmtree(work, ignore_errors=True)

@@ -205,7 +205,10 @@ class CacheReader:
         raw = (parquet.schema_arrow.metadata or {}).get(SCHEMA_METADATA_KEY)
         if raw is None:
             return   # written before shards carried their layout
-        recorded = json.loads(raw)
+        try:
+            recorded = json.loads(raw)
+        except ValueError as exc:
+            raise InputError(f"corrupt shard: its layout record is not JSON ({exc})", file) from None
         for key in ("hidden_layers", "attention_layers", "dtype", "hidden_size", "num_heads"):
             if key in recorded and recorded[key] != self.info.get(key):
                 raise InputError(f"the manifest ({self.cache_dir / MANIFEST_NAME}) says {key}="
