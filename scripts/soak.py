@@ -8,8 +8,8 @@ Four phases, each in its own workdir under ``--work`` (default: a temporary dire
 
 1. **reference**: one uninterrupted ``tinykd run TASK`` from scratch.
 2. **kills**: the same run from scratch, SIGKILLed (its whole process group) ``--kills`` times
-   at random points (uniform over the reference's wall time), resumed after each, then run to
-   the end. Every final file must equal the reference's byte for byte, except the run-history
+   at random points (uniform over the reference run's stage time: see ``phase_kills``),
+   resumed after each, then run to the end. Every final file must equal the reference's byte for byte, except the run-history
    fields (timings, pids, resume counters: ``pipeline.stage.RUN_HISTORY_*``), compared with those
    fields removed: ``manifest.json`` via ``manifest_content``, JSON files key by key, the
    ablation table without its training-time column. Every phase builds in the same directory
@@ -78,10 +78,26 @@ def start(args, workdir: Path, log: Path) -> subprocess.Popen:
                             stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def run_to_end(args, workdir: Path, log: Path) -> tuple[int, float]:
+def run_to_end(args, workdir: Path, log: Path) -> tuple[int, float, list[tuple[float, str]]]:
+    """Run to the end; the exit code, the wall time and the timeline of stage starts
+    (seconds since the start, task family), read from Luigi's log as the run goes."""
     started = time.monotonic()
-    code = start(args, workdir, log).wait()
-    return code, time.monotonic() - started
+    offset = log.stat().st_size if log.exists() else 0
+    process = start(args, workdir, log)
+    timeline: list[tuple[float, str]] = []
+    while True:
+        code = process.poll()
+        for family in RUNNING.findall(_new_text(log, offset))[len(timeline):]:
+            timeline.append((round(time.monotonic() - started, 2), family))
+        if code is not None:
+            return code, time.monotonic() - started, timeline
+        time.sleep(0.05)
+
+
+def _new_text(log: Path, offset: int) -> str:
+    with open(log, "rb") as handle:
+        handle.seek(offset)
+        return handle.read().decode(errors="replace")
 
 
 # --- comparison -------------------------------------------------------------------------------
@@ -154,35 +170,49 @@ def build_dir(work: Path) -> Path:
     return work / "build"
 
 
-def phase_kills(args, work: Path, reference_seconds: float, rng: random.Random) -> dict:
-    """SIGKILL at ``--kills`` random instants of the run's time (uniform over the reference
-    run's wall time, summed over the restarts), then run to the end and compare."""
+def phase_kills(args, work: Path, timeline: list[tuple[float, str]], reference_seconds: float,
+                rng: random.Random) -> dict:
+    """SIGKILL at ``--kills`` random points of the run, then run it to the end and compare.
+
+    A point is an instant drawn uniformly over the reference run from its first stage start
+    to its end, taken as (the stage running then, seconds into it). Each restart is killed
+    that long after it starts that stage (or a later one, if a resumed run has it done
+    already), so the kills land in the stages in proportion to their running time, not in
+    the interpreter's start-up that every restart repeats.
+    """
     workdir, log = build_dir(work), work / "killed.log"
-    instants = sorted(rng.uniform(1.0, max(2.0, reference_seconds)) for _ in range(args.kills))
-    kills, elapsed, kill_times, killed_in = 0, 0.0, [], []
-    for instant in instants:
+    order = [family for _, family in timeline]
+    points = []
+    for instant in sorted(rng.uniform(timeline[0][0], reference_seconds) for _ in range(args.kills)):
+        index = max(i for i, (t, _) in enumerate(timeline) if t <= instant)
+        points.append((index, instant - timeline[index][0]))
+    kills, killed_in = 0, []
+    for index, seconds_in in points:
+        offset = log.stat().st_size if log.exists() else 0
         process = start(args, workdir, log)
-        delay = max(0.2, instant - elapsed)
+        reached = None
+        while process.poll() is None and reached is None:   # wait for that stage (or a later one)
+            seen = RUNNING.findall(_new_text(log, offset))
+            later = [f for f in seen if f in order[index:]]
+            reached = later[0] if later else None
+            time.sleep(0.05)
         try:
-            code = process.wait(timeout=delay)
+            code = process.wait(timeout=seconds_in)
         except subprocess.TimeoutExpired:
+            running = RUNNING.findall(_new_text(log, offset))
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             kills += 1
-            kill_times.append(round(delay, 1))
-            running = RUNNING.findall(log.read_text())
-            killed_in.append(running[-1] if running else "(start-up)")
-            elapsed = instant
+            killed_in.append(f"{running[-1]} +{seconds_in:.1f}s")
             continue
         if code != 0:
             workdir.rename(work / "killed")
             return {"kills": kills, "error": f"run exited {code} (see {log})", "differences": []}
-        break      # it finished before the next instant: nothing left to interrupt
-    code, _ = run_to_end(args, workdir, log)
+        break      # it finished before the kill: nothing left to interrupt
+    code, _, _ = run_to_end(args, workdir, log)
     workdir.rename(work / "killed")
     problems = differences(work / "reference", work / "killed") if code == 0 else [f"final run exited {code}"]
-    return {"kills": kills, "seconds_before_each_kill": kill_times, "killed_in": killed_in,
-            "differences": problems}
+    return {"kills": kills, "killed_in": killed_in, "differences": problems}
 
 
 def phase_concurrent(args, work: Path) -> dict:
@@ -307,12 +337,12 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="tinykd-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    code, reference_seconds = run_to_end(args, build_dir(work), work / "reference.log")
+    code, reference_seconds, timeline = run_to_end(args, build_dir(work), work / "reference.log")
     build_dir(work).rename(work / "reference")
-    if code != 0:
+    if code != 0 or not timeline:
         print(json.dumps({"error": f"the reference run exited {code}", "log": str(work / "reference.log")}))
         return 1
-    kills = phase_kills(args, work, reference_seconds, rng)
+    kills = phase_kills(args, work, timeline, reference_seconds, rng)
     concurrent = phase_concurrent(args, work)
     flips = phase_flips(work, rng, args.cache_flips)
     ok = (not kills.get("error") and not kills["differences"] and concurrent["exit_codes"] == [0, 0]
@@ -320,6 +350,7 @@ def main() -> int:
           and not flips.get("cache_shard_flips", {}).get("silently_changed_what_was_read")
           and not flips.get("cache_shard_flips", {}).get("failed_without_naming_the_file"))
     result = {"task": args.task, "luigi_args": args.luigi_args, "reference_seconds": round(reference_seconds, 1),
+              "reference_stage_starts": timeline,
               "kills": kills, "concurrent": concurrent, "flips": flips, "ok": ok,
               "seconds": round(time.monotonic() - started, 1), "work": str(work)}
     print(json.dumps(result))
