@@ -33,9 +33,10 @@ class Evaluator:
     """Callable ``student -> metrics dict`` over a fixed dev source (in file order)."""
 
     def __init__(self, source: TokenizedExamples, task: str | None, task_type: str,
-                 batch_size: int = 128, device: torch.device | None = None):
+                 batch_size: int = 128, device: torch.device | None = None, metric: str | None = None):
         self.source = source
         self.task = task
+        self.metric = metric
         self.task_type = task_type
         self.batch_size = batch_size
         self.device = device or torch.device("cpu")
@@ -48,6 +49,6 @@ class Evaluator:
                                             self.device)
         finally:
             student.train(was_training)
-        metrics = task_metrics(self.task, self.task_type, logits, labels)
+        metrics = task_metrics(self.task, self.task_type, logits, labels, self.metric)
         metrics["examples"] = int(len(labels))
         return metrics

@@ -8,7 +8,8 @@ needs, heads, tokenizer, task), builds or loads the student, trains it with
   ``transformers.pipeline("text-classification", model=...)`` loads it; for stage 2 the
   checkpoint with the best dev metric (exported there whenever the metric improves, so the
   stage's one rename publishes it), for stage 1 the last one. ``tinykd_distill.json``
-  beside it records the task and cache it was distilled for (stage 2 checks it).
+  beside it records the task and cache it was distilled for (stage 2 checks it) and the
+  student's shape (layers, width, FFN width, heads) as built.
 * ``projections.pt`` (intermediate stage): the learned hidden-state projections.
 * ``metrics.jsonl`` (per logged step: each loss, lr, gradient norm, data wait; per evaluation:
   the dev metrics) and ``metrics.json`` (summary: best, final, throughput, data-wait share).
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from distill.student import (StudentSpec, build_student, export_student, read_distill_info,
-                             vocab_sha256)
+                             student_shape, vocab_sha256)
 from distill.trainer import (CachedTeacher, OnlineTeacher, Trainer, TrainConfig, _atomic_torch_save,
                              resolve_device)
 from pipeline.common.encoders import family_of, use_eager_attention
@@ -184,11 +185,14 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
                     "teacher": info.get("teacher"), "layer_map": mapped,
                     "attention_target": config.attention_target,
                     "stage": "prediction" if config.uses_prediction else "intermediate",
-                    "student_init": student_spec.as_dict()}
+                    # the built student's own shape: a checkpoint student's spec holds only defaults
+                    "student": student_shape(student.config),
+                    "student_init": {**student_spec.as_dict(), **student_shape(student.config)}}
     evaluator = None
     if prepared_dir is not None and config.uses_prediction:
         dev = load_dev(prepared_dir, tokenizer, int(info.get("max_seq_length", 128)), task_type, dev_limit)
-        evaluator = Evaluator(dev, task, task_type, eval_batch_size, resolve_device(config.device))
+        evaluator = Evaluator(dev, task, task_type, eval_batch_size, resolve_device(config.device),
+                              metric=info.get("metric"))
     final_dir = out_dir / "student"
     shutil.rmtree(out_dir / "best_student", ignore_errors=True)   # layout before format 2
 

@@ -180,6 +180,15 @@ def check_compatible(student_config, teacher_config, where=None) -> None:
                          "scores head by head, so they must be equal", where)
 
 
+def student_shape(config) -> dict:
+    """The shape of a built student, from its own config (not from the spec that asked for it:
+    a checkpoint or teacher-layer student has the shape it was saved with). Read through the
+    family's own config keys (DistilBERT: n_layers, dim, hidden_dim, n_heads)."""
+    layers, hidden, ffn, heads = family_of(config).size_keys
+    return {"num_layers": getattr(config, layers), "hidden_size": getattr(config, hidden),
+            "intermediate_size": getattr(config, ffn), "num_heads": getattr(config, heads)}
+
+
 def vocab_sha256(tokenizer) -> str:
     """Fingerprint of a tokenizer's vocabulary: the cache writer's own definition, so a
     student's tokenizer and a cache's ``tokenizer_vocab_sha256`` compare like for like."""

@@ -100,6 +100,7 @@ class TrainConfig:
     prefetch: int = 4                    # batches a background thread reads ahead (0: none)
     num_workers: int = 0                 # > 0: DataLoader worker processes (sources with .dataset)
     num_threads: int = 0                 # CPU intra-op threads; 0 = torch default
+    progress: bool = False               # a tqdm bar on stderr: steps, loss, ETA (and dev metric)
 
     def validate(self) -> None:
         from pipeline.common.encoders import ATTENTION_TARGETS
@@ -443,10 +444,23 @@ class Trainer:
                 # between steps (measured on 2 cores: stage-1 epochs 1.5x faster than one
                 # thread + a reader thread; reading is ~2% of such a step).
                 self.read_ahead = False
+        self._bar = None
         try:
             return self._train()
         finally:
             torch.set_num_threads(threads_before)
+            if self._bar is not None:
+                self._bar.close()
+
+    def _progress_bar(self, step: int):
+        """A tqdm bar over the run's steps (a resumed run starts where it left off), or None."""
+        if not self.config.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        stage = "prediction" if self.config.uses_prediction else "intermediate"
+        return tqdm(total=self.total_steps, initial=step, unit="step", desc=f"distill ({stage})",
+                    smoothing=0.1, mininterval=1.0)
 
     def _train(self) -> TrainResult:
         config = self.config
@@ -472,6 +486,7 @@ class Trainer:
         started = time.perf_counter()
         wait_seconds = startup_wait = 0.0
         params = [p for m in self._modules() for p in m.parameters() if p.requires_grad]
+        bar = self._bar = self._progress_bar(step)
         while step < self.total_steps:
             if batch_in_epoch >= self.batches_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
@@ -513,6 +528,11 @@ class Trainer:
                     batch_in_epoch += 1
                     values.update(step=step, epoch=epoch, lr=lr, grad_norm=grad_norm)
                     result.step_losses.append(values)
+                    if bar is not None:
+                        bar.set_postfix_str(f"loss={values['total']:.4f}" + (
+                            f" best dev {best['metrics']['primary_metric']}={best['metrics']['primary']:.4f}"
+                            if best else ""), refresh=False)
+                        bar.update(1)
                     if config.log_every > 0 and (step % config.log_every == 0 or step == self.total_steps):
                         self._log({**values, "data_wait_s": round(waited, 6),
                                    "step_s": round(time.perf_counter() - step_start, 6)})

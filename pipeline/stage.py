@@ -23,7 +23,8 @@ never sees half an output, and a stage that fails leaves nothing behind (resumab
 their partial directory so a rerun can continue from the pieces already finished). Every
 output carries a ``manifest.json``: parameters, upstream fingerprints, input hashes, library
 versions, row counts, per-file checksums and timings. ``explain`` compares a key with the
-newest existing manifest of the same stage to say *why* a stage will run.
+closest existing manifest of the same stage (same task, most settings in common) to say *why*
+a stage will run, and names the output it compared with.
 
 **One fingerprint, one content.** A build holds the output's :class:`~pipeline.locks.BuildLock`
 from before it touches the partial directory until the rename, so two local processes never
@@ -537,8 +538,13 @@ class StageStatus:
 
 
 def explain_key(workdir: Path | str, key: StageKey, hasher: FileHasher | None = None,
-                upstream_names: Mapping[str, str] | None = None) -> StageStatus:
-    """Say whether ``key``'s output exists and, if not, how it differs from the newest output."""
+                upstream_names: Mapping[str, str] | None = None, task: str | None = None) -> StageStatus:
+    """Say whether ``key``'s output exists and, if not, how it differs from the closest output.
+
+    The comparison is with :func:`closest_output` (same task, most of the key in common), not
+    with the newest output of the stage: the newest may be another task's, and "input file
+    dev (…/CoLA/dev.tsv) content changed" says nothing about why RTE's stage will run.
+    """
     hasher = hasher or FileHasher(Path(workdir) / ".hash-cache.json")
     fingerprint = key.fingerprint(hasher)
     final = Path(workdir) / key.stage / fingerprint
@@ -554,12 +560,63 @@ def explain_key(workdir: Path | str, key: StageKey, hasher: FileHasher | None = 
     previous = existing_outputs(workdir, key.stage)
     if not previous:
         return StageStatus(key.stage, fingerprint, final, False, ["no earlier output of this stage"])
-    old = load_manifest(previous[0])
-    reasons = diff_against_manifest(key.document(hasher), old, upstream_names or {})
+    document = key.document(hasher)
+    closest = closest_output(previous, document, task)
+    if closest is None:
+        others = sorted({manifest_task(load_manifest(p)) or "?" for p in previous})
+        return StageStatus(key.stage, fingerprint, final, False,
+                           [f"no earlier output of this stage for task {task} (earlier outputs: "
+                            f"{len(previous)} of task(s) {', '.join(others)})"])
+    path, old, in_common = closest
+    reasons = diff_against_manifest(document, old, upstream_names or {})
     if not reasons:
-        reasons = ["same key as the newest output but another fingerprint (contract changed)"]
-    return StageStatus(key.stage, fingerprint, final, False,
-                       [f"vs {previous[0].name}: {r}" for r in reasons])
+        reasons = ["same key as that output but another fingerprint (contract changed)"]
+    same_task = f"same task {task}; " if task and manifest_task(old) == task else ""
+    header = (f"compared with {path.name}, the closest earlier output ({same_task}"
+              f"{in_common[0]} of {in_common[1]} settings in common):")
+    return StageStatus(key.stage, fingerprint, final, False, [header] + [f"  {r}" for r in reasons])
+
+
+def manifest_task(manifest: Mapping[str, Any]) -> str | None:
+    """The task a manifest's output was built for (its ``task`` parameter or info), if recorded."""
+    task = (manifest.get("params") or {}).get("task") or (manifest.get("info") or {}).get("task")
+    return str(task) if task else None
+
+
+def _settings(document_or_manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Every setting of a key, flattened: parameters, upstream fingerprints, input hashes."""
+    settings = {f"param:{k}": v for k, v in (document_or_manifest.get("params") or {}).items()}
+    settings.update({f"upstream:{k}": v for k, v in (document_or_manifest.get("upstream") or {}).items()})
+    for label, value in (document_or_manifest.get("inputs") or {}).items():
+        settings[f"input:{label}"] = value.get("sha256") if isinstance(value, Mapping) else value
+    return settings
+
+
+def closest_output(outputs: list[Path], document: Mapping[str, Any],
+                   task: str | None = None) -> tuple[Path, dict, tuple[int, int]] | None:
+    """The earlier output most like ``document``: ``(path, manifest, (settings in common, of))``.
+
+    Outputs of the same task come first (those whose task is not recorded next; another
+    task's never, so None when only other tasks' exist), then the most settings in common
+    (parameters, upstream fingerprints, input hashes), then the newest (``outputs`` is newest
+    first).
+    """
+    wanted = _settings(document)
+    best = None
+    for order, path in enumerate(outputs):
+        try:
+            manifest = load_manifest(path)
+        except (FileNotFoundError, ValueError):
+            continue
+        recorded = manifest_task(manifest)
+        if task and recorded and recorded != task:
+            continue
+        theirs = _settings(manifest)
+        common = sum(1 for name, value in wanted.items() if name in theirs and theirs[name] == value)
+        rank = (bool(task) and recorded == task, common, -order)
+        if best is None or rank > best[0]:
+            best = (rank, path, manifest, (common, len(set(wanted) | set(theirs))))
+    return None if best is None else best[1:]
 
 
 def diff_against_manifest(document: dict, manifest: dict, upstream_names: Mapping[str, str]) -> list[str]:
@@ -586,3 +643,138 @@ def diff_against_manifest(document: dict, manifest: dict, upstream_names: Mappin
 
 def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# --------------------------------------------------------------------------------------------
+# Garbage collection: what under a workdir no configuration references, and what is safe to go
+# --------------------------------------------------------------------------------------------
+
+#: A partial directory with no lock file to ask (written by a tinykd that took no build locks)
+#: counts as possibly live while anything in it changed more recently than this.
+UNLOCKED_PARTIAL_GRACE_SECONDS = 3600.0
+
+
+@dataclass
+class WorkdirEntry:
+    """One thing under ``<workdir>/<stage>/``: a completed output, a partial build, a lock file."""
+
+    kind: str        # "output", "partial" or "lock"
+    path: Path       # the directory or file itself
+    target: Path     # the output it belongs to: <workdir>/<stage>/<fingerprint>
+    bytes: int
+    modified: float  # newest modification time inside it (seconds since the epoch)
+
+
+@dataclass
+class GcDecision:
+    entry: WorkdirEntry
+    delete: bool
+    reason: str
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = path.stat().st_mtime
+    if path.is_dir():
+        for dirpath, _, filenames in os.walk(path):
+            for name in filenames:
+                with contextlib.suppress(FileNotFoundError):
+                    newest = max(newest, (Path(dirpath) / name).stat().st_mtime)
+    return newest
+
+
+def workdir_entries(workdir: Path | str) -> list[WorkdirEntry]:
+    """Every stage output, partial directory and build-lock file under ``workdir``."""
+    from pipeline.locks import LOCK_SUFFIX
+
+    base = Path(workdir)
+    if not base.is_dir():
+        return []
+    entries = []
+    for stage_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for entry in sorted(stage_dir.iterdir()):
+            name = entry.name
+            if entry.is_dir() and name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+                kind, target = "partial", stage_dir / name[1:-len(PARTIAL_SUFFIX)]
+            elif entry.is_file() and name.startswith(".") and name.endswith(LOCK_SUFFIX):
+                kind, target = "lock", stage_dir / name[1:-len(LOCK_SUFFIX)]
+            elif entry.is_dir() and not name.startswith("."):
+                kind, target = "output", entry
+            else:
+                continue
+            try:
+                size = directory_bytes(entry) if entry.is_dir() else entry.stat().st_size
+                modified = _newest_mtime(entry)
+            except FileNotFoundError:   # removed while we looked (a build finishing)
+                continue
+            entries.append(WorkdirEntry(kind, entry, target, size, modified))
+    return entries
+
+
+def human_age(seconds: float) -> str:
+    for unit, length in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= length:
+            return f"{seconds / length:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _holder_text(holder: Mapping[str, Any]) -> str:
+    since = holder.get("since")
+    when = f" since {_iso(since)}" if isinstance(since, (int, float)) else ""
+    return f"pid {holder.get('pid')} on {holder.get('host')}{when}"
+
+
+def gc_plan(workdir: Path | str, referenced: set[Path], *, older_than: float | None = None,
+            unreferenced_because: str = "not referenced", now: float | None = None) -> list[GcDecision]:
+    """Decide, for every unreferenced entry under ``workdir``, whether it may be deleted and why.
+
+    Entries of referenced outputs are not listed (a referenced partial is a resumable build).
+    An unreferenced entry is kept when a live process holds its build lock
+    (:func:`pipeline.locks.lock_holder`), when it is a partial directory without a lock file
+    that changed within :data:`UNLOCKED_PARTIAL_GRACE_SECONDS`, or when ``older_than`` (seconds)
+    is given and it changed more recently than that.
+    """
+    from pipeline.locks import lock_holder, lock_path
+
+    now = time.time() if now is None else now
+    decisions = []
+    for entry in workdir_entries(workdir):
+        if entry.target in referenced:
+            continue
+        age = now - entry.modified
+        if entry.kind in ("partial", "lock"):
+            holder = lock_holder(entry.target)
+            if holder is not None:
+                decisions.append(GcDecision(entry, False, f"kept: being built by {_holder_text(holder)}"))
+                continue
+        if entry.kind == "partial":
+            if not lock_path(entry.target).exists() and age < UNLOCKED_PARTIAL_GRACE_SECONDS:
+                decisions.append(GcDecision(entry, False, (
+                    f"kept: a partial build with no lock file to ask, written to {human_age(age)} ago "
+                    "(may be live)")))
+                continue
+        if older_than is not None and age < older_than:
+            decisions.append(GcDecision(entry, False, (
+                f"kept: {unreferenced_because}, but changed {human_age(age)} ago "
+                f"(younger than {human_age(older_than)})")))
+            continue
+        what = {"output": "output", "partial": "partial build, no live holder",
+                "lock": "build lock, no holder"}[entry.kind]
+        decisions.append(GcDecision(entry, True, f"{what}; {unreferenced_because}; "
+                                                 f"changed {human_age(age)} ago"))
+    # a lock file goes after its partial directory: while it exists, a new build of the same
+    # output still meets the lock that tells it (and delete_entry) who is building
+    return sorted(decisions, key=lambda d: d.entry.kind == "lock")
+
+
+def delete_entry(entry: WorkdirEntry) -> bool:
+    """Delete one garbage entry; False (nothing touched) when a build took its lock meanwhile."""
+    from pipeline.locks import lock_holder
+
+    if entry.kind in ("partial", "lock") and lock_holder(entry.target) is not None:
+        return False
+    if entry.kind == "lock":
+        with contextlib.suppress(FileNotFoundError):
+            entry.path.unlink()
+    else:
+        shutil.rmtree(entry.path, ignore_errors=True)
+    return True

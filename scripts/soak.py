@@ -55,7 +55,7 @@ from pipeline.stage import (MANIFEST_NAME, RUN_HISTORY_FILES, load_manifest, man
 #: Stages whose Parquet files their readers check by page CRC instead of sha256.
 PAGE_CRC_STAGES = ("teacher_cache",)
 #: Luigi's log line of a task starting (the last one before a kill names the stage it hit).
-RUNNING = re.compile(r"running\s+(\w+)\(")
+RUNNING = re.compile(r"running\s+(\w+)[\[(]")
 #: Table columns (Markdown/CSV headers) holding timings.
 TIMING_COLUMN_WORDS = ("time", "seconds")
 

@@ -110,12 +110,20 @@ class Ablations(StageTask):
             "Each variant is a stage-1 + stage-2 distillation from that one cache; the student's "
             "best dev score over its stage-2 evaluations is reported.",
         ]
+        check = teacher.get("baseline_check") or {}
+        if check.get("degenerate"):
+            notes.insert(0, f"**WARNING: the teacher is no better than the majority class** (dev "
+                            f"{check.get('metric')} {check.get('teacher'):.4f}, the constant "
+                            f"prediction {check.get('predicts')!r} {check.get('baseline'):.4f}): the "
+                            "students below learned from a degenerate teacher.")
         with out.timed("report"):
             paths = write_report(results, out.path, f"{task} ablations", teacher_metric, notes)
         full = results[0]
         summary = {
             "task": task, "metric": full.metric_name, "teacher": teacher_metric,
             "teacher_dev": teacher_dev, "student": full.metric,
+            "teacher_degenerate": bool(check.get("degenerate")),
+            "majority_baseline": check.get("baseline"),
             "student_vs_teacher": full.metric / teacher_metric if teacher_metric else None,
             "variants": {r.name: {"dev": r.metric, "settings": r.settings, "train_seconds": r.train_seconds,
                                   "train_examples": r.examples, "output": r.output_dir,
@@ -126,7 +134,8 @@ class Ablations(StageTask):
         (out.path / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         out.rows["variants"] = len(results)
         out.info.update(task=task, metric=full.metric_name, teacher=teacher_metric, student=full.metric,
-                        student_vs_teacher=summary["student_vs_teacher"])
+                        student_vs_teacher=summary["student_vs_teacher"],
+                        teacher_degenerate=summary["teacher_degenerate"])
 
 
 def _variant_result(name: str, task: DistillPrediction, settings: str):

@@ -23,7 +23,7 @@ from typing import Any
 import luigi
 
 from pipeline.stage import StageBuild
-from tasks.base import StageTask
+from tasks.base import StageTask, num_threads_parameter
 from tasks.prepare import PrepareData
 
 _VECTOR_SOURCES = ["packaged", "glove_text", "word2vec", "trained"]
@@ -171,6 +171,7 @@ class Augment(StageTask):
     aug_progress = luigi.BoolParameter(
         default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
         description="Show a tqdm progress bar (examples/s); --aug-progress false hides it.")
+    num_threads = num_threads_parameter()
 
     def requires(self):
         required: dict[str, StageTask] = {"data": PrepareData()}

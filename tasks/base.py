@@ -46,6 +46,17 @@ def workdir() -> Path:
     return Path(configured).expanduser().resolve() if configured else DEFAULT_WORKDIR
 
 
+#: The one ``num_threads`` parameter of every compute stage (same name, same meaning).
+NUM_THREADS_DESCRIPTION = ("CPU intra-op threads of torch while the stage runs (0: torch's default, "
+                           "one per core). Set 1 (or a few) when other jobs share the cores: "
+                           "oversubscribed threads wait on each other. Results do not depend on it "
+                           "beyond floating-point noise.")
+
+
+def num_threads_parameter() -> luigi.IntParameter:
+    return luigi.IntParameter(default=0, significant=False, description=NUM_THREADS_DESCRIPTION)
+
+
 _HASHERS: dict[Path, FileHasher] = {}
 
 
@@ -120,12 +131,35 @@ class StageTask(luigi.Task):
     def upstream_dir(self, label: str) -> Path:
         return self.upstream_tasks()[label].output_dir()
 
+    def task_name(self) -> str | None:
+        """The task (``PrepareData.task``) this output belongs to: its own ``task`` parameter,
+        else its upstream's; None for task-independent stages (packaged word vectors, say)."""
+        own = self.param_kwargs.get("task")
+        if own:
+            return str(own)
+        for task in self.upstream_tasks().values():
+            name = task.task_name()
+            if name:
+                return name
+        return None
+
     def run(self) -> None:
         hasher = shared_hasher(workdir())
         try:
             with build_stage(workdir(), self.stage_key(), resumable=self.resumable, hasher=hasher) as out:
                 self.verify_upstream()
-                self.build(out)
+                if "num_threads" in self.param_kwargs:   # a compute stage: its thread count, for build()
+                    from pipeline.common.device import torch_threads
+
+                    with torch_threads(self.num_threads) as threads:
+                        out.info["torch_threads"] = threads
+                        self.build(out)
+                else:
+                    self.build(out)
+                # recorded for `explain`, which compares a key with earlier outputs of its own task
+                task = self.task_name()
+                if task:
+                    out.info.setdefault("task", task)
         except StageAlreadyComplete as done:
             # Another local process built it while this one waited for the build lock.
             LOG.info("%s: %s", self.task_id, done)
@@ -138,7 +172,8 @@ class StageTask(luigi.Task):
     def explain(self):
         """This stage's :class:`~pipeline.stage.StageStatus` (up to date or why it will run)."""
         names = {label: task.stage_name for label, task in self.upstream_tasks().items()}
-        return explain_key(workdir(), self.stage_key(), shared_hasher(workdir()), names)
+        return explain_key(workdir(), self.stage_key(), shared_hasher(workdir()), names,
+                           task=self.task_name())
 
 
 def walk_dag(root: luigi.Task) -> list[luigi.Task]:

@@ -2,9 +2,9 @@
 
     tinykd [--config FILE ...] COMMAND ...
 
-    tinykd run TASK [--PARAM VALUE ...] [--workers N] [--scheduler-host HOST]
+    tinykd run TASK [--PARAM VALUE ...] [--workers N] [--scheduler-host HOST] [--verbose]
     tinykd explain TASK [--PARAM VALUE ...]
-    tinykd gc [--delete] [TASK [--PARAM VALUE ...]]
+    tinykd gc [--delete] [--config FILE ...] [--older-than AGE] [TASK [--PARAM VALUE ...]]
     tinykd inspect CACHE_DIR [--verify]
     tinykd demo [--PARAM VALUE ...]
 
@@ -13,6 +13,11 @@ as default; pass ``--scheduler-host`` to use a central ``luigid``. Task paramete
 the command line, then ``luigi.cfg`` (Luigi's configuration mechanism), then defaults.
 ``--config FILE`` adds a configuration file read after luigi.cfg (a profile such as
 ``configs/sst2.cfg``). ``explain`` and ``gc`` walk the same DAG without running anything.
+
+A failed ``run`` ends, after Luigi's summary, with one line per failed task and its error (an
+InputError's ``file:line: problem``); tracebacks go to ``<workdir>/logs/run-*.log``, or to the
+console with ``--verbose``, which also shows Luigi's full per-task lines (by default a task is
+named by its family and output fingerprint).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import argparse
 import contextlib
 import logging
 import os
-import shutil
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -31,7 +36,8 @@ import luigi.cmdline_parser
 from luigi.execution_summary import LuigiStatusCode
 from luigi.task import flatten
 
-from pipeline.stage import PARTIAL_SUFFIX, directory_bytes
+from pipeline.errors import InputError
+from pipeline.stage import delete_entry, gc_plan, human_age
 from tasks.base import PROJECT_ROOT, StageTask, walk_dag, workdir
 
 #: Tasks that ``gc`` keeps (with their whole DAG) when none is named: the ablation grid,
@@ -80,14 +86,15 @@ OTHER_WORKERS_POLL_S = 2.0
 
 
 def cmd_run(argv: list[str]) -> int:
-    result = _run_luigi(argv)
+    result, failures = _run_luigi(argv)
     if "--scheduler-host" in argv:
-        result = _until_other_workers_finish(argv, result)
+        result, failures = _until_other_workers_finish(argv, result, failures)
     print(result.summary_text)
+    _print_failures(failures)
     return 0 if _succeeded(result) else 1
 
 
-def _until_other_workers_finish(argv: list[str], result):
+def _until_other_workers_finish(argv: list[str], result, failures):
     """Under luigid, wait while other workers still run tasks of this DAG; the final result.
 
     A worker's own summary cannot tell whether the DAG completed: a task another worker ran
@@ -100,12 +107,12 @@ def _until_other_workers_finish(argv: list[str], result):
     """
     while result.status in _NO_FAILURE and not _requested_task_complete(argv):
         time.sleep(OTHER_WORKERS_POLL_S)
-        result = _run_luigi(argv)
-    return result
+        result, failures = _run_luigi(argv)
+    return result, failures
 
 
 def _requested_task_complete(argv: list[str]) -> bool:
-    with task_from_argv(argv) as root:
+    with task_from_argv([a for a in argv if a != "--verbose"]) as root:
         return root.complete()
 
 
@@ -119,11 +126,138 @@ def _succeeded(result) -> bool:
     return result.status in _NO_FAILURE
 
 
+def _print_failures(failures: "RunLog") -> None:
+    """After Luigi's summary: one line per failed task, with its error and not its traceback."""
+    errors = failures.errors()
+    for label, error in errors.items():
+        print(f"FAILED {label}: {error}")
+    if errors:
+        where = "above" if failures.verbose else f"in {failures.path}"
+        print(f"(tracebacks {where}; tinykd run --verbose prints them)")
+
+
+def short_task(task: luigi.Task) -> str:
+    """A task as its family and output fingerprint: ``PrepareData[3f2a...]`` (Luigi's repr lists
+    every parameter, hundreds of characters for a distillation stage)."""
+    if isinstance(task, StageTask):
+        try:
+            return f"{task.task_family}[{task.fingerprint()}]"
+        except Exception:   # its key cannot be computed (a missing input): the family says enough
+            return task.task_family
+    return task.task_family
+
+
+def _error_line(text: str) -> str:
+    """The final ``Type: message`` line of a formatted traceback, an InputError as its message."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else text.strip()
+    match = re.match(r"^([A-Za-z_][\w.]*): (.*)$", last)
+    if match and match.group(1).endswith("InputError"):
+        return match.group(2)
+    return last
+
+
+class _ShortFormatter(logging.Formatter):
+    """Luigi's console lines with tasks as family + fingerprint and tracebacks left out."""
+
+    def __init__(self, log_path: Path):
+        super().__init__("%(levelname)s: %(message)s")
+        self.log_path = log_path
+
+    def format(self, record: logging.LogRecord) -> str:
+        args = record.args
+        if isinstance(args, tuple):
+            args = tuple(short_task(a) if isinstance(a, luigi.Task)
+                         else "worker" if isinstance(a, str) and a.startswith("Worker(") else a
+                         for a in args)
+        try:
+            message = record.msg % args if args else str(record.msg)
+        except (TypeError, ValueError):
+            message = record.getMessage()
+        message = re.sub(r"Will not run (\w+)\(.*?\) or any", r"Will not run \1 or any", message,
+                         count=1, flags=re.S)
+        message = re.sub(r"Worker\(salt=[^)]*\)", "worker", message)
+        if record.exc_info or "\n" in message:
+            message = message.splitlines()[0] + f" (traceback in {self.log_path})"
+        return f"{record.levelname}: {message}"
+
+
+class RunLog:
+    """Where a ``tinykd run`` sends Luigi's log: the full log (tracebacks included) to a file,
+    short lines to the console (unless verbose), and each failed task's error to a side file
+    that worker processes append to, read back after the run."""
+
+    def __init__(self, root: Path, verbose: bool):
+        root.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        self.path = root / f"run-{stamp}-{os.getpid()}.log"
+        self.errors_path = self.path.with_suffix(".errors.jsonl")
+        self.verbose = verbose
+        self.file_handler = logging.FileHandler(self.path)
+        self.file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.console_handler = logging.StreamHandler(sys.stderr)
+        if not verbose:
+            self.console_handler.setFormatter(_ShortFormatter(self.path))
+        else:
+            self.console_handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        self.collector = _FailureCollector(self.errors_path)
+
+    def handlers(self) -> list[logging.Handler]:
+        return [self.file_handler, self.console_handler, self.collector]
+
+    def errors(self) -> dict[str, str]:
+        import json
+
+        found: dict[str, str] = {}
+        if self.errors_path.exists():
+            for line in self.errors_path.read_text().splitlines():
+                record = json.loads(line)
+                found.setdefault(record["task"], record["error"])
+        return found
+
+    def close(self) -> None:
+        for handler in self.handlers():
+            handler.close()
+
+
+class _FailureCollector(logging.Handler):
+    """Records the error of every task Luigi reports as failed (run, complete() or requires())."""
+
+    def __init__(self, path: Path):
+        super().__init__(logging.WARNING)
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import json
+
+        exc = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        task = next((a for a in (record.args if isinstance(record.args, tuple) else ())
+                     if isinstance(a, luigi.Task)), None)
+        if exc is not None and task is not None:        # run() raised (any worker process)
+            label, error = short_task(task), one_line(exc)
+        elif "Traceback (most recent call last)" in message:   # complete() / requires() raised
+            match = re.match(r"Will not run (\w+)", message)
+            label, error = (match.group(1) if match else "scheduling"), _error_line(message)
+        else:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"task": label, "error": error}) + "\n")
+
+
 def _run_luigi(argv: list[str]):
-    """Luigi's own command line (local scheduler unless one is named); the run's result."""
+    """Luigi's own command line (local scheduler unless one is named); ``(result, RunLog)``.
+
+    tinykd owns the console: Luigi's log goes to ``<workdir>/logs/run-*.log`` in full and to the
+    console in short lines (tasks as family and fingerprint, no tracebacks) unless ``--verbose``.
+    """
+    import luigi.setup_logging
+
     import tasks  # noqa: F401
 
     args = list(argv)
+    verbose = "--verbose" in args
+    args = [a for a in args if a != "--verbose"]
     if "--scheduler-host" not in args and "--local-scheduler" not in args:
         args.append("--local-scheduler")
     # Luigi's pid lock would make a second identical command exit 0 having done nothing,
@@ -131,15 +265,44 @@ def _run_luigi(argv: list[str]):
     # on one workdir share the work stage by stage, runs on different workdirs are independent.
     if "--no-lock" not in args:
         args.append("--no-lock")
-    if not any(a.startswith("--log-level") for a in args):
-        args += ["--log-level", "INFO"]   # Luigi's default, DEBUG, logs every completeness check
+    level = "INFO"   # Luigi's default, DEBUG, logs every completeness check
+    for i, arg in enumerate(args):
+        if arg == "--log-level" and i + 1 < len(args):
+            level = args[i + 1]
+        elif arg.startswith("--log-level="):
+            level = arg.split("=", 1)[1]
+    run_log = RunLog(workdir() / "logs", verbose)
     hold = _HoldSummary()
     interface_logger = logging.getLogger("luigi-interface")
+    tinykd_logger = logging.getLogger("tinykd")
+    saved = (list(interface_logger.handlers), interface_logger.level, interface_logger.propagate,
+             list(tinykd_logger.handlers), tinykd_logger.level, luigi.setup_logging.InterfaceLogging._configured)
+    # Luigi would add its own console handler (with tracebacks); ours replace it for this run.
+    luigi.setup_logging.InterfaceLogging._configured = True
+    interface_logger.handlers = run_log.handlers()
+    interface_logger.setLevel(getattr(logging, str(level).upper(), logging.INFO))
+    interface_logger.propagate = False
+    tinykd_logger.handlers = [run_log.file_handler, run_log.console_handler]
+    tinykd_logger.setLevel(logging.INFO)
     interface_logger.addFilter(hold)
     try:
-        return luigi.run(cmdline_args=args, detailed_summary=True)
+        return luigi.run(cmdline_args=args, detailed_summary=True), run_log
     finally:
         interface_logger.removeFilter(hold)
+        (interface_logger.handlers, level_before, interface_logger.propagate, tinykd_logger.handlers,
+         tinykd_level, luigi.setup_logging.InterfaceLogging._configured) = saved
+        interface_logger.setLevel(level_before)
+        tinykd_logger.setLevel(tinykd_level)
+        run_log.close()
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: an InputError's ``file:line: problem``, else ``Type: message``."""
+    text = str(exc) if isinstance(exc, (InputError, luigi.parameter.ParameterException)) \
+        else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, ValueError) and "Error when parsing" in str(exc) and exc.__cause__ is not None:
+        text = f"{exc} ({exc.__cause__})"   # which value, and what is wrong with it
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def _human_bytes(count: float) -> str:
@@ -192,54 +355,125 @@ def referenced_outputs(root: luigi.Task) -> set[Path]:
 
 
 def unreferenced_outputs(referenced: set[Path]) -> list[Path]:
-    """Stage directories under the workdir that are not in ``referenced``.
+    """Entries under the workdir that ``gc --delete`` would remove, given the ``referenced`` outputs.
 
-    Partial directories of referenced fingerprints are kept (a resumable stage continues
-    from them); partial directories of anything else are garbage.
+    Partial directories of referenced fingerprints are kept (a resumable stage continues from
+    them); so is anything a live build holds (:func:`pipeline.stage.gc_plan`).
     """
-    garbage = []
-    base = workdir()
-    if not base.is_dir():
-        return []
-    for stage_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for entry in sorted(stage_dir.iterdir()):
-            if not entry.is_dir():
-                continue
-            name = entry.name
-            if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
-                target = stage_dir / name[1:-len(PARTIAL_SUFFIX)]
-            else:
-                target = entry
-            if target not in referenced:
-                garbage.append(entry)
-    return garbage
+    return [d.entry.path for d in gc_plan(workdir(), referenced) if d.delete]
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> float:
+    """``7d``, ``12h``, ``30min``/``30m``, ``90s``, ``2w`` -> seconds."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]+)\s*", text.lower())
+    if not match or match.group(2) not in _AGE_UNITS:
+        raise InputError(f"--older-than {text!r}: give a number and a unit, e.g. 7d, 12h, 30min "
+                         f"(units: {', '.join(_AGE_UNITS)})")
+    return float(match.group(1)) * _AGE_UNITS[match.group(2)]
+
+
+@contextlib.contextmanager
+def configuration(extra: str | None) -> Iterator[None]:
+    """Luigi's configuration as now, plus ``extra`` (a profile) read last; restored afterwards.
+
+    Task instances are cached by Luigi with the parameters of the configuration in force when
+    they were made, so the cache is cleared on the way in and out.
+    """
+    from luigi.configuration import LuigiConfigParser
+    from luigi.task_register import Register
+
+    saved_paths, saved_instance = list(LuigiConfigParser._config_paths), LuigiConfigParser._instance
+    try:
+        if extra:
+            LuigiConfigParser._config_paths = saved_paths + [str(Path(extra).resolve())]
+            LuigiConfigParser._instance = None
+        Register.clear_instance_cache()
+        yield
+    finally:
+        LuigiConfigParser._config_paths = saved_paths
+        LuigiConfigParser._instance = saved_instance
+        Register.clear_instance_cache()
+
+
+GC_USAGE = """tinykd gc [--delete] [--config FILE ...] [--older-than AGE] [TASK [--PARAM VALUE ...]]
+
+Lists (or with --delete removes) what under the workdir no declared configuration references.
+Each --config FILE is one configuration (luigi.cfg, then FILE); an output referenced by TASK's
+DAG (default: Ablations) under ANY of them is kept. Without --config: the current configuration
+only, so every other task's or profile's outputs count as garbage: declare every profile you
+use. --older-than AGE (7d, 12h, 30min) keeps anything changed more recently than AGE. A partial
+directory whose build lock a live process holds is never touched. Each line says why."""
 
 
 def cmd_gc(argv: list[str]) -> int:
-    """``gc [--delete] [TASK [--PARAM VALUE ...]]``: dry run unless ``--delete``.
-
-    Outputs referenced by TASK's DAG (default: the roots in DEFAULT_GC_ROOTS, with their
-    luigi.cfg parameters) are kept; everything else under the workdir is listed with sizes.
-    """
-    delete = "--delete" in argv
-    task_argv = [a for a in argv if a != "--delete"]
-    if task_argv and task_argv[0] in ("-h", "--help"):
-        print(cmd_gc.__doc__)
+    """``gc``: see :data:`GC_USAGE`. Dry run unless ``--delete``."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(GC_USAGE)
         return 0
+    delete, configs, older_than, task_argv = False, [], None, []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--delete":
+            delete = True
+        elif arg in ("--config", "--older-than"):
+            if not args:
+                raise InputError(f"gc {arg} needs a value")
+            value = args.pop(0)
+            if arg == "--config":
+                if not Path(value).is_file():
+                    raise InputError(f"gc --config {value}: no such file")
+                configs.append(value)
+            else:
+                older_than = parse_age(value)
+        else:
+            task_argv.append(arg)
+    roots = [task_argv] if task_argv else [[name] for name in DEFAULT_GC_ROOTS]
+    root_names = ", ".join(r[0] for r in roots)
     referenced: set[Path] = set()
-    for root_argv in [task_argv] if task_argv else [[name] for name in DEFAULT_GC_ROOTS]:
-        with task_from_argv(root_argv) as root:
-            referenced |= referenced_outputs(root)
-    garbage = unreferenced_outputs(referenced)
-    total = 0
-    for path in garbage:
-        size = directory_bytes(path)
-        total += size
-        print(f"{'deleted' if delete else 'would delete'}  {_human_bytes(size):>10}  {path}")
-        if delete:
-            shutil.rmtree(path)
+    workdirs = set()
+    for config in configs or [None]:
+        with configuration(config):
+            try:
+                for root_argv in roots:
+                    with task_from_argv(root_argv) as root:
+                        referenced |= referenced_outputs(root)
+            except InputError as exc:
+                where = f"under --config {config}" if config else "under the current configuration"
+                raise InputError(f"cannot walk {root_names}'s DAG {where}, so nothing is collected: "
+                                 f"{exc}") from None
+            workdirs.add(workdir())
+    if len(workdirs) > 1:
+        raise InputError(f"the configurations use different workdirs ({', '.join(map(str, sorted(workdirs)))}); "
+                         "collect one workdir at a time")
+    base = workdirs.pop()
+    scope = (f"any of {len(configs)} configurations ({', '.join(configs)})" if len(configs) > 1
+             else f"--config {configs[0]}" if configs else "the current configuration")
+    because = f"not referenced by {root_names} under {scope}"
+    decisions = gc_plan(base, referenced, older_than=older_than, unreferenced_because=because)
+    print(f"gc of {base}: keeping what {root_names} references under {scope}"
+          + (f", and anything changed within {human_age(older_than)}" if older_than else ""))
+    total = count = 0
+    for decision in decisions:
+        entry = decision.entry
+        if not decision.delete:
+            print(f"{'kept':<12}  {_human_bytes(entry.bytes):>10}  {entry.path}  ({decision.reason})")
+            continue
+        if delete and not delete_entry(entry):
+            print(f"{'kept':<12}  {_human_bytes(entry.bytes):>10}  {entry.path}  (kept: a build took "
+                  "its lock just now)")
+            continue
+        total += entry.bytes
+        count += 1
+        print(f"{'deleted' if delete else 'would delete':<12}  {_human_bytes(entry.bytes):>10}  "
+              f"{entry.path}  ({decision.reason})")
     verb = "freed" if delete else "would be freed (dry run; pass --delete)"
-    print(f"{len(garbage)} unreferenced output(s), {_human_bytes(total)} {verb}")
+    kept = sum(1 for d in decisions if not d.delete)
+    print(f"{count} unreferenced output(s), {_human_bytes(total)} {verb}"
+          + (f"; {kept} unreferenced entr{'y' if kept == 1 else 'ies'} kept" if kept else ""))
     return 0
 
 
@@ -267,11 +501,12 @@ def cmd_demo(argv: list[str]) -> int:
 
         ensure_demo_task(DEMO_DATA)
         args += ["--PrepareData-glue-dir", str(DEMO_DATA)]
-    result = _run_luigi(args)
+    result, failures = _run_luigi(args)
     if _succeeded(result):
-        with task_from_argv(args) as root:
+        with task_from_argv([a for a in args if a != "--verbose"]) as root:
             print(report_summary(root))
     print(result.summary_text)
+    _print_failures(failures)
     return 0 if _succeeded(result) else 1
 
 
@@ -308,7 +543,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "demo":  # the demo profile first, so that --config files can still adjust it
         configs.insert(0, str(DEMO_CONFIG))
     _load_project_config(configs)
-    return COMMANDS[argv[0]](argv[1:])
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (InputError, luigi.parameter.ParameterException) as exc:
+        # Bad input or a bad command line: one line that says what and where, no traceback
+        # (the problem is the user's to fix, not a bug to debug).
+        print(f"tinykd {argv[0]}: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        # Luigi wraps a configuration value it cannot parse in a ValueError whose cause says why
+        if "--verbose" in argv or "Error when parsing" not in str(exc):
+            raise
+        print(f"tinykd {argv[0]}: {one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

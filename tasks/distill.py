@@ -34,7 +34,7 @@ import luigi
 from distill.recipes import RECIPES
 from pipeline.common.encoders import AUTO_FAMILY, FAMILIES
 from pipeline.stage import StageBuild
-from tasks.base import StageTask
+from tasks.base import StageTask, num_threads_parameter
 from tasks.prepare import PrepareData
 from tasks.teacher import TeacherCache
 
@@ -127,8 +127,11 @@ def _trainer_parameters(stage: str):
             description="DataLoader worker processes reading the cache (order-preserving); "
                         "-1: 4 on CUDA, else 0 (a background thread reads ahead when there are "
                         "more than 2 cores; on 2 cores the step gets both and reads in between).")
-        num_threads = luigi.IntParameter(default=0, significant=False,
-                                         description="CPU intra-op threads (0: torch default).")
+        num_threads = num_threads_parameter()
+        progress = luigi.BoolParameter(
+            default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+            description="Show a tqdm bar on the console (steps, loss, best dev metric, ETA); "
+                        "--progress false hides it.")
 
         def train_config(self):
             from distill.trainer import TrainConfig

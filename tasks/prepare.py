@@ -25,6 +25,29 @@ from pipeline.stage import StageBuild
 from tasks.base import StageTask
 
 
+class LabelNamesParameter(luigi.ListParameter):
+    """A list of label names, or the word ``infer`` (take the distinct train labels).
+
+    ``infer`` is kept as the string "infer"; a list is a tuple, exactly as Luigi's own
+    ListParameter stores it, so fingerprints of stages declaring names are unchanged.
+    """
+
+    def parse(self, x):
+        if isinstance(x, str) and x.strip().lower() == "infer":
+            return "infer"
+        return super().parse(x)
+
+    def normalize(self, x):
+        if isinstance(x, str):
+            if x.strip().lower() != "infer":
+                raise ValueError(f"label_names: a JSON list of names or 'infer', got {x!r}")
+            return "infer"
+        return super().normalize(x)
+
+    def serialize(self, x):
+        return "infer" if x == "infer" else super().serialize(x)
+
+
 class PrepareData(StageTask):
     """Validate and normalise a task's train/dev data into Parquet."""
 
@@ -38,10 +61,10 @@ class PrepareData(StageTask):
                     "Parquet train and dev files with a column mapping).")
     task = luigi.Parameter(
         default="", significant=True,
-        description="GLUE task name (SST-2, MRPC, CoLA, RTE, STS-B, QNLI, QQP, MNLI, WNLI). For "
-                    "source=glue it picks the directory, columns and labels; for source=hf it "
-                    "supplies default columns/splits/labels (empty: none); for source=files it "
-                    "only names the task in the manifest.")
+        description="Task name, required. A GLUE name (SST-2, MRPC, CoLA, RTE, STS-B, QNLI, QQP, "
+                    "MNLI, WNLI) picks GLUE's dev metric, labels and task type (source=glue: also "
+                    "the directory and columns; source=hf: default columns and splits); any other "
+                    "name is yours, with accuracy as the metric (corr for regression).")
     glue_dir = luigi.Parameter(
         default="", significant=False,
         description="source=glue: the GLUE root holding <TASK>/train.tsv and <TASK>/dev.tsv "
@@ -49,9 +72,10 @@ class PrepareData(StageTask):
                     "contents are hashed into the fingerprint.")
     hf_name = luigi.Parameter(
         default="", significant=True,
-        description="source=hf: hub dataset name for datasets.load_dataset (e.g. nyu-mll/glue). "
-                    "Needs network access; the hub's data is identified by name, config and "
-                    "revision only.")
+        description="source=hf: what datasets.load_dataset reads: a hub dataset name (e.g. "
+                    "nyu-mll/glue; needs network access; identified by name, config and revision) "
+                    "or a local directory such as a downloaded hub repository of Parquet/CSV/TSV/"
+                    "JSON files (identified by its hashed content, not its path).")
     hf_config = luigi.Parameter(
         default="", significant=True,
         description="source=hf: dataset configuration name (e.g. sst2); empty: the default (or, "
@@ -88,16 +112,23 @@ class PrepareData(StageTask):
         description="Column mapping {\"text_a\": ..., \"text_b\": ..., \"label\": ...} from our "
                     "fields to the source's columns; text_b absent = single-sentence task. "
                     "Required for source=files; for source=hf it overrides the GLUE defaults.")
-    label_names = luigi.ListParameter(
+    label_names = LabelNamesParameter(
         default=[], significant=True,
-        description="Classification label values in class-index order (as written in the data). "
-                    "Empty: the task's own (GLUE, Hugging Face ClassLabel) or the distinct train "
-                    "labels, sorted. Integer labels are taken as class indices when no name is an "
-                    "integer.")
+        description="Classification label values in class-index order (as written in the data); "
+                    "integer labels (Parquet ints or digits in a text file) are class indices into "
+                    "it when no name is an integer. Empty: the task's own (a GLUE task name, a "
+                    "Hugging Face ClassLabel), else an error; 'infer': the distinct train labels, "
+                    "sorted (printed with their counts and kept in the manifest).")
     task_type = luigi.ChoiceParameter(
         default="", choices=["", "classification", "regression"], significant=True,
         description="classification (int labels) or regression (float labels); empty: the GLUE "
                     "task's type, else classification.")
+    metric = luigi.ChoiceParameter(
+        default="", choices=["", "accuracy", "f1", "mcc", "corr", "pearson", "spearman"],
+        significant=True,
+        description="The dev metric that picks the best teacher and student checkpoints. Empty: "
+                    "the task's (a GLUE name: GLUE's; any other: accuracy, or corr for "
+                    "regression). A files or HF source needs a task name or this.")
     skip_bad_rows = luigi.BoolParameter(
         default=False, significant=True,
         description="Drop bad rows (wrong column count, missing field, empty text, invalid UTF-8, "
@@ -125,9 +156,11 @@ class PrepareData(StageTask):
                 raise InputError("source=glue needs PrepareData's glue_dir (or $GLUE_DIR)")
             if not self.task:
                 raise InputError("source=glue needs PrepareData's task (e.g. SST-2, MRPC)")
-            return {"kind": "glue", "glue_dir": _resolved(glue_dir), "task": self.task}
-        common = {"columns": dict(self.columns), "label_names": list(self.label_names),
-                  "task_type": self.task_type, "task": self.task}
+            return {"kind": "glue", "glue_dir": _resolved(glue_dir), "task": self.task,
+                    "metric": self.metric}
+        label_names = self.label_names if isinstance(self.label_names, str) else list(self.label_names)
+        common = {"columns": dict(self.columns), "label_names": label_names,
+                  "task_type": self.task_type, "task": self.task, "metric": self.metric}
         if self.source == "hf":
             return {"kind": "hf", "name": self.hf_name, "config": self.hf_config,
                     "revision": self.hf_revision, "cache_dir": _resolved(self.hf_cache_dir),
@@ -135,6 +168,14 @@ class PrepareData(StageTask):
                     "splits": dict(self.hf_splits), **common}
         return {"kind": "files", "train": _resolved(self.train_file), "dev": _resolved(self.dev_file),
                 "format": self.file_format, **common}
+
+    def stage_params(self) -> dict[str, Any]:
+        params = super().stage_params()
+        if not self.metric:
+            params.pop("metric")   # the default: fingerprints from before the parameter stay valid
+        if self.source == "hf" and _is_local(self.hf_name):
+            params["hf_name"] = "<local, hashed>"   # its content is in stage_inputs
+        return params
 
     def stage_inputs(self) -> dict[str, str | Path]:
         from pipeline.prepare.splits import source_inputs
@@ -150,6 +191,10 @@ class PrepareData(StageTask):
                              max_dev_examples=self.max_dev_examples, subset_seed=self.subset_seed)
         out.rows.update(result["rows"])
         out.info.update(result["info"])
+
+
+def _is_local(name: str) -> bool:
+    return bool(name) and Path(name).expanduser().exists()
 
 
 def _resolved(path: str) -> str:

@@ -31,7 +31,7 @@ import luigi
 
 from pipeline.errors import InputError
 from pipeline.stage import StageBuild
-from tasks.base import StageTask
+from tasks.base import StageTask, num_threads_parameter
 from tasks.prepare import PrepareData
 
 EXAMPLE_SOURCES = ("augmented", "train", "corpus")
@@ -64,13 +64,17 @@ class FineTuneTeacher(StageTask):
     weight_decay = luigi.FloatParameter(default=0.01, significant=True, description="AdamW weight decay.")
     max_seq_length = luigi.IntParameter(default=128, significant=True, description="Truncation length in tokens.")
     eval_every = luigi.IntParameter(default=0, significant=True,
-                                    description="Evaluate on dev every N steps (0: at each epoch's end); the best is kept.")
+                                    description="Evaluate on dev every N steps and after the last one (0: at each "
+                                                "epoch's end instead); the best checkpoint is kept.")
     max_train_examples = luigi.IntParameter(default=0, significant=True,
                                             description="Use only the first N training examples (0: all).")
     seed = luigi.IntParameter(default=42, significant=True, description="Seed of initialisation and shuffling.")
     device = luigi.Parameter(default="auto", significant=False,
                              description="auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
-    progress = luigi.BoolParameter(default=False, significant=False, description="Show a progress bar.")
+    progress = luigi.BoolParameter(
+        default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="Show a tqdm bar on the console (steps or examples, ETA); --progress false hides it.")
+    num_threads = num_threads_parameter()
 
     def teacher_source(self) -> str:
         if self.teacher:
@@ -176,7 +180,10 @@ class TeacherCacheParams(luigi.Task):
         default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
         description="Parquet BYTE_STREAM_SPLIT encoding of the float columns before zstd "
                     "(smaller files, identical values).")
-    progress = luigi.BoolParameter(default=False, significant=False, description="Show a progress bar.")
+    progress = luigi.BoolParameter(
+        default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="Show a tqdm bar on the console (steps or examples, ETA); --progress false hides it.")
+    num_threads = num_threads_parameter()
 
     # --- shared helpers -----------------------------------------------------------------
     def cache_params(self) -> dict[str, Any]:

@@ -109,6 +109,14 @@ def test_grid_reads_one_cache_and_reruns_only_trainer_stages(configured, isolate
     assert (out / "ablations.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["student"] == pytest.approx(float(rows[0]["dev"]), abs=1e-4)
+    # the tiny random teacher (finetune = never) is no better than the majority class: the
+    # report says so at its top (issue 15 item 9)
+    from pipeline.stage import load_manifest
+    from tasks.teacher import FineTuneTeacher
+
+    check = load_manifest(FineTuneTeacher().output_dir())["info"]["baseline_check"]
+    assert check["degenerate"] is True and summary["teacher_degenerate"] is True
+    assert "WARNING: the teacher is no better than the majority class" in md
 
     # One teacher cache for every variant; the full variant is the configured main job.
     assert len(stage_dirs(isolated_workdir, "teacher_cache")) == 1

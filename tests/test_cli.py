@@ -36,11 +36,14 @@ def test_gc_dry_run_then_delete_keeps_referenced(tmp_path, capsys, isolated_work
     _clear()
     keep = Consumer(path=str(text), scale=2)
     garbage = unreferenced_outputs(referenced_outputs(keep))
-    assert {p.parent.name for p in garbage} == {"test_source", "test_consumer"} and len(garbage) == 2
+    # the two outputs of scale 1 and their (unheld) build lock files
+    outputs = [p for p in garbage if p.suffix != ".lock"]
+    assert {p.parent.name for p in outputs} == {"test_source", "test_consumer"} and len(outputs) == 2
+    assert sorted(p.name for p in garbage if p.suffix == ".lock") == sorted(f".{p.name}.lock" for p in outputs)
     assert keep.output_dir() not in garbage
     _clear()
     assert main(["gc", "Consumer", "--path", str(text), "--scale", "2"]) == 0
-    assert "2 unreferenced output(s)" in capsys.readouterr().out
+    assert "4 unreferenced output(s)" in capsys.readouterr().out
     assert all(p.exists() for p in garbage)  # dry run deletes nothing
     _clear()
     assert main(["gc", "--delete", "Consumer", "--path", str(text), "--scale", "2"]) == 0
@@ -176,8 +179,8 @@ def test_every_worker_under_luigid_exits_0_when_the_dag_completed(tmp_path, isol
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     text = tmp_path / "in.txt"
     text.write_text("a\n")
-    argv = ["run", "Fan", "--path", str(text), "--module", "tests.test_cli",
-            "--scheduler-host", "localhost", "--scheduler-port", str(port)]
+    argv = ["run", "Fan", "--path", str(text), "--module", "tests.test_cli", "--verbose",
+            "--scheduler-host", "localhost", "--scheduler-port", str(port)]   # full task lines
     # Every Source waits for a lock the test holds, so the test decides who finishes when.
     held = {i: BuildLock(Source(path=str(text), scale=i).output_dir()) for i in (1, 2, 3)}
     for lock in held.values():

@@ -133,6 +133,11 @@ def test_two_stages_evaluate_export_and_run_in_a_pipeline(tmp_path, assets):
     assert summary["best"]["step"] in (4, 8, 10)
     recorded = json.loads((tmp_path / "s2" / "student" / "tinykd_distill.json").read_text())
     assert recorded["best"]["step"] == summary["best"]["step"] and recorded["task"] == "SST-2"
+    # the exported student's real shape (issue 15 item 10: stage 2 recorded the default 312/1200)
+    for stage_dir in ("s1", "s2"):
+        info = json.loads((tmp_path / stage_dir / "student" / "tinykd_distill.json").read_text())
+        assert info["student"] == STUDENT, stage_dir
+        assert {k: info["student_init"][k] for k in STUDENT} == STUDENT, stage_dir
     assert stage2["best"]["metrics"]["primary_metric"] == "accuracy"
 
     classify = pipeline("text-classification", model=str(tmp_path / "s2" / "student"), device="cpu")
@@ -185,6 +190,28 @@ def test_stage2_refuses_a_stage1_output_of_another_task(tmp_path, assets):
         distill_from_cache(assets["caches"]["float16"], tmp_path / "s2",
                            recipe("prediction", batch_size=8, epochs=1, device="cpu"),
                            stage1_dir=tmp_path / "mrpc-s1", prepared_dir=root / "prepared")
+
+
+def _last_bar(err: str, desc: str) -> str:
+    bars = [line for line in err.replace("\r", "\n").splitlines() if line.startswith(desc)]
+    assert bars, err
+    return bars[-1]
+
+
+def test_distillation_shows_a_progress_bar_with_steps_loss_and_eta(tmp_path, assets, capsys):
+    """Issue 15 item 12: the distillation stages, most of the demo's time, showed no progress."""
+    cache = assets["caches"]["float16"]
+    distill_from_cache(cache, tmp_path / "s1", recipe("intermediate", batch_size=8, epochs=1, device="cpu",
+                                                      progress=True), StudentSpec(**STUDENT))
+    final = _last_bar(capsys.readouterr().err, "distill (intermediate)")
+    assert final.startswith("distill (intermediate): 100%") and "5/5" in final, final
+    assert "loss=" in final and ("step/s" in final or "s/step" in final)
+    assert "<00:00" in final          # tqdm's elapsed<remaining (ETA)
+    distill_from_cache(cache, tmp_path / "s2", recipe("prediction", batch_size=8, epochs=1, eval_every=2,
+                                                      device="cpu", progress=True),
+                       stage1_dir=tmp_path / "s1", prepared_dir=assets["root"] / "prepared")
+    final = _last_bar(capsys.readouterr().err, "distill (prediction)")
+    assert final.startswith("distill (prediction): 100%") and "best dev accuracy=" in final, final
 
 
 def test_a_kill_after_training_still_publishes_the_best_student(tmp_path, assets, monkeypatch):

@@ -285,7 +285,8 @@ def test_csv_bad_row_is_reported_at_its_starting_line(tmp_path):
     (tmp_path / "dev.csv").write_text("text,label\nok,pos\n")
     with pytest.raises(InputError) as caught:
         prepare({"kind": "files", "train": tmp_path / "train.csv", "dev": tmp_path / "dev.csv",
-                 "columns": {"text_a": "text", "label": "label"}, "label_names": ["neg", "pos"]},
+                 "columns": {"text_a": "text", "label": "label"}, "label_names": ["neg", "pos"],
+                 "task": "reviews"},
                 tmp_path / "out")
     assert caught.value.line == 4 and "expected 2 ','-separated columns, found 1" in str(caught.value)
 
@@ -295,8 +296,9 @@ def test_tsv_files_are_read_without_quoting_and_labels_inferred(tmp_path):
     (tmp_path / "b.tsv").write_text("review\tstars\nmore\tgood\n")
     out = tmp_path / "out"
     result = prepare({"kind": "files", "train": tmp_path / "a.tsv", "dev": tmp_path / "b.tsv",
-                      "columns": {"text_a": "review", "label": "stars"}}, out)
-    # no label names given: the distinct train labels, sorted
+                      "columns": {"text_a": "review", "label": "stars"}, "label_names": "infer",
+                      "task": "reviews"}, out)
+    # label_names = infer: the distinct train labels, sorted
     assert result["info"]["label_names"] == ["bad", "good"]
     assert rows_of(out, "train") == [('"quoted" start', None, 1), ("plain", None, 0)]
 
@@ -307,7 +309,7 @@ def test_jsonl_int_labels_index_named_classes_and_missing_field(tmp_path):
     dev = tmp_path / "dev.jsonl"
     dev.write_text('{"text": "fine", "y": "positive"}\n')
     source = {"kind": "files", "train": train, "dev": dev, "columns": {"text_a": "text", "label": "y"},
-              "label_names": ["negative", "positive"]}
+              "label_names": ["negative", "positive"], "task": "sentiment"}
     out = tmp_path / "out"
     prepare(source, out)
     assert rows_of(out, "train") == [("lovely", None, 1), ("grim", None, 0)]
@@ -334,7 +336,8 @@ def test_parquet_regression_and_null_field(tmp_path):
     pq.write_table(train, tmp_path / "train.parquet")
     pq.write_table(dev, tmp_path / "dev.parquet")
     source = {"kind": "files", "train": tmp_path / "train.parquet", "dev": tmp_path / "dev.parquet",
-              "columns": {"text_a": "s1", "text_b": "s2", "label": "sim"}, "task_type": "regression"}
+              "columns": {"text_a": "s1", "text_b": "s2", "label": "sim"}, "task_type": "regression",
+              "task": "similarity"}
     out = tmp_path / "out"
     result = prepare(source, out)
     assert rows_of(out, "train") == [("a b", "a c", 4.5), ("c d", "c e", 1.0)]
@@ -349,7 +352,7 @@ def test_parquet_regression_and_null_field(tmp_path):
 
 def test_files_need_a_usable_column_mapping(tmp_path):
     (tmp_path / "t.tsv").write_text("text\tlabel\na\t1\n")
-    base = {"kind": "files", "train": tmp_path / "t.tsv", "dev": tmp_path / "t.tsv"}
+    base = {"kind": "files", "train": tmp_path / "t.tsv", "dev": tmp_path / "t.tsv", "task": "toy"}
     with pytest.raises(InputError, match="column mapping needs 'text_a'"):
         prepare({**base, "columns": {"label": "label"}}, tmp_path / "out")
     with pytest.raises(InputError, match=r"t.tsv:1: header has no column 'sentence'"):
@@ -531,7 +534,10 @@ def test_skipped_rows_list_is_capped_but_counted(tmp_path):
     (["neg", "pos"], 1, 1),        # textual names: an int is a class index
     (["neg", "pos"], "pos", 1),
     (["neg", "pos"], 2, None),
-    (["neg", "pos"], "1", None),   # a digit string is not an index
+    (["neg", "pos"], "1", 1),      # digits in a text file: a class index, as a Parquet int
+    (["neg", "pos"], " 1", None),  # ... spelled exactly
+    (["neg", "pos"], "-1", None),
+    (["0", "1"], "1", 1),          # integer-looking names match by name
     (["False", "True"], True, 1),
     (["0", "1"], 1.0, 1),
     (["0", "1"], " 1", None),      # labels are exact
@@ -579,12 +585,15 @@ def test_hf_by_name_goes_through_load_dataset(tmp_path):
     pq.write_table(pa.table({"question": ["who?"], "answer": ["me"], "label": [1]}),
                    tmp_path / "repo" / "data" / "validation-00000-of-00001.parquet")
     source = {"kind": "hf", "name": str(tmp_path / "repo"), "cache_dir": str(tmp_path / "cache"),
-              "columns": {"text_a": "question", "text_b": "answer", "label": "label"}, "task": "qa"}
+              "columns": {"text_a": "question", "text_b": "answer", "label": "label"}, "task": "qa",
+              "label_names": ["no", "yes"]}
     out = tmp_path / "out"
     result = prepare(source, out)
     assert rows_of(out, "train") == [("why?", "so", 0), ("how?", "thus", 1)]
-    assert result["info"]["label_names"] == ["0", "1"] and result["info"]["task"] == "qa"
-    assert source_inputs(source) == {}  # a hub dataset is identified by name/config/revision
+    assert result["info"]["label_names"] == ["no", "yes"] and result["info"]["task"] == "qa"
+    # a local directory is read like a hub repository, and hashed like any local input
+    assert source_inputs(source) == {"hf_name": (tmp_path / "repo").resolve()}
+    assert source_inputs({**source, "name": "nyu-mll/glue"}) == {}  # the hub: name/config/revision
 
 
 def test_a_train_file_with_a_header_and_no_rows_is_named(tmp_path):
@@ -592,8 +601,8 @@ def test_a_train_file_with_a_header_and_no_rows_is_named(tmp_path):
     (tmp_path / "dev.tsv").write_text("review\tstars\nmore\tgood\n")
     with pytest.raises(InputError, match="the train split has no usable rows") as caught:
         prepare({"kind": "files", "train": tmp_path / "train.tsv", "dev": tmp_path / "dev.tsv",
-                 "columns": {"text_a": "review", "label": "stars"}, "label_names": ["bad", "good"]},
-                tmp_path / "out")
+                 "columns": {"text_a": "review", "label": "stars"}, "label_names": ["bad", "good"],
+                 "metric": "accuracy"}, tmp_path / "out")
     assert caught.value.path == str(tmp_path / "train.tsv")
     assert not (tmp_path / "out" / "train.parquet").exists()
 
@@ -608,7 +617,8 @@ def test_a_task_name_that_is_not_a_plain_name_is_refused(tmp_path, name):
 
 def test_a_flipped_byte_in_a_prepared_split_fails_the_read_naming_it(tmp_path):
     (tmp_path / "t.tsv").write_text("review\tstars\n" + "".join(f"row {i}\tgood\n" for i in range(50)))
-    prepare({"kind": "files", "train": tmp_path / "t.tsv", "dev": tmp_path / "t.tsv",
+    prepare({"kind": "files", "train": tmp_path / "t.tsv", "dev": tmp_path / "t.tsv", "metric": "accuracy",
+             "label_names": ["good"],
              "columns": {"text_a": "review", "label": "stars"}}, tmp_path / "out")
     path = tmp_path / "out" / "train.parquet"
     data = bytearray(path.read_bytes())

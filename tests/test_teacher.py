@@ -61,6 +61,8 @@ def test_finetune_learns_the_task_and_keeps_the_best(minilm_dir, tmp_path):
     accuracies = [h["accuracy"] for h in info["history"]]
     assert info["dev"]["accuracy"] == max(accuracies) >= 0.9, accuracies
     assert info["dev"]["step"] in [h["step"] for h in info["history"]]
+    # a teacher that learned the task beats the majority class, and the manifest says so
+    assert info["degenerate"] is False and info["majority_baseline"]["accuracy"] < info["dev"]["accuracy"]
     # The saved teacher is the best checkpoint, and its head counts as trained now.
     model, trained, check = load_sequence_classifier(tmp_path / "model", 2, ["negative", "positive"])
     assert trained is True and check == "names agree"
@@ -69,6 +71,40 @@ def test_finetune_learns_the_task_and_keeps_the_best(minilm_dir, tmp_path):
         "num_labels": 2}, batch_size=16)
     assert again["skipped_finetune"] is True
     assert again["dev"]["accuracy"] == pytest.approx(info["dev"]["accuracy"])
+
+
+def test_a_teacher_no_better_than_the_majority_class_is_flagged(minilm_dir, tmp_path):
+    """Issue 15 item 9: CoLA/RTE teachers that predict one class (Matthews 0.0) were distilled
+    from without a word. Here dev holds one class only, so no teacher can beat the constant
+    majority prediction on Matthews correlation (0 when a marginal is constant)."""
+    train = _split(tmp_path / "train.parquet", 14)
+    pq.write_table(pa.table({"id": [f"d-{i}" for i in range(6)], "text_a": [f"a dull film {i}" for i in range(6)],
+                             "text_b": pa.nulls(6, pa.string()), "label": pa.array([1] * 6, pa.int64())}),
+                   tmp_path / "dev.parquet")
+    classifier = make_teacher(tmp_path / "clf", minilm_dir, layers=1)   # a head counted as trained
+    with pytest.warns(UserWarning, match="TEACHER NO BETTER THAN THE MAJORITY CLASS"):
+        info = prepare_teacher(classifier, train, tmp_path / "dev.parquet", tmp_path / "model",
+                               {"task": "CoLA", "task_type": "classification", "label_names": ["0", "1"],
+                                "num_labels": 2}, batch_size=8)
+    assert info["skipped_finetune"] is True and info["degenerate"] is True
+    check = info["baseline_check"]
+    assert check["metric"] == "mcc" and check["baseline"] == 0.0 and check["teacher"] <= 0.0
+    assert check["predicts"] == "1"     # the majority train label (8 of the 14 rows), by name
+    assert info["majority_baseline"]["accuracy"] == 1.0
+
+
+def test_the_baseline_check_compares_on_the_primary_metric():
+    from pipeline.teacher.finetune import check_against_baseline
+
+    better = check_against_baseline({"primary_metric": "f1", "primary": 0.85, "f1": 0.85},
+                                    {"primary_metric": "f1", "primary": 0.81, "f1": 0.81, "predicts": 1},
+                                    "t", ["0", "1"])
+    assert better["degenerate"] is False and better["predicts"] == "1"
+    with pytest.warns(UserWarning, match="scores dev accuracy 0.5000, the constant prediction 'no' scores 0.5000"):
+        tie = check_against_baseline({"primary_metric": "accuracy", "primary": 0.5},
+                                     {"primary_metric": "accuracy", "primary": 0.5, "accuracy": 0.5,
+                                      "predicts": 0}, "t", ["no", "yes"])
+    assert tie["degenerate"] is True
 
 
 def test_never_finetune_saves_the_head_as_untrained(minilm_dir, tmp_path):

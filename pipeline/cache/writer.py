@@ -484,7 +484,7 @@ def write_shard_output(source: Path | str, start: int, stop: int, shard_index: i
         "hidden_size": model.config.hidden_size, "num_heads": model.config.num_attention_heads,
         "num_labels": model.config.num_labels if spec.with_logits else 0,
         "label_names": task_info.get("label_names"), "task_type": task_info.get("task_type"),
-        "task": task_info.get("task"),
+        "task": task_info.get("task"), "metric": task_info.get("metric"),
         "max_seq_length": spec.max_seq_length,
         "tokenizer_vocab_sha256": tokenizer_vocab_sha256(tok),
         "tokenizer_vocab_size": len(tok),

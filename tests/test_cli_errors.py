@@ -1,0 +1,104 @@
+"""What `tinykd run` tells the user (issue 15, items 8 and 12): after Luigi's summary, one line
+per failed task with its InputError message and no traceback (the traceback goes to the run's
+log, or to the console with --verbose); Luigi's per-task lines name a task by family and
+fingerprint instead of by every parameter."""
+from __future__ import annotations
+
+import luigi
+
+from pipeline.errors import InputError
+from tasks.base import StageTask
+from tasks.cli import main
+from tests.test_stage import Consumer
+
+
+class BadRows(StageTask):
+    """Fails in run(), as PrepareData does on a bad row."""
+
+    stage_name = "test_bad_rows"
+    path = luigi.Parameter(description="a data file")
+
+    def stage_inputs(self):
+        return {"data": self.path}
+
+    def build(self, out):
+        raise InputError("label '2' is not in the task's label set ['0', '1']", self.path, 4)
+
+
+class BadInputs(StageTask):
+    """Fails while Luigi checks completeness (its key needs a file that is missing)."""
+
+    stage_name = "test_bad_inputs"
+
+    def stage_inputs(self):
+        raise InputError("source=glue needs PrepareData's glue_dir (or $GLUE_DIR)")
+
+
+def _run(*argv):
+    luigi.task_register.Register.clear_instance_cache()
+    return main(["run", *argv, "--module", "tests.test_cli_errors", "--no-lock"])
+
+
+def test_a_failed_task_ends_in_one_line_and_the_traceback_is_in_the_log(tmp_path, capsys, isolated_workdir):
+    data = tmp_path / "train.tsv"
+    data.write_text("text\tlabel\n")
+    assert _run("BadRows", "--path", str(data)) == 1
+    captured = capsys.readouterr()
+    summary_end = captured.out.rindex("===== Luigi Execution Summary =====\n")
+    after = [line for line in captured.out[summary_end:].splitlines()[1:] if line]
+    luigi.task_register.Register.clear_instance_cache()
+    fingerprint = BadRows(path=str(data)).fingerprint()
+    assert after[0] == (f"FAILED BadRows[{fingerprint}]: {data}:4: label '2' is not in the task's "
+                        "label set ['0', '1']")
+    assert after[1].startswith("(tracebacks in ") and len(after) == 2
+    assert "Traceback" not in captured.err and "Traceback" not in captured.out
+    logs = list((isolated_workdir / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and "Traceback (most recent call last)" in logs[0].read_text()
+    assert str(logs[0]) in after[1]
+
+
+def test_an_error_while_checking_completeness_is_one_line_too(capsys):
+    assert _run("BadInputs") == 1
+    captured = capsys.readouterr()
+    assert captured.out.rstrip().splitlines()[-2] == (
+        "FAILED BadInputs: source=glue needs PrepareData's glue_dir (or $GLUE_DIR)")
+    assert "Traceback" not in captured.err
+
+
+def test_verbose_shows_the_traceback(tmp_path, capsys):
+    data = tmp_path / "train.tsv"
+    data.write_text("x\n")
+    assert _run("BadRows", "--path", str(data), "--verbose") == 1
+    captured = capsys.readouterr()
+    assert "Traceback (most recent call last)" in captured.err
+    assert "FAILED BadRows[" in captured.out
+
+
+def test_luigis_per_task_lines_are_short_unless_verbose(tmp_path, capsys):
+    text = tmp_path / "in.txt"
+    text.write_text("a\n")
+    luigi.task_register.Register.clear_instance_cache()
+    consumer = Consumer(path=str(text))
+    assert main(["run", "Consumer", "--path", str(text), "--module", "tests.test_stage", "--no-lock"]) == 0
+    err = capsys.readouterr().err
+    assert f"running   Consumer[{consumer.fingerprint()}]" in err
+    assert f"done      Source[{consumer.upstream_tasks()['source'].fingerprint()}]" in err
+    assert "Consumer(path=" not in err and "Worker(salt=" not in err
+    luigi.task_register.Register.clear_instance_cache()
+    assert main(["run", "Consumer", "--path", str(text), "--scale", "2", "--module", "tests.test_stage",
+                 "--no-lock", "--verbose"]) == 0
+    assert "Consumer(path=" in capsys.readouterr().err
+
+
+def test_an_unparsable_configuration_value_is_one_line(tmp_path, capsys, monkeypatch):
+    """A ';' comment after a JSON value is part of the value for Luigi: say which value fails."""
+    from luigi.configuration import LuigiConfigParser
+
+    config = tmp_path / "rte.cfg"
+    config.write_text('[PrepareData]\nsource = files\nlabel_names = ["entailment", "not_entailment"]   ; 0, 1\n')
+    monkeypatch.setattr(LuigiConfigParser, "_config_paths", [str(config)])
+    monkeypatch.setattr(LuigiConfigParser, "_instance", None)
+    luigi.task_register.Register.clear_instance_cache()
+    assert main(["explain", "PrepareData"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Error when parsing the default value of 'label_names'" in err[0], err
