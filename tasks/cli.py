@@ -456,7 +456,7 @@ def cmd_gc(argv: list[str]) -> int:
     decisions = gc_plan(base, referenced, older_than=older_than, unreferenced_because=because)
     print(f"gc of {base}: keeping what {root_names} references under {scope}"
           + (f", and anything changed within {human_age(older_than)}" if older_than else ""))
-    total = count = 0
+    total = count = locks = 0
     for decision in decisions:
         entry = decision.entry
         if not decision.delete:
@@ -467,12 +467,16 @@ def cmd_gc(argv: list[str]) -> int:
                   "its lock just now)")
             continue
         total += entry.bytes
-        count += 1
+        if entry.kind == "lock":   # every build leaves one (pipeline/locks.py): counted apart
+            locks += 1
+        else:
+            count += 1
         print(f"{'deleted' if delete else 'would delete':<12}  {_human_bytes(entry.bytes):>10}  "
               f"{entry.path}  ({decision.reason})")
     verb = "freed" if delete else "would be freed (dry run; pass --delete)"
     kept = sum(1 for d in decisions if not d.delete)
-    print(f"{count} unreferenced output(s), {_human_bytes(total)} {verb}"
+    print(f"{count} unreferenced output(s)" + (f" and {locks} build lock file(s)" if locks else "")
+          + f", {_human_bytes(total)} {verb}"
           + (f"; {kept} unreferenced entr{'y' if kept == 1 else 'ies'} kept" if kept else ""))
     return 0
 

@@ -43,7 +43,7 @@ def test_gc_dry_run_then_delete_keeps_referenced(tmp_path, capsys, isolated_work
     assert keep.output_dir() not in garbage
     _clear()
     assert main(["gc", "Consumer", "--path", str(text), "--scale", "2"]) == 0
-    assert "4 unreferenced output(s)" in capsys.readouterr().out
+    assert "2 unreferenced output(s) and 2 build lock file(s)" in capsys.readouterr().out
     assert all(p.exists() for p in garbage)  # dry run deletes nothing
     _clear()
     assert main(["gc", "--delete", "Consumer", "--path", str(text), "--scale", "2"]) == 0
