@@ -21,8 +21,8 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
-STAGE_ORDER = ["prepare_data", "word_vectors", "augment", "teacher", "teacher_cache_shard",
-               "teacher_cache", "distill_stage1", "distill_stage2", "ablations"]
+STAGE_ORDER = ["prepare_data", "word_vectors", "candidates", "augment", "teacher",
+               "teacher_cache_shard", "teacher_cache", "distill_stage1", "distill_stage2", "ablations"]
 
 
 def main() -> int:

@@ -8,6 +8,14 @@ They all require the *same* ``TeacherCache()``, ``FineTuneTeacher()`` and ``Prep
 so Luigi finds those complete and only trainer stages run; the ``full`` variant is exactly
 the configured ``DistillPrediction()``, the main job's own output.
 
+A variant that changes the augmentation's sampling (``num_aug``, ``replace_prob``,
+``aug_seed``) trains on other examples, so it needs its own ``Augment`` output and its own
+``TeacherCache``: its trainer stages carry ``augment={...}`` down to them. The ``Candidates``
+stage stays shared (it does not depend on those settings), so the new augmentation costs
+seconds and the new cache one teacher pass. Variants asking for the same augmentation share
+one cache, and a variant whose settings equal the configured ones reads the main cache; the
+report says which variants read which cache.
+
 Two settings read the shared cache differently rather than rebuilding it:
 ``augmentation = false`` trains on the cache's original rows (``originals_only``), and a
 ``layer_map`` other than the cache's needs the cache to hold those layers too
@@ -40,7 +48,7 @@ class Ablations(StageTask):
     """Distil one student per variant of an ablation grid from one teacher cache; report."""
 
     stage_name = "ablations"
-    stage_version = "1"
+    stage_version = "2"   # 2: summary.json names each variant's teacher cache
 
     grid = luigi.Parameter(
         default=str(DEFAULT_GRID), significant=False,
@@ -73,6 +81,9 @@ class Ablations(StageTask):
             tasks = {}
             for variant in self.grid_variants():
                 stage1, stage2 = variant.stage_parameters()
+                augment = _own_augmentation(variant.augment_parameters())
+                if augment:
+                    stage2["augment"] = augment
                 tasks[variant.name] = DistillPrediction(**stage2, stage1=stage1)
             _check_cache_holds_the_maps(tasks, self.grid_path())
             self._variant_tasks = tasks
@@ -99,17 +110,22 @@ class Ablations(StageTask):
         teacher_dev = (teacher.get("dev") or {})
         teacher_metric = teacher_dev.get(results[0].metric_name)
         task = data["info"].get("task") or "task"
+        caches = {name: variant.cache_task().fingerprint() for name, variant in self.variant_tasks().items()}
+        one_cache = len(set(caches.values())) == 1
         notes = [
             f"Task {task}: {data['rows'].get('train', '?')} train examples "
-            f"({cache['info'].get('examples', '?')} in the teacher cache, augmentation included), "
+            f"({cache['info'].get('examples', '?')} in the {'' if one_cache else 'main '}teacher "
+            "cache, augmentation included), "
             f"{data['rows'].get('dev', '?')} dev examples.",
             f"Teacher: {teacher.get('teacher')} "
             f"({'as given' if teacher.get('skipped_finetune') else 'fine-tuned by the pipeline'}); "
             f"cache {cache['info'].get('dtype')}, hidden layers {cache['info'].get('hidden_layers')}, "
             f"attention layers {cache['info'].get('attention_layers')}.",
-            "Each variant is a stage-1 + stage-2 distillation from that one cache; the student's "
+            f"Each variant is a stage-1 + stage-2 distillation from "
+            f"{'that one cache' if one_cache else 'its teacher cache (below)'}; the student's "
             "best dev score over its stage-2 evaluations is reported.",
         ]
+        notes += _cache_notes(caches, {name: dict(t.augment) for name, t in self.variant_tasks().items()})
         check = teacher.get("baseline_check") or {}
         if check.get("degenerate"):
             notes.insert(0, f"**WARNING: the teacher is no better than the majority class** (dev "
@@ -125,8 +141,10 @@ class Ablations(StageTask):
             "teacher_degenerate": bool(check.get("degenerate")),
             "majority_baseline": check.get("baseline"),
             "student_vs_teacher": full.metric / teacher_metric if teacher_metric else None,
+            "teacher_caches": len(set(caches.values())),
             "variants": {r.name: {"dev": r.metric, "settings": r.settings, "train_seconds": r.train_seconds,
                                   "train_examples": r.examples, "output": r.output_dir,
+                                  "teacher_cache": caches[r.name],
                                   **({"extra": dict(r.extra_metrics)} if r.extra_metrics else {})}
                          for r in results},
             "files": {k: p.name for k, p in paths.items()},
@@ -136,6 +154,34 @@ class Ablations(StageTask):
         out.info.update(task=task, metric=full.metric_name, teacher=teacher_metric, student=full.metric,
                         student_vs_teacher=summary["student_vs_teacher"],
                         teacher_degenerate=summary["teacher_degenerate"])
+
+
+def _own_augmentation(settings: dict[str, Any]) -> dict[str, Any]:
+    """A variant's Augment overrides, or ``{}`` when they equal the configured augmentation
+    (then it reads the main cache: one task, not two tasks that would build the same output)."""
+    from tasks.augment import Augment
+
+    if not settings or Augment(**settings).task_id == Augment().task_id:
+        return {}
+    return dict(settings)
+
+
+def _cache_notes(caches: dict[str, str], augment: dict[str, dict]) -> list[str]:
+    """Report lines: which variants read which teacher cache (only when there is more than one)."""
+    main = caches[next(iter(caches))]
+    own = {fingerprint: [n for n, f in caches.items() if f == fingerprint]
+           for fingerprint in dict.fromkeys(caches.values()) if fingerprint != main}
+    if not own:
+        return []
+    lines = [f"Teacher caches: {1 + len(own)}. Variants that change the augmentation's sampling "
+             "train on other examples, so each such augmentation has its own Augment output (over "
+             "the same candidates) and its own teacher cache:"]
+    lines.append(f"- {main}: {', '.join(n for n, f in caches.items() if f == main)} "
+                 "(the configured augmentation)")
+    for fingerprint, names in own.items():
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(augment[names[0]].items()))
+        lines.append(f"- {fingerprint}: {', '.join(names)} ({settings})")
+    return lines
 
 
 def _variant_result(name: str, task: DistillPrediction, settings: str):

@@ -80,6 +80,9 @@ class StageTask(luigi.Task):
     #: checked). Off only for stages whose Parquet files are large and carry page CRCs that
     #: their reader verifies on every read (the teacher cache).
     hash_parquet_on_read: ClassVar[bool] = True
+    #: Whether ``build()`` runs torch (then ``num_threads``, when declared, is applied to it).
+    #: False for a stage that only passes ``num_threads`` on: it need not import torch at all.
+    uses_torch: ClassVar[bool] = True
 
     # --- declared by subclasses -------------------------------------------------------------
     def stage_inputs(self) -> dict[str, str | Path]:
@@ -148,7 +151,7 @@ class StageTask(luigi.Task):
         try:
             with build_stage(workdir(), self.stage_key(), resumable=self.resumable, hasher=hasher) as out:
                 self.verify_upstream()
-                if "num_threads" in self.param_kwargs:   # a compute stage: its thread count, for build()
+                if "num_threads" in self.param_kwargs and self.uses_torch:   # its thread count, for build()
                     from pipeline.common.device import torch_threads
 
                     with torch_threads(self.num_threads) as threads:

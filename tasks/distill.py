@@ -229,6 +229,24 @@ def _mapped_layers(cache_task: TeacherCache, strategy: str, explicit: list[int],
     return layer_map(cache_task.teacher_num_layers(), depth, strategy, explicit or None)
 
 
+class AugmentationSettings:
+    """Which augmentation the task's teacher cache holds (ablation variants change it)."""
+
+    augment = luigi.DictParameter(
+        default={}, significant=True,
+        description="Sampling settings over [Augment] for this run's teacher cache, e.g. "
+                    "{\"num_aug\": 10} (keys num_aug, aug_p, aug_seed): another augmentation is "
+                    "another cache. Identity only: the cache's fingerprint enters the key.")
+
+    def stage_params(self) -> dict[str, Any]:
+        params = super().stage_params()
+        params.pop("augment")
+        return params
+
+    def teacher_cache(self) -> TeacherCache:
+        return TeacherCache(augment=self.augment) if self.augment else TeacherCache()
+
+
 class _DistillStage(StageTask):
     resumable = True
 
@@ -279,20 +297,20 @@ class DistillGeneral(_trainer_parameters("intermediate"), _IntermediateStage):
         return required
 
 
-class DistillIntermediate(_trainer_parameters("intermediate"), _IntermediateStage):
+class DistillIntermediate(AugmentationSettings, _trainer_parameters("intermediate"), _IntermediateStage):
     """Stage 1 of task distillation: embedding, attention and hidden-state losses."""
 
     stage_name = "distill_stage1"
     stage_version = "2"   # 2: equal-width projections start as the identity
 
     def requires(self):
-        required: dict[str, luigi.Task] = {"cache": TeacherCache()}
+        required: dict[str, luigi.Task] = {"cache": self.teacher_cache()}
         if self.student_init == "general":
             required["general"] = DistillGeneral()
         return required
 
 
-class DistillPrediction(_trainer_parameters("prediction"), _DistillStage):
+class DistillPrediction(AugmentationSettings, _trainer_parameters("prediction"), _DistillStage):
     """Stage 2: prediction loss from stage 1's student; dev evaluation keeps the best."""
 
     stage_name = "distill_stage2"
@@ -310,8 +328,15 @@ class DistillPrediction(_trainer_parameters("prediction"), _DistillStage):
                     "the stage-1 output's fingerprint, not this dict, enters this stage's key.")
 
     def requires(self):
-        return {"cache": TeacherCache(), "data": PrepareData(),
-                "stage1": DistillIntermediate(**dict(self.stage1))}
+        stage1 = dict(self.stage1)
+        if dict(stage1.get("augment", self.augment)) != dict(self.augment):
+            from pipeline.errors import InputError
+            raise InputError(f"stage 1 would train on augmentation {dict(stage1['augment'])}, "
+                             f"stage 2 on {dict(self.augment)}: set augment once, on stage 2")
+        if self.augment:
+            stage1["augment"] = self.augment
+        return {"cache": self.teacher_cache(), "data": PrepareData(),
+                "stage1": DistillIntermediate(**stage1)}
 
     def stage_params(self) -> dict[str, Any]:
         # The upstream stage-1 fingerprint already says which student this stage starts from;

@@ -126,6 +126,12 @@ class TeacherCacheParams(luigi.Task):
     corpus = luigi.Parameter(
         default="", significant=False,
         description="Plain-text corpus for examples=corpus (content-hashed, path not significant).")
+    augment = luigi.DictParameter(
+        default={}, significant=True,
+        description="examples=augmented: sampling settings over [Augment], e.g. {\"num_aug\": 10} "
+                    "(keys num_aug, aug_p, aug_seed): an ablation variant's own augmentation, over "
+                    "the same candidates. Identity only: the Augment output's fingerprint, not "
+                    "this dict, enters the cache's key.")
     teacher = luigi.Parameter(
         default="", significant=True,
         description="examples=corpus only: the bare pre-trained encoder (local dir or hub name; "
@@ -195,14 +201,29 @@ class TeacherCacheParams(luigi.Task):
         return str(Path(self.corpus).expanduser().resolve())
 
     def upstream_requirements(self) -> dict[str, luigi.Task]:
+        augment = self.augment_settings()
         if self.examples == "corpus":
             return {}
         required: dict[str, luigi.Task] = {"data": PrepareData(), "teacher": FineTuneTeacher()}
         if self.examples == "augmented":
             from tasks.augment import Augment
 
-            required["examples"] = Augment()
+            required["examples"] = Augment(**augment)
         return required
+
+    def augment_settings(self) -> dict[str, Any]:
+        """The ``augment`` overrides, checked: sampling parameters only, augmented data only."""
+        from tasks.augment import SAMPLING_PARAMETERS
+
+        settings = dict(self.augment)
+        unknown = sorted(set(settings) - set(SAMPLING_PARAMETERS))
+        if unknown:
+            raise InputError(f"TeacherCache.augment: unknown key(s) {unknown}; allowed: "
+                             f"{list(SAMPLING_PARAMETERS)} (the candidates are [Augment]'s)")
+        if settings and self.examples != "augmented":
+            raise InputError(f"TeacherCache.augment is set ({settings}) but examples="
+                             f"{self.examples} does not read augmented data")
+        return settings
 
     def teacher_source(self) -> str:
         if self.examples != "corpus":
@@ -222,6 +243,7 @@ class TeacherCacheParams(luigi.Task):
 
     def cache_stage_params(self) -> dict[str, Any]:
         params = {name: self.param_kwargs[name] for name, p in TeacherCacheParams.get_params() if p.significant}
+        params.pop("augment")  # the examples' fingerprint says which augmentation they are
         if self.examples == "corpus" and _local(self.teacher_source()):
             params["teacher"] = "<local>"
         return params

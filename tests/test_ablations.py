@@ -164,3 +164,66 @@ def test_unknown_variant_selection_is_named(configured):
 
     with pytest.raises(InputError, match=r"\['nope'\] not in the grid"):
         Ablations(variants=["nope"]).requires()
+
+
+AUGMENT_GRID = """
+[variants.n1]
+num_aug = 1
+
+[variants.n1_t2]
+num_aug = 1
+temperature = 2.0
+
+[variants.seed7]
+aug_seed = 7
+
+[variants.as_configured]
+num_aug = 3
+"""
+
+
+@pytest.mark.slow
+def test_augmentation_variants_get_their_own_cache_and_share_the_candidates(
+        configured, isolated_workdir, monkeypatch):
+    from tasks.ablations import Ablations
+
+    tmp_path, text = configured
+    (tmp_path / "grid.toml").write_text(AUGMENT_GRID)
+    configure(tmp_path, monkeypatch, text)
+    ablations = Ablations()
+    result = build(ablations)
+    assert result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY"), result.summary_text
+    ran = ran_tasks(result.summary_text)
+    # One candidates computation; the configured augmentation plus two others (n1, seed7).
+    # (Luigi's summary lists the first five families only; the stage directories say the rest.)
+    assert (ran.get("Candidates"), ran.get("Augment")) == (1, 3), result.summary_text
+    assert len(stage_dirs(isolated_workdir, "candidates")) == 1
+    assert len(stage_dirs(isolated_workdir, "augment")) == 3
+    assert len(stage_dirs(isolated_workdir, "teacher_cache")) == 3
+    summary = json.loads((ablations.output_dir() / "summary.json").read_text())
+    variants = summary["variants"]
+    assert summary["teacher_caches"] == 3
+    assert variants["n1"]["teacher_cache"] == variants["n1_t2"]["teacher_cache"]
+    assert variants["as_configured"]["teacher_cache"] == variants["full"]["teacher_cache"]
+    assert len({variants[n]["teacher_cache"] for n in ("full", "n1", "seed7")}) == 3
+    assert variants["n1"]["train_examples"] < variants["full"]["train_examples"]
+    md = (ablations.output_dir() / "ablations.md").read_text()
+    assert "Teacher caches: 3." in md
+    assert f"- {variants['n1']['teacher_cache']}: n1, n1_t2 (num_aug=1)" in md
+    assert f"- {variants['seed7']['teacher_cache']}: seed7 (aug_seed=7)" in md
+
+
+def test_augmentation_settings_in_the_grid_are_checked(tmp_path):
+    from pipeline.ablations.report import load_grid
+
+    path = tmp_path / "grid.toml"
+    path.write_text("[variants.x]\nnum_aug = 10\nreplace_prob = 0.2\naug_seed = 3\n")
+    (_, variant) = load_grid(path)
+    assert variant.augment_parameters() == {"num_aug": 10, "aug_p": 0.2, "aug_seed": 3}
+    assert variant.stage_parameters() == ({}, {})
+    for text, problem in (("replace_prob = 1.5", "within [0, 1]"), ("num_aug = -1", "integer >= 0"),
+                          ("augmentation = false\nnum_aug = 5", "would change nothing")):
+        path.write_text(f"[variants.x]\n{text}\n")
+        with pytest.raises(InputError) as err:
+            load_grid(path)
+        assert problem in str(err.value) and str(path) in str(err.value)

@@ -1,4 +1,5 @@
-"""The augmentation stage: determinism, resuming, bad input, the MLM guard and the Luigi wiring."""
+"""The augmentation stages (Candidates, then Augment): determinism, resuming, bad input, the MLM
+guard and the Luigi wiring."""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +8,10 @@ import luigi
 import pyarrow as pa
 import pytest
 
-from pipeline.augment.augmenter import (AugmentConfig, AugmentResources, Augmenter, augment_split, build_augmenter, default_num_aug, read_augmented)
+from pipeline.augment.augmenter import (AugmentConfig, AugmentResources, Augmenter, build_augmenter,
+                                        default_num_aug, read_augmented)
+from pipeline.augment.candidates import candidates_split
+from pipeline.augment.sampling import augment_split
 from pipeline.errors import InputError
 from pipeline.stage import load_manifest
 from pipeline.augment.word_vectors import convert_source
@@ -43,6 +47,15 @@ def glove_dir(tmp_path_factory):
     return out
 
 
+def two_stage(table, out, config, resources, *, examples_per_shard=2000, augmenter=None):
+    """Candidates into ``out/candidates``, then sampling into ``out`` (the augmented shards);
+    returns the two results."""
+    found = candidates_split(table, out / "candidates", config, resources,
+                             examples_per_shard=examples_per_shard, progress=False,
+                             augmenter=augmenter)
+    return found, augment_split(table, out / "candidates", out, config, progress=False)
+
+
 def split_table(texts, pairs=False):
     text_b = [t[::-1].split(" ", 1)[-1][::-1] if pairs else None for t in texts]
     return pa.table({"id": [f"train-{i}" for i in range(len(texts))], "text_a": texts,
@@ -57,8 +70,8 @@ def test_output_does_not_depend_on_shard_count_or_batch_size(tmp_path, glove_dir
     for per_shard, batch in ((1000, 64), (5, 3), (2, 1)):
         resources = AugmentResources(vectors_dir=glove_dir, mlm_model=str(tiny_mlm_dir),
                                      batch_size=batch)
-        result = augment_split(table, tmp_path / f"out-{per_shard}", config, resources,
-                               examples_per_shard=per_shard, progress=False)
+        _, result = two_stage(table, tmp_path / f"out-{per_shard}", config, resources,
+                              examples_per_shard=per_shard)
         outputs.append((read_augmented(tmp_path / f"out-{per_shard}"), result))
     first, result = outputs[0]
     for table_k, result_k in outputs[1:]:
@@ -68,49 +81,70 @@ def test_output_does_not_depend_on_shard_count_or_batch_size(tmp_path, glove_dir
     assert first.column("aug_index").to_pylist()[0] == 0
     assert first.schema.field("aug_index").type == pa.int32()
     # a different seed gives different variants, the same originals
-    other = augment_split(table, tmp_path / "seed4", AugmentConfig(mode="tinybert", n_attempts=12,
-                          seed=4), AugmentResources(vectors_dir=glove_dir, mlm_model=str(tiny_mlm_dir)),
-                          progress=False)
+    _, other = two_stage(table, tmp_path / "seed4", AugmentConfig(mode="tinybert", n_attempts=12,
+                         seed=4), AugmentResources(vectors_dir=glove_dir, mlm_model=str(tiny_mlm_dir)))
     assert other["counts"]["examples_in"] == result["counts"]["examples_in"]
     assert not read_augmented(tmp_path / "seed4").equals(first)
 
 
-def test_killed_run_resumes_from_finished_shards(tmp_path, glove_dir):
-    table = split_table(SENTENCES, pairs=True)
+def test_killed_runs_resume_from_finished_shards(tmp_path, glove_dir, monkeypatch):
+    import pipeline.augment.sampling as sampling
+
+    # Repeated sentences: the resumed run meets words the killed run counted already.
+    table = split_table(SENTENCES * 2, pairs=True)
     config = AugmentConfig(mode="glove", n_attempts=10)
     resources = AugmentResources(vectors_dir=glove_dir)
-    reference = augment_split(table, tmp_path / "whole", config, resources,
-                              examples_per_shard=3, progress=False)
+    whole_candidates, whole = two_stage(table, tmp_path / "whole", config, resources,
+                                        examples_per_shard=3)
 
     class DiesOnSecondShard(Augmenter):
         calls = 0
 
-        def augment(self, examples):
+        def side_candidates(self, examples):
             DiesOnSecondShard.calls += 1
             if DiesOnSecondShard.calls == 2:
                 raise KeyboardInterrupt("killed")
-            return super().augment(examples)
+            return super().side_candidates(examples)
 
     dying = build_augmenter(config, resources)
     dying.__class__ = DiesOnSecondShard
+    out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        augment_split(table, tmp_path / "resumed", config, resources, examples_per_shard=3,
-                      progress=False, augmenter=dying)
-    assert sorted(p.name for p in (tmp_path / "resumed" / "shards").iterdir()) == ["part-00000.parquet"]
-    resumed = augment_split(table, tmp_path / "resumed", config, resources,
-                            examples_per_shard=3, progress=False)
-    assert resumed["shards_resumed"] == 1 and resumed["shards"] == 3
-    assert resumed["counts"] == reference["counts"]
-    assert read_augmented(tmp_path / "resumed").equals(read_augmented(tmp_path / "whole"))
+        candidates_split(table, out / "candidates", config, resources, examples_per_shard=3,
+                         progress=False, augmenter=dying)
+    assert sorted(p.name for p in (out / "candidates" / "shards").iterdir()) == ["part-00000.parquet"]
+    found = candidates_split(table, out / "candidates", config, resources, examples_per_shard=3,
+                             progress=False)
+    assert found["shards_resumed"] == 1 and found["shards"] == 6
+    assert found["counts"] == whole_candidates["counts"]   # glove_distinct_words included
+
+    calls = []
+    real_sample = sampling.sample_examples
+
+    def dies_on_second_shard(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_sample(*args)
+
+    monkeypatch.setattr(sampling, "sample_examples", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        augment_split(table, out / "candidates", out, config, progress=False)
+    monkeypatch.setattr(sampling, "sample_examples", real_sample)
+    resumed = augment_split(table, out / "candidates", out, config, progress=False)
+    assert resumed["shards_resumed"] == 1 and resumed["shards"] == 6
+    assert resumed["counts"] == whole["counts"]
+    for name in sorted(p.name for p in (tmp_path / "whole" / "shards").iterdir()):
+        for stage in ("candidates/shards", "shards"):
+            assert (out / stage / name).read_bytes() == (tmp_path / "whole" / stage / name).read_bytes()
 
 
 def test_bad_input_is_counted_never_a_crash(tmp_path, glove_dir, tiny_mlm_dir):
     texts = ["", "   ", "the of and to it", "... !!! , ;", "Über naïve café crème brûlée 東京 😀",
              "zyzzyvaqq flurbbish grommetxx", "a normal sentence about movies ."]
     table = split_table(texts)
-    result = augment_split(table, tmp_path / "out", AugmentConfig(mode="tinybert", n_attempts=8),
-                           AugmentResources(vectors_dir=glove_dir, mlm_model=str(tiny_mlm_dir)),
-                           progress=False)
+    _, result = two_stage(table, tmp_path / "out", AugmentConfig(mode="tinybert", n_attempts=8),
+                          AugmentResources(vectors_dir=glove_dir, mlm_model=str(tiny_mlm_dir)))
     counts = result["counts"]
     assert counts["examples_in"] == len(texts)
     assert counts["empty_sentences"] == 2
@@ -130,8 +164,8 @@ def test_sentence_pair_sides_are_augmented_separately(tmp_path, glove_dir):
     table = pa.table({"id": ["p-0"], "text_a": ["The committee approved the ambitious budget."],
                       "text_b": ["Lawmakers rejected the controversial proposal."],
                       "label": pa.array([1.5])})
-    augment_split(table, tmp_path / "out", AugmentConfig(mode="glove", n_attempts=15),
-                  AugmentResources(vectors_dir=glove_dir), progress=False)
+    two_stage(table, tmp_path / "out", AugmentConfig(mode="glove", n_attempts=15),
+              AugmentResources(vectors_dir=glove_dir))
     rows = read_augmented(tmp_path / "out").to_pylist()
     a0, b0 = table["text_a"][0].as_py(), table["text_b"][0].as_py()
     side_a = [r for r in rows[1:] if r["text_b"] == b0]
@@ -196,22 +230,30 @@ def test_luigi_augment_with_packaged_glove_and_a_local_mlm(tmp_path, tiny_mlm_di
         result = run_luigi(task)
         assert result.status.name == "SUCCESS", result.summary_text
         vectors = load_manifest(WordVectors().output_dir())
-        assert task.requires()["vectors"].output_dir() == WordVectors().output_dir()
+        candidates_task = task.requires()["candidates"]
+        assert candidates_task.requires()["vectors"].output_dir() == WordVectors().output_dir()
         assert run_luigi(task).status.name == "SUCCESS"      # a no-op rerun
     manifest = load_manifest(task.output_dir())
+    candidates = load_manifest(candidates_task.output_dir())
     counts = manifest["info"]["counts"]
     assert manifest["info"]["n_attempts"] == 20            # SST-2's reference N
     assert counts["examples_in"] == len(SENTENCES)
     assert manifest["rows"]["examples_out"] == read_augmented(task.output_dir()).num_rows
     assert counts["positions_mlm"] > 0 and counts["positions_glove"] > 0
+    assert {k: v for k, v in counts.items() if not k.startswith("examples_")} == candidates["info"]["counts"]
     assert len(list((task.output_dir() / "shards").glob("part-*.parquet"))) == 3
+    assert len(list((candidates_task.output_dir() / "shards").glob("part-*.parquet"))) == 3
     assert vectors["info"]["vocab_size"] == 400_000 and vectors["info"]["dim"] == 50
-    assert manifest["params"]["mlm_model"] == "<local directory, hashed>"
+    assert candidates["params"]["mlm_model"] == "<local directory, hashed>"
+    assert candidates["params"]["mlm_precision"] == "fp32" and "aug_batch_size" not in candidates["params"]
+    assert set(manifest["params"]) == {"num_aug", "aug_p", "aug_seed"}
+    assert set(manifest["upstream"]) == {"data", "candidates"}
     with configured("Augment", "--mode", "glove", "--aug-progress", "false", *data) as glove_task:
         assert run_luigi(glove_task).status.name == "SUCCESS"
-    glove_manifest = load_manifest(glove_task.output_dir())
-    assert "mlm_model" not in glove_manifest["params"]
-    assert glove_manifest["upstream"]["vectors"] == manifest["upstream"]["vectors"]
+        glove_candidates = glove_task.requires()["candidates"]
+    glove_manifest = load_manifest(glove_candidates.output_dir())
+    assert "mlm_model" not in glove_manifest["params"] and "mlm_precision" not in glove_manifest["params"]
+    assert glove_manifest["upstream"]["vectors"] == candidates["upstream"]["vectors"]
 
 
 @pytest.mark.slow
@@ -261,8 +303,9 @@ def test_repeated_sentences_are_forwarded_once(tiny_mlm_dir):
 
 @pytest.mark.slow
 def test_a_resumed_augment_records_what_a_fresh_one_records(tmp_path, isolated_workdir, monkeypatch):
-    """Shards that share words: the GloVe lookup cache of one process must not leak into the
-    recorded counts (glove_distinct_words grew after a resume)."""
+    """Shards that share words, a run killed in its second shard and resumed: both stages'
+    manifests equal a fresh run's but for the run-history fields (glove_distinct_words grew
+    after a resume when it counted the lookups of one process)."""
     import shutil
 
     from pipeline.stage import manifest_content
@@ -273,24 +316,26 @@ def test_a_resumed_augment_records_what_a_fresh_one_records(tmp_path, isolated_w
             "--PrepareData-task", "SST-2"]
     with configured("Augment", *argv) as task:
         assert run_luigi(task).status.name == "SUCCESS"
-        fresh = load_manifest(task.output_dir())
-        shutil.rmtree(task.output_dir())
-        original = Augmenter.augment
+        outputs = [task.requires()["candidates"].output_dir(), task.output_dir()]
+        fresh = [load_manifest(d) for d in outputs]
+        for directory in outputs:
+            shutil.rmtree(directory)
+        original = Augmenter.side_candidates
         calls = []
 
-        def dies_on_the_second_shard(self, examples):
+        def dies_in_the_second_shard(self, examples):
             calls.append(1)
             if len(calls) == 2:
                 raise RuntimeError("killed")
             return original(self, examples)
 
-        monkeypatch.setattr(Augmenter, "augment", dies_on_the_second_shard)
+        monkeypatch.setattr(Augmenter, "side_candidates", dies_in_the_second_shard)
         luigi.task_register.Register.clear_instance_cache()
         assert run_luigi(task).status.name == "FAILED"
-        monkeypatch.setattr(Augmenter, "augment", original)
+        monkeypatch.setattr(Augmenter, "side_candidates", original)
         luigi.task_register.Register.clear_instance_cache()
         assert run_luigi(task).status.name == "SUCCESS"
-        resumed = load_manifest(task.output_dir())
-    assert resumed["info"]["shards_resumed"] == 1 and fresh["info"]["shards_resumed"] == 0
-    assert fresh["info"]["counts"]["glove_distinct_words"] > 0
-    assert manifest_content(resumed) == manifest_content(fresh)
+        resumed = [load_manifest(d) for d in outputs]
+    assert resumed[0]["info"]["shards_resumed"] == 1 and fresh[0]["info"]["shards_resumed"] == 0
+    assert fresh[0]["info"]["counts"]["glove_distinct_words"] > 0
+    assert [manifest_content(m) for m in resumed] == [manifest_content(m) for m in fresh]

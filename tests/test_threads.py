@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from pipeline.stage import load_manifest
-from tasks.augment import Augment
+from tasks.augment import Augment, Candidates
 from tasks.base import NUM_THREADS_DESCRIPTION, StageTask, num_threads_parameter
 from tasks.distill import DistillGeneral, DistillIntermediate, DistillPrediction
 from tasks.teacher import FineTuneTeacher, TeacherCache, TeacherCacheShard
 
-COMPUTE_STAGES = (FineTuneTeacher, Augment, TeacherCacheShard, TeacherCache, DistillGeneral,
-                  DistillIntermediate, DistillPrediction)
+COMPUTE_STAGES = (FineTuneTeacher, Candidates, Augment, TeacherCacheShard, TeacherCache,
+                  DistillGeneral, DistillIntermediate, DistillPrediction)
 
 
 @pytest.mark.parametrize("stage", COMPUTE_STAGES, ids=lambda s: s.__name__)

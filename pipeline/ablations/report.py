@@ -2,7 +2,11 @@
 
 An ablation grid is a small TOML file (default ``ablations.toml`` at the project root): a
 ``[variants.<name>]`` table per variant, holding the trainer settings that differ from the
-full recipe. Every variant re-reads the same teacher cache, so only trainer stages run. The
+full recipe. Every variant re-reads the same teacher cache, so only trainer stages run --
+except a variant that changes the augmentation's sampling (``num_aug``, ``replace_prob``,
+``aug_seed``): its examples differ, so it gets its own Augment output (sampled over the same
+Candidates, in seconds) and its own teacher cache, shared by the variants that ask for the
+same augmentation. The
 report lists each variant's dev metric, its difference from the ``full`` variant and its
 training time, as Markdown, CSV and a PNG bar chart with the teacher's score as a reference.
 """
@@ -29,6 +33,10 @@ PREFIXED_SETTINGS = {"stage1_epochs": ("stage1", "epochs"), "stage2_epochs": ("s
                      "stage2_learning_rate": ("stage2", "learning_rate")}
 #: ``augmentation = false``: both stages train on the cache's original examples only.
 TRAINER_SETTINGS = STAGE1_SETTINGS | STAGE2_SETTINGS | set(PREFIXED_SETTINGS) | {"augmentation"}
+#: Augmentation settings (grid name -> the Augment parameter): another sampling over the same
+#: candidates, hence another teacher cache.
+AUGMENT_SETTINGS = {"num_aug": "num_aug", "replace_prob": "aug_p", "aug_seed": "aug_seed"}
+GRID_SETTINGS = TRAINER_SETTINGS | set(AUGMENT_SETTINGS)
 REFERENCE_VARIANT = "full"
 _CHOICES = {"layer_map": ("uniform", "top", "bottom"), "attention_mode": ("reference", "masked"),
             "projection_mode": ("shared", "per_layer"), "prediction_loss": ("soft_ce", "kd"),
@@ -57,6 +65,11 @@ class Variant:
                 stage1["originals_only"] = stage2["originals_only"] = True
         return stage1, stage2
 
+    def augment_parameters(self) -> dict[str, Any]:
+        """The Augment parameters this variant sets (``{}``: the configured augmentation)."""
+        return {AUGMENT_SETTINGS[name]: value for name, value in self.settings.items()
+                if name in AUGMENT_SETTINGS}
+
     def describe(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in sorted(self.settings.items())) or "the full recipe"
 
@@ -78,10 +91,14 @@ def load_grid(path: Path | str) -> list[Variant]:
         check_plain_name(name, "variant name", path)   # a table row and a file name, never markup
         if not isinstance(settings, dict):
             raise InputError(f"variant {name!r} must be a table of settings", path)
-        unknown = sorted(set(settings) - TRAINER_SETTINGS)
+        unknown = sorted(set(settings) - GRID_SETTINGS)
         if unknown:
             raise InputError(f"variant {name!r}: unknown setting(s) {unknown}; "
-                             f"allowed: {sorted(TRAINER_SETTINGS)}", path)
+                             f"allowed: {sorted(GRID_SETTINGS)}", path)
+        if settings.get("augmentation") is False and set(settings) & set(AUGMENT_SETTINGS):
+            raise InputError(f"variant {name!r}: augmentation = false trains on the original "
+                             f"examples only, so {sorted(set(settings) & set(AUGMENT_SETTINGS))} "
+                             "would change nothing", path)
         for setting, value in settings.items():
             problem = _setting_problem(setting, value)
             if problem:
@@ -101,6 +118,12 @@ def _setting_problem(name: str, value: Any) -> str:
         return "" if value in _CHOICES[name] else f"choose one of {list(_CHOICES[name])}"
     if name == "augmentation":
         return "" if isinstance(value, bool) else "must be true or false"
+    if name in ("num_aug", "aug_seed"):
+        return "" if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+            else "must be an integer >= 0"
+    if name == "replace_prob":
+        return "" if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and 0 <= value <= 1 else "must be a number within [0, 1]"
     if name.endswith("_epochs") or name.startswith("student_"):
         return "" if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
             else "must be a positive integer"

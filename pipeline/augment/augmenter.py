@@ -33,13 +33,17 @@ float32 unit vectors (the order can differ only for neighbours within ~1e-7 of e
 product plus argsort per GloVe word. Here each shard's masked positions go through the MLM in
 length-sorted batches, and each distinct GloVe word is looked up once per run (one matrix
 product per batch of words). Sampling and string building are plain Python on small lists.
+
+**Two stages.** The candidates (:meth:`Augmenter.side_candidates`) do not depend on ``N``,
+``p`` or the seed, and are the whole cost; the Candidates stage stores them
+(:mod:`pipeline.augment.candidates`) and the Augment stage only samples over them
+(:func:`sample_examples`, :mod:`pipeline.augment.sampling`). :meth:`Augmenter.augment` does
+both in memory, with the same result.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,9 +66,6 @@ DEFAULT_N = 20
 NEVER_SPLIT = ("[UNK]", "[SEP]", "[PAD]", "[CLS]", "[MASK]")
 SHARD_DIR = "shards"
 COUNTS_METADATA_KEY = b"tinykd.augment.counts"
-#: The distinct GloVe words a shard looked up: {"found": [...], "absent": [...]}. The run's
-#: glove_distinct_words counts come from their union, the same however it was sharded/resumed.
-GLOVE_WORDS_METADATA_KEY = b"tinykd.augment.glove_words"
 _ONLY_LETTERS = re.compile("[a-z]+")
 
 
@@ -178,8 +179,9 @@ class Augmenter:
         self.splitter = basic_tokenizer(do_lower_case=True if lower is None else bool(lower))
         self._pieces: dict[str, tuple[int, ...]] = {}
         self._glove: dict[str, list[str] | None] = {}
-        #: GloVe words the current ``augment()`` call looked up (its shard's).
-        self.shard_glove_words: set[str] = set()
+        #: GloVe words already counted (``glove_distinct_words``); the Candidates stage seeds it
+        #: with the words of the shards a resumed run finds finished.
+        self.glove_words_seen: set[str] = set()
         self.counts: Counter = Counter()
 
     # -- word pieces ------------------------------------------------------------------------
@@ -230,9 +232,12 @@ class Augmenter:
             found = self.vectors.neighbours(new, self.config.top_m)
             for word in new:
                 self._glove[word] = found.get(word)
-        # Recorded per shard, counted over the run's union (augment_split): the lookup
-        # cache is per process, so counting its misses would give a resumed run other counts.
-        self.shard_glove_words.update(distinct)
+        # Counted at a word's first occurrence in the data (glove_words_seen), not at its first
+        # lookup by this process, so a resumed run counts what an uninterrupted one counts.
+        first = [w for w in distinct if w not in self.glove_words_seen]
+        self.glove_words_seen.update(first)
+        self.counts["glove_distinct_words"] += len(first)
+        self.counts["glove_distinct_words_absent"] += sum(1 for w in first if self._glove[w] is None)
 
     # -- the batch --------------------------------------------------------------------------
     def _plan_all(self, examples: Sequence[dict[str, Any]]) -> tuple[list[list[_Side]], list]:
@@ -251,7 +256,7 @@ class Augmenter:
         return plans, mlm_results
 
     def _resolve(self, plan: _Side, mlm_results: list[list[str]]) -> list[list[str]]:
-        """Each position's candidates (never empty: a position without any keeps its word)."""
+        """Each position's candidates, as found: empty when the source has none."""
         counts = self.counts
         candidates = []
         for pos, src, query in zip(plan.positions, plan.sources, plan.query_index):
@@ -268,47 +273,91 @@ class Augmenter:
                     found = [c.title() for c in found]
             if not found:
                 counts[f"positions_without_candidates_{src}"] += 1
-                found = [word]
-            candidates.append(found)
+            candidates.append(list(found))
         return candidates
+
+    def side_candidates(self, examples: Sequence[dict[str, Any]]) -> list[SideCandidates]:
+        """Every side of every example (``a`` then ``b``) with its positions' candidates.
+
+        What the Candidates stage stores: it depends on the text, the MLM, the vectors, ``M``
+        and the stop words, never on ``N``, ``p`` or the seed.
+        """
+        plans, mlm_results = self._plan_all(examples)
+        return [SideCandidates(str(examples[plan.example]["id"]), plan.side, plan.words,
+                               plan.positions, plan.sources, self._resolve(plan, mlm_results))
+                for sides in plans for plan in sides]
 
     def position_candidates(self, examples: Sequence[dict[str, Any]]
                             ) -> list[list[tuple[int, list[str]]]]:
-        """For every side of every example: ``[(word index, candidates), ...]`` (for tests)."""
-        plans, mlm_results = self._plan_all(examples)
-        return [list(zip(plan.positions, self._resolve(plan, mlm_results)))
-                for sides in plans for plan in sides]
+        """For every side of every example: ``[(word index, candidates), ...]`` (for tests);
+        a position without candidates lists its own word, as sampling uses it."""
+        return [[(pos, found or [side.words[pos]]) for pos, found in zip(side.positions,
+                                                                         side.candidates)]
+                for side in self.side_candidates(examples)]
 
     def augment(self, examples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Augmented rows (original first) for ``examples`` (dicts: id, text_a, text_b, label).
-
-        The counts it adds depend on ``examples`` alone (one call per shard in
-        :func:`augment_split`), so a resumed run records the same counts as a fresh one.
-        """
-        self.shard_glove_words = set()
-        plans, mlm_results = self._plan_all(examples)
-        rows: list[dict[str, Any]] = []
-        for example, sides in zip(examples, plans):
-            variants = {}
-            for plan in sides:
-                rng = example_rng(self.config.seed, str(example["id"]), plan.side)
-                variants[plan.side] = sample_variants(
-                    plan.words, plan.positions, self._resolve(plan, mlm_results),
-                    self.config.n_attempts, self.config.p, rng, plan.text)
-            texts = [(example["text_a"], example.get("text_b"))]
-            texts += [(v, example.get("text_b")) for v in variants.get("a", [])]
-            texts += [(example["text_a"], v) for v in variants.get("b", [])]
-            for k, (text_a, text_b) in enumerate(texts):
-                rows.append({"id": f"{example['id']}-aug{k}", "orig_id": str(example["id"]),
-                             "aug_index": k, "text_a": text_a, "text_b": text_b,
-                             "label": example["label"]})
+        """Augmented rows (original first) for ``examples`` (dicts: id, text_a, text_b, label):
+        both stages at once, in memory."""
+        rows = sample_examples(examples, self.side_candidates(examples), self.config)
         self.counts["examples_in"] += len(examples)
         self.counts["examples_out"] += len(rows)
         return rows
 
 
+@dataclass
+class SideCandidates:
+    """One sentence of one example with its replacement positions and their candidates.
+
+    ``candidates[j]`` (possibly empty: the word then stays) belongs to ``words[positions[j]]``
+    and came from ``sources[j]`` (``mlm`` or ``glove``).
+    """
+
+    id: str
+    side: str
+    words: list[str]
+    positions: list[int]
+    sources: list[str]
+    candidates: list[list[str]]
+
+
+def sample_examples(examples: Sequence[dict[str, Any]], sides: Sequence[SideCandidates],
+                    config: AugmentConfig) -> list[dict[str, Any]]:
+    """The sampling half of augmentation: ``N`` attempts per side over stored candidates.
+
+    ``sides`` are the examples' sides in order (``a``, then ``b`` for a pair), as
+    :meth:`Augmenter.side_candidates` returns them. Only ``N``, ``p`` and the seed are used.
+    """
+    rows: list[dict[str, Any]] = []
+    pending = iter(sides)
+    for example in examples:
+        example_id = str(example["id"])
+        variants = {}
+        for side, text in (("a", example["text_a"] or ""), ("b", example.get("text_b"))):
+            if side == "b" and text is None:
+                continue
+            found = next(pending, None)
+            if found is None or found.id != example_id or found.side != side:
+                raise InputError(f"candidates do not match the examples: expected {example_id!r} "
+                                 f"side {side}, found "
+                                 f"{(found.id, found.side) if found else 'nothing'}")
+            rng = example_rng(config.seed, example_id, side)
+            options = [c or [found.words[pos]] for pos, c in zip(found.positions, found.candidates)]
+            variants[side] = sample_variants(found.words, found.positions, options,
+                                             config.n_attempts, config.p, rng, text)
+        texts = [(example["text_a"], example.get("text_b"))]
+        texts += [(v, example.get("text_b")) for v in variants.get("a", [])]
+        texts += [(example["text_a"], v) for v in variants.get("b", [])]
+        for k, (text_a, text_b) in enumerate(texts):
+            rows.append({"id": f"{example_id}-aug{k}", "orig_id": example_id,
+                         "aug_index": k, "text_a": text_a, "text_b": text_b,
+                         "label": example["label"]})
+    if next(pending, None) is not None:
+        raise InputError("candidates do not match the examples: more sides than examples")
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
-# The stage: sharded, resumable output.
+# Shared by the two stages: the shard layout, the augmented rows' schema, the candidate sources.
 # --------------------------------------------------------------------------------------------
 
 def output_schema(label_type):
@@ -325,16 +374,11 @@ def shard_path(out_dir: Path | str, shard: int) -> Path:
 def read_augmented(out_dir: Path | str):
     """All shards of an augment output, in example order, as one pyarrow Table."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from pipeline.common.examples import read_parquet_checked
 
     files = sorted((Path(out_dir) / SHARD_DIR).glob("part-*.parquet"))
-    tables = []
-    for file in files:
-        try:
-            tables.append(pq.read_table(file, page_checksum_verification=True))
-        except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"corrupt augment shard: {exc}", file) from None
-    return pa.concat_tables(tables)
+    return pa.concat_tables([read_parquet_checked(f) for f in files])
 
 
 @dataclass
@@ -346,6 +390,7 @@ class AugmentResources:
     mlm_model: str | None = None
     device: str = "auto"
     batch_size: int = 64
+    mlm_precision: str = "fp32"
 
 
 def build_augmenter(config: AugmentConfig, resources: AugmentResources) -> Augmenter:
@@ -362,83 +407,6 @@ def build_augmenter(config: AugmentConfig, resources: AugmentResources) -> Augme
             raise InputError(f"mode={config.mode} needs an MLM checkpoint (mlm_model)")
         model, tokenizer = load_masked_lm(resources.mlm_model, resources.device)
         mlm = MaskedLMCandidates(model, tokenizer, top_m=config.top_m,
-                                 batch_size=resources.batch_size)
+                                 batch_size=resources.batch_size,
+                                 precision=resources.mlm_precision)
     return Augmenter(config, vectors=vectors, mlm=mlm, tokenizer=tokenizer)
-
-
-def augment_split(table, out_dir: Path | str, config: AugmentConfig,
-                  resources: AugmentResources, *, examples_per_shard: int = 2000,
-                  progress: bool = True, augmenter: Augmenter | None = None) -> dict[str, Any]:
-    """Augment a prepared split (pyarrow Table: id, text_a, text_b, label) into Parquet shards.
-
-    Shard ``k`` holds the variants of examples ``[k*S, (k+1)*S)``; each is written atomically
-    with its counts in the Parquet metadata, so a killed run resumes from the shards it
-    finished. Returns the summed counts, timings and settings for the manifest.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from pipeline.stage import write_file_atomic
-    from tqdm.auto import tqdm
-
-    missing = {"id", "text_a", "text_b", "label"} - set(table.column_names)
-    if missing:
-        raise InputError(f"the split lacks columns {sorted(missing)}")
-    if examples_per_shard < 1:
-        raise InputError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
-    out_dir = Path(out_dir)
-    (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    schema = output_schema(table.schema.field("label").type)
-    total = table.num_rows
-    num_shards = max(1, -(-total // examples_per_shard))
-    counts: Counter = Counter()
-    glove_found: set[str] = set()
-    glove_absent: set[str] = set()
-    resumed = 0
-    started = time.perf_counter()
-    bar = tqdm(total=total, unit="ex", desc=f"augment ({config.mode})", disable=not progress,
-               smoothing=0.1)
-    for shard in range(num_shards):
-        path = shard_path(out_dir, shard)
-        begin, end = shard * examples_per_shard, min(total, (shard + 1) * examples_per_shard)
-        if path.exists():
-            try:
-                metadata = pq.read_schema(path).metadata or {}
-                counts.update(json.loads(metadata[COUNTS_METADATA_KEY]))
-                words = json.loads(metadata.get(GLOVE_WORDS_METADATA_KEY, b'{}'))
-            except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
-                raise InputError(f"unreadable finished shard of an interrupted run ({exc}); "
-                                 "delete it to redo it", path) from None
-            glove_found.update(words.get("found", ()))
-            glove_absent.update(words.get("absent", ()))
-            resumed += 1
-            bar.update(end - begin)
-            continue
-        if augmenter is None:
-            augmenter = build_augmenter(config, resources)
-        before = Counter(augmenter.counts)
-        rows = augmenter.augment(table.slice(begin, end - begin).to_pylist())
-        shard_counts = dict(augmenter.counts - before)
-        found = sorted(w for w in augmenter.shard_glove_words if augmenter._glove.get(w) is not None)
-        absent = sorted(w for w in augmenter.shard_glove_words if augmenter._glove.get(w) is None)
-        glove_found.update(found)
-        glove_absent.update(absent)
-        out = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
-            {COUNTS_METADATA_KEY: json.dumps(shard_counts, sort_keys=True).encode(),
-             GLOVE_WORDS_METADATA_KEY: json.dumps({"found": found, "absent": absent}).encode()})
-        # Page CRCs: a flipped byte fails the read instead of decoding into other rows.
-        write_file_atomic(path, lambda tmp: pq.write_table(out, tmp, compression="zstd",
-                                                           write_page_checksum=True))
-        counts.update(shard_counts)
-        bar.update(end - begin)
-    bar.close()
-    if glove_found or glove_absent:
-        counts["glove_distinct_words"] = len(glove_found | glove_absent)
-        counts["glove_distinct_words_absent"] = len(glove_absent)
-    elapsed = time.perf_counter() - started
-    result: dict[str, Any] = {"counts": dict(sorted(counts.items())), "shards": num_shards,
-                              "shards_resumed": resumed, "seconds": round(elapsed, 3)}
-    if augmenter is not None and augmenter.mlm is not None:
-        result["mlm_forward_seconds"] = round(augmenter.mlm.forward_seconds, 3)
-        result["mlm_forwards"] = augmenter.mlm.forwards
-        result["mlm_windowed_inputs"] = augmenter.mlm.windowed
-    return result

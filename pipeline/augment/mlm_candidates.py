@@ -21,13 +21,31 @@ the same window on both sides of ``[SEP]``, as large as fits.
 
 A checkpoint whose MLM head was not in the checkpoint (a sentence-embedding BERT loads with
 ``cls.predictions.*`` newly initialised) would propose random words; it is refused.
+
+**Precision** (``mlm_precision``, :data:`PRECISIONS`). The encoder forward is the whole cost of
+augmentation, so it can run in cheaper arithmetic: ``int8`` (CPU: ``torch.ao`` dynamic
+quantisation of the encoder's linear layers: int8 weights, activations quantised per batch
+tensor), ``bf16`` (autocast; on a CPU only where it has native bf16 instructions, otherwise it
+is slower than fp32 and refused) and ``fp16`` (CUDA autocast). The vocabulary projection (one
+row per query, under 1 % of the FLOPs) always runs in fp32 on the encoder's output, so the top
+``M`` is not decided among logits rounded to 8 mantissa bits. Cheaper arithmetic changes which
+candidates come out at some positions: the precision is part of the Candidates stage's
+identity, and ``scripts/bench_augment.py`` measures how often the top-``M`` set and order agree
+with fp32. int8's per-tensor activation scale couples the rows of a batch, so with int8 the
+batch size (and composition) is part of the result too.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 from pipeline.errors import InputError
+
+#: ``mlm_precision`` values: fp32 (the reference arithmetic), bf16 (CUDA, or a CPU with native
+#: bf16), fp16 (CUDA only), int8 (CPU only: dynamic quantisation of the encoder's linear layers).
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -106,11 +124,76 @@ def pair_input(query: MaskQuery, cls_id: int, sep_id: int, mask_id: int, max_len
     return ids, len(masked) + 2, 1 + start, windowed
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 / AMX) that oneDNN uses."""
+    import torch
+
+    checker = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and checker is not None and checker())
+
+
+def quantize_linear_layers(module):
+    """A copy of ``module`` with every ``nn.Linear`` dynamically quantised to int8 (torch.ao).
+
+    ``torch.ao.quantization`` warns that it is deprecated in favour of torchao; in torch 2.13
+    it is still the built-in way, and the warning would otherwise print once per shard.
+    """
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated.*")
+        return torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def check_precision(precision: str, device_type: str, *, allow_emulated_bf16: bool = False) -> None:
+    """Refuse a precision the device cannot run (one clear error, never a silent fallback)."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown mlm_precision {precision!r}; choose one of {PRECISIONS}")
+    if precision == "int8" and device_type != "cpu":
+        raise InputError("mlm_precision=int8 (dynamic quantisation) runs on the CPU only; on "
+                         "CUDA use fp16 or bf16")
+    if precision == "fp16" and device_type != "cuda":
+        raise InputError("mlm_precision=fp16 is CUDA autocast; on a CPU use int8 (or bf16 "
+                         "where the CPU has native bf16)")
+    if precision == "bf16":
+        if device_type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise InputError("mlm_precision=bf16: this GPU does not support bf16; use fp16")
+        if device_type == "cpu" and not cpu_has_native_bf16() and not allow_emulated_bf16:
+            raise InputError("mlm_precision=bf16: this CPU has no native bf16 instructions "
+                             "(AVX512-BF16/AMX), so bf16 would be slower than fp32; use int8")
+
+
+def candidate_agreement(reference: Sequence[Sequence[str]], other: Sequence[Sequence[str]]
+                        ) -> dict[str, float | int]:
+    """How often ``other``'s candidate list equals ``reference``'s, as a set and in order."""
+    if len(reference) != len(other):
+        raise ValueError(f"{len(reference)} reference lists, {len(other)} to compare")
+    same_set = sum(set(a) == set(b) for a, b in zip(reference, other))
+    same_order = sum(list(a) == list(b) for a, b in zip(reference, other))
+    total = len(reference)
+    return {"positions": total, "same_set": same_set / total if total else 1.0,
+            "same_order": same_order / total if total else 1.0}
+
+
+def _full_precision(tensor):
+    """An autocast result (bf16/fp16) back in fp32; fp32 and fp64 tensors as they are."""
+    import torch
+
+    return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
+
+
 class MaskedLMCandidates:
     """Top-``M`` MLM candidates for many :class:`MaskQuery` at once."""
 
     def __init__(self, model, tokenizer, top_m: int = 15, batch_size: int = 64,
-                 max_length: int | None = None):
+                 max_length: int | None = None, precision: str = "fp32", *,
+                 allow_emulated_bf16: bool = False):
+        self.device_type = next(model.parameters()).device.type
+        check_precision(precision, self.device_type, allow_emulated_bf16=allow_emulated_bf16)
+        self.precision = precision
         self.model = model
         self.tokenizer = tokenizer
         self.top_m = top_m
@@ -123,6 +206,12 @@ class MaskedLMCandidates:
         self.uses_segments = int(getattr(model.config, "type_vocab_size", 0) or 0) >= 2
         self._token_cache: dict[int, str] = {}
         self._split = self._split_head(model)
+        if precision == "int8":
+            # The encoder only: the head stays fp32 (see the module docstring).
+            if self._split is not None:
+                self._split = (quantize_linear_layers(self._split[0]), self._split[1])
+            else:
+                self.model = quantize_linear_layers(model)
         self.windowed = 0
         self.forwards = 0
         self.forward_seconds = 0.0
@@ -137,6 +226,15 @@ class MaskedLMCandidates:
                 return base, head
         return None
 
+    def _autocast(self):
+        """The autocast context of bf16/fp16 (int8 and fp32 need none)."""
+        import torch
+
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.device_type, dtype=dtype)
+        return contextlib.nullcontext()
+
     def _logits_at_masks(self, ids, segments, attention, mask_positions):
         import torch
 
@@ -146,9 +244,12 @@ class MaskedLMCandidates:
             kwargs["token_type_ids"] = segments
         if self._split is not None:
             encoder, head = self._split
-            hidden = encoder(**kwargs).last_hidden_state
-            return head(hidden[rows, mask_positions])
-        return self.model(**kwargs).logits[rows, mask_positions]
+            with self._autocast():
+                hidden = encoder(**kwargs).last_hidden_state[rows, mask_positions]
+            return head(_full_precision(hidden))
+        with self._autocast():
+            logits = self.model(**kwargs).logits[rows, mask_positions]
+        return _full_precision(logits)
 
     def _token(self, token_id: int) -> str:
         token = self._token_cache.get(token_id)
