@@ -281,3 +281,22 @@ def test_a_flipped_byte_in_a_manifest_is_detected(text_file, isolated_workdir):
     with pytest.raises(InputError, match=r"manifest\.json: upstream output is damaged: content differs "
                                          r"from its own checksum"):
         verify_upstream(out)
+
+
+def test_a_killed_writers_temporary_files_are_removed_when_the_build_resumes(tmp_path):
+    """A SIGKILL mid-write leaves ``.<name>.<pid>.tmp`` (a 107 MB checkpoint, say) in the
+    partial directory; the next build holds the lock, so the file is a dead writer's."""
+    from pipeline.stage import partial_dir
+
+    key = StageKey("resumable", "1", {"a": 2})
+    partial = partial_dir(tmp_path / "resumable" / key.fingerprint())
+    (partial / "checkpoints").mkdir(parents=True)
+    (partial / "piece-0").write_text("done")
+    (partial / "checkpoints" / ".last.pt.99999.tmp").write_bytes(b"\0" * 1000)
+    (partial / ".student.99999.tmp").mkdir()
+    with build_stage(tmp_path, key, resumable=True) as out:
+        assert not (out.path / "checkpoints" / ".last.pt.99999.tmp").exists()
+        assert not (out.path / ".student.99999.tmp").exists()
+        assert (out.path / "piece-0").read_text() == "done"
+    final = tmp_path / "resumable" / key.fingerprint()
+    assert not list(final.rglob("*.tmp"))
