@@ -6,7 +6,8 @@ needs, heads, tokenizer, task), builds or loads the student, trains it with
 
 * ``student/``: the student (``save_pretrained``) with the teacher's tokenizer, so
   ``transformers.pipeline("text-classification", model=...)`` loads it; for stage 2 the
-  checkpoint with the best dev metric, for stage 1 the last one. ``tinykd_distill.json``
+  checkpoint with the best dev metric (exported there whenever the metric improves, so the
+  stage's one rename publishes it), for stage 1 the last one. ``tinykd_distill.json``
   beside it records the task and cache it was distilled for (stage 2 checks it) and the
   student's shape (layers, width, FFN width, heads) as built.
 * ``projections.pt`` (intermediate stage): the learned hidden-state projections.
@@ -32,7 +33,8 @@ from typing import Sequence
 
 from distill.student import (StudentSpec, build_student, export_student, read_distill_info,
                              student_shape, vocab_sha256)
-from distill.trainer import CachedTeacher, OnlineTeacher, Trainer, TrainConfig, resolve_device
+from distill.trainer import (CachedTeacher, OnlineTeacher, Trainer, TrainConfig, _atomic_torch_save,
+                             resolve_device)
 from pipeline.common.encoders import family_of, use_eager_attention
 from pipeline.errors import InputError
 from pipeline.cache.layer_map import cached_layers, layer_map
@@ -85,12 +87,21 @@ def check_stage1_output(stage1_dir: Path, info: dict) -> Path:
 
 
 def _export_atomic(student, tokenizer, directory: Path, distill_info: dict) -> None:
-    tmp = directory.with_name(f".{directory.name}.tmp")
+    """Export to a per-process temporary directory, then swap it in for ``directory``.
+
+    Between the two renames a kill leaves ``directory`` absent, never half-written; the
+    resumed run exports again (the stage's final rename publishes whatever is there).
+    """
+    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     export_student(student, tokenizer, tmp, distill_info)
     if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+        old = directory.with_name(f".{directory.name}.{os.getpid()}.old.tmp")
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, directory)
 
 
 def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: TrainConfig,
@@ -182,25 +193,28 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
         dev = load_dev(prepared_dir, tokenizer, int(info.get("max_seq_length", 128)), task_type, dev_limit)
         evaluator = Evaluator(dev, task, task_type, eval_batch_size, resolve_device(config.device),
                               metric=info.get("metric"))
-    best_dir = out_dir / "best_student"
+    final_dir = out_dir / "student"
+    shutil.rmtree(out_dir / "best_student", ignore_errors=True)   # layout before format 2
 
     def keep_best(model, best):
-        _export_atomic(model, tokenizer, best_dir, {**distill_info, "best": best})
+        # The best student goes straight to its published place: the stage's single rename
+        # publishes it. (Moving it there after training left a window in which a kill made
+        # the resumed run publish the last step's weights under metrics naming the best.)
+        _export_atomic(model, tokenizer, final_dir, {**distill_info, "best": best})
 
     trainer = Trainer(config, student, reader, provider, out_dir, list(zip(range(1, len(mapped) + 1), mapped)),
                       int(info.get("hidden_size", teacher_config.hidden_size)), task_type,
                       evaluate=evaluator, on_best=keep_best)
     result = trainer.train()
 
-    final_dir = out_dir / "student"
-    if result.best is not None and best_dir.exists():
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(best_dir, final_dir)
-    else:
+    if result.best is None:   # no evaluation: the last step's student
         _export_atomic(trainer.student, tokenizer, final_dir, distill_info)
+    elif read_distill_info(final_dir) is None \
+            or read_distill_info(final_dir).get("best", {}).get("step") != result.best["step"]:
+        raise RuntimeError(f"{final_dir} does not hold the best student (step "
+                           f"{result.best['step']}); remove {out_dir} to retrain")
     if trainer.projections is not None:
-        torch.save(trainer.projections.state_dict(), out_dir / "projections.pt")
+        _atomic_torch_save(trainer.projections.state_dict(), out_dir / "projections.pt")
     trainer.cleanup_checkpoints()
     summary = {
         "stage": distill_info["stage"], "task": task, "steps": result.steps,

@@ -15,9 +15,16 @@ scores or attention log-probabilities, and must be the cache's), the losses from
 
 **Resume.** Every ``checkpoint_every`` steps the full state is written atomically to
 ``<out>/checkpoints/last.pt``: student, projections, optimizer, scheduler, the RNG states
-(torch, CUDA, numpy, random), the data position (epoch, batch within it) and the length of
-``metrics.jsonl``. An epoch's order is a pure function of (seed, epoch), so a run killed at
-any point and restarted from that file replays exactly the steps an uninterrupted run takes.
+(torch, CUDA, numpy, random), the data position (epoch, batch within it), the training time
+so far and the length of ``metrics.jsonl``. An epoch's order is a pure function of (seed,
+epoch), so a run killed at any point and restarted from that file replays exactly the steps
+an uninterrupted run takes.
+
+**Checkpoints are data, not code.** The file holds only tensors, numbers and strings: RNG
+states as tensors, counters and the best-so-far record as one JSON string. It is read with
+``torch.load(weights_only=True)``, so a planted pickle in a workdir cannot run as the user;
+a checkpoint that cannot be read that way (corrupt, truncated, foreign) is discarded with a
+warning naming it, and training starts over, rather than failing every rerun.
 
 **Failure.** A non-finite loss stops the run naming the step and the loss terms; the last
 checkpoint (written only after finite steps) stays in place for inspection or a retry.
@@ -25,11 +32,13 @@ checkpoint (written only after finite steps) stays in place for inspection or a 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -46,6 +55,9 @@ LOSS_NAMES = ("embedding", "attention", "hidden", "prediction")
 PREDICTION_LOSSES = ("soft_ce", "kd")
 SCHEDULES = ("constant", "linear")
 CHECKPOINT_NAME = "last.pt"
+#: 2: weights_only-loadable (RNG states as tensors, counters and records as JSON).
+CHECKPOINT_FORMAT = 2
+LOG = logging.getLogger("tinykd.distill")
 #: On CPU, a background reader thread gets a core of its own only above this many cores.
 READER_THREAD_MIN_CORES = 2
 
@@ -204,7 +216,7 @@ class TrainResult:
     final_eval: dict | None = None
     data_wait_share: float = 0.0          # time waiting for batches / training time
     startup_wait_share: float = 0.0       # part of it spent on each epoch's first batch
-    seconds: float = 0.0
+    seconds: float = 0.0                  # training time, summed over resumes
     resumed_from: int | None = None
     threads: int = 0                      # torch intra-op threads used
 
@@ -216,7 +228,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG state as tensors and JSON strings (loadable with ``weights_only=True``)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+             "numpy": json.dumps([kind, int(position), int(has_gauss), float(cached_gaussian)]),
+             "python": json.dumps([version, list(internal), gauss])}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -224,10 +242,19 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, position, has_gauss, cached_gaussian = json.loads(state["numpy"])
+    np.random.set_state((kind, state["numpy_keys"].numpy().astype(np.uint32), position, has_gauss,
+                         cached_gaussian))
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plain_json(value: Any) -> Any:
+    """``value`` as plain JSON types (numpy scalars become Python numbers): a record that went
+    through a checkpoint and one that did not must be the same values of the same types."""
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
 def _seed_everything(seed: int) -> None:
@@ -263,9 +290,22 @@ def _make_scheduler(optimizer, config: TrainConfig, total_steps: int):
 
 
 def _atomic_torch_save(value: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(value, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to a per-process temporary name, then rename; on failure (a full disk:
+    torch reports it as a bare RuntimeError) remove the temporary file and name the target."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        # Through a file object: given a path, torch names the archive inside after the file,
+        # and a per-process temporary name would make equal states differ in bytes.
+        with open(tmp, "wb") as handle:
+            torch.save(value, handle)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"{path}: writing the checkpoint failed (is the disk full?): {exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class Trainer:
@@ -310,29 +350,51 @@ class Trainer:
     def _modules(self) -> list[torch.nn.Module]:
         return [self.student] + ([self.projections] if self.projections is not None else [])
 
-    def _save_checkpoint(self, step: int, epoch: int, batch_in_epoch: int, best: dict | None) -> None:
+    def _save_checkpoint(self, step: int, epoch: int, batch_in_epoch: int, best: dict | None,
+                         train_seconds: float) -> None:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         metrics_bytes = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+        meta = {"format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch, "best": best, "metrics_bytes": metrics_bytes,
+                "config": asdict(self.config), "total_steps": self.total_steps,
+                "train_seconds": train_seconds}
         state = {
-            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best,
+            "meta": json.dumps(plain_json(meta), sort_keys=True),
             "student": self.student.state_dict(),
             "projections": self.projections.state_dict() if self.projections is not None else None,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "rng": _rng_state(), "metrics_bytes": metrics_bytes,
-            "config": asdict(self.config), "total_steps": self.total_steps,
+            "rng": _rng_state(),
         }
         _atomic_torch_save(state, self.checkpoint_dir / CHECKPOINT_NAME)
 
+    def _read_checkpoint(self, path: Path) -> tuple[dict, dict] | None:
+        """``(state, meta)`` of a checkpoint, or None (with a warning) if it cannot be read as
+        data: never unpickle code from the workdir."""
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            meta = json.loads(state["meta"])
+            if meta.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"checkpoint format {meta.get('format')}, expected {CHECKPOINT_FORMAT}")
+            return state, meta
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is discarded the same way
+            message = (f"{path}: unreadable checkpoint discarded, training this stage starts over "
+                       f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+            LOG.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            path.unlink(missing_ok=True)
+            return None
+
     def _load_checkpoint(self) -> dict | None:
         path = self.checkpoint_dir / CHECKPOINT_NAME
-        if not path.exists():
-            # a crash before the first checkpoint: start over, log included
+        loaded = self._read_checkpoint(path) if path.exists() else None
+        if loaded is None:
+            # no (readable) checkpoint: start over, log included
             if self.metrics_path.exists():
                 self.metrics_path.unlink()
             return None
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["total_steps"] != self.total_steps:
-            raise ValueError(f"{path}: checkpoint of a run with {state['total_steps']} steps, this run "
+        state, meta = loaded
+        if meta["total_steps"] != self.total_steps:
+            raise ValueError(f"{path}: checkpoint of a run with {meta['total_steps']} steps, this run "
                              f"has {self.total_steps}; settings differ, remove it to start over")
         self.student.load_state_dict(state["student"])
         if self.projections is not None:
@@ -343,8 +405,8 @@ class Trainer:
         # drop log lines written after the checkpoint: they will be written again
         if self.metrics_path.exists():
             with open(self.metrics_path, "r+b") as handle:
-                handle.truncate(state["metrics_bytes"])
-        return state
+                handle.truncate(meta["metrics_bytes"])
+        return meta
 
     def _log(self, record: dict) -> None:
         with open(self.metrics_path, "a") as handle:
@@ -429,10 +491,11 @@ class Trainer:
                                            fused=self.device.type in ("cpu", "cuda"))
         self.scheduler = _make_scheduler(self.optimizer, config, self.total_steps)
         state = self._load_checkpoint()
-        step, epoch, batch_in_epoch, best = 0, 0, 0, None
+        step, epoch, batch_in_epoch, best, seconds_before = 0, 0, 0, None, 0.0
         if state is not None:
             step, epoch, batch_in_epoch, best = (state["step"], state["epoch"], state["batch_in_epoch"],
                                                  state["best"])
+            seconds_before = float(state.get("train_seconds", 0.0))
         result = TrainResult(steps=step, best=best, resumed_from=step if state is not None else None,
                              threads=torch.get_num_threads())
         last_checkpoint = step if state is not None else None
@@ -497,17 +560,21 @@ class Trainer:
                         best = self._evaluate(step, epoch, best, result)
                     if config.checkpoint_every > 0 and step % config.checkpoint_every == 0 \
                             and step < self.total_steps:
-                        self._save_checkpoint(step, epoch, batch_in_epoch, best)
+                        self._save_checkpoint(step, epoch, batch_in_epoch, best,
+                                              seconds_before + time.perf_counter() - started)
                         last_checkpoint = step
             finally:
                 if isinstance(prefetcher, Prefetcher):
                     prefetcher.close()
         result.steps = step
         result.best = best
-        result.seconds = time.perf_counter() - started
-        if result.seconds > 0:
-            result.data_wait_share = wait_seconds / result.seconds
-            result.startup_wait_share = startup_wait / result.seconds
+        session_seconds = time.perf_counter() - started
+        # Training time across resumes (the steps a killed run lost after its last
+        # checkpoint are not counted twice: they are redone and counted once).
+        result.seconds = seconds_before + session_seconds
+        if session_seconds > 0:
+            result.data_wait_share = wait_seconds / session_seconds
+            result.startup_wait_share = startup_wait / session_seconds
         return result
 
     def _epoch_batches(self, epoch: int, start_batch: int):
@@ -540,6 +607,7 @@ class Trainer:
             metrics = self.evaluate_fn(self.student)
         finally:
             self.student.train()
+        metrics = plain_json(metrics)
         record = {"step": step, "epoch": epoch, "eval": metrics}
         self._log(record)
         result.final_eval = metrics

@@ -1,6 +1,8 @@
-"""The one exception type for bad user input (files, rows, checkpoints, configurations)."""
+"""The one exception type for bad user input (files, rows, checkpoints, configurations), and
+the one rule for names that become file names or table cells (:func:`check_plain_name`)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -18,3 +20,21 @@ class InputError(ValueError):
         if line is not None:
             where = f"{where}:{line}" if where else f"line {line}"
         super().__init__(f"{where}: {problem}" if where else problem)
+
+
+#: A plain name: letters, digits, ``_`` and ``-``, starting with a letter or digit, at most 64
+#: characters. GLUE's own names (``SST-2``, ``STS-B``) qualify; ``../x``, ``a/b``, names with
+#: ``|`` or a newline (which would break a Markdown table row) do not.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_plain_name(name: object, what: str, path: str | Path | None = None) -> str:
+    """Return ``name`` if it is a plain name (:data:`PLAIN_NAME`), else raise :class:`InputError`.
+
+    Task and ablation-variant names end up in file names (``reports/<task>.md``) and in
+    Markdown tables, so they must never be paths or carry markup.
+    """
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
+        raise InputError(f"{what} {name!r} is not a plain name: use letters, digits, '_' and "
+                         "'-' (at most 64, starting with a letter or digit)", path)
+    return name

@@ -25,6 +25,17 @@ output carries a ``manifest.json``: parameters, upstream fingerprints, input has
 versions, row counts, per-file checksums and timings. ``explain`` compares a key with the
 closest existing manifest of the same stage (same task, most settings in common) to say *why*
 a stage will run, and names the output it compared with.
+
+**One fingerprint, one content.** A build holds the output's :class:`~pipeline.locks.BuildLock`
+from before it touches the partial directory until the rename, so two local processes never
+write the same partial: the second waits, and once the first has published, skips the stage
+(:class:`StageAlreadyComplete`). Holding the lock is also what makes a leftover partial (or a
+stray temporary file in it) safe to delete or resume: its writer is dead. Temporary files carry
+the writer's pid. Before a stage reads an upstream output, :func:`verify_upstream` checks its
+files against the upstream manifest (presence and size always, sha256 too unless the upstream
+stage opts out because its files are large and checked as they are read: the teacher cache's
+Parquet page CRCs), so a truncated, deleted or flipped file fails the reader, named, instead
+of becoming a different result under the same fingerprints.
 """
 from __future__ import annotations
 
@@ -32,6 +43,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -43,15 +55,32 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from pipeline.errors import InputError
+from pipeline.locks import BuildLock, lock_holder
+
+LOG = logging.getLogger("tinykd.stage")
 #: Bump when the fingerprint recipe or the manifest layout itself changes.
 CONTRACT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+#: The manifest's checksum of itself (absent from manifests written before it existed).
+MANIFEST_CHECKSUM_KEY = "manifest_sha256"
 PARTIAL_SUFFIX = ".partial"
 #: Libraries whose versions are recorded in every manifest (recorded, not fingerprinted:
 #: upgrading numpy should not invalidate a week of teacher caching).
 RECORDED_LIBRARIES = ("torch", "transformers", "datasets", "pyarrow", "luigi", "numpy",
                       "bicleaner-ai-glove", "tqdm")
 FINGERPRINT_LENGTH = 16
+#: Manifest fields that describe one run rather than the output's content: the clock, the
+#: machine and process, and how a resumed build got there. A resumed or concurrent build
+#: equals an uninterrupted one in everything else (tests and scripts/soak.py compare so).
+#: ``timings`` and ``host`` are top-level sections; the others are keys inside ``info``.
+RUN_HISTORY_FIELDS = ("timings", "host", "libraries", "manifest_sha256")
+RUN_HISTORY_INFO_KEYS = ("worker_pid", "shards_resumed", "resumed_from", "train_seconds",
+                         "data_wait_share", "startup_wait_share", "mlm_forward_seconds",
+                         "seconds", "data_wait_s", "step_s", "torch_threads")
+#: Files whose content holds such fields (the distillation stages' logs: per-step wait and
+#: step times, the run's timings); compared field by field without them.
+RUN_HISTORY_FILES = ("metrics.json", "metrics.jsonl")
 
 
 def canonical_json(value: Any) -> str:
@@ -236,7 +265,7 @@ class StageBuild:
             if rel == MANIFEST_NAME:
                 continue
             files[rel] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
-        return {
+        manifest = {
             "stage": self.key.stage,
             "version": str(self.key.version),
             "fingerprint": self.fingerprint,
@@ -256,6 +285,15 @@ class StageBuild:
             },
             "host": {"platform": platform.platform(), "argv": sys.argv[:1]},
         }
+        manifest[MANIFEST_CHECKSUM_KEY] = manifest_checksum(manifest)
+        return manifest
+
+
+def manifest_checksum(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own checksum field: a flipped
+    byte in manifest.json (a row count, an info value) is then as detectable as one in a file."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM_KEY}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
 def _iso(ts: float) -> str:
@@ -266,58 +304,119 @@ def partial_dir(final: Path) -> Path:
     return final.parent / f".{final.name}{PARTIAL_SUFFIX}"
 
 
+class StageAlreadyComplete(FileExistsError):
+    """The output exists: already before the build started, or published by another process
+    while this one waited for the build lock. Nothing was written; the caller skips the stage."""
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden temporary sibling of ``path`` unique to this process (``.<name>.<pid>.tmp``)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete ``.*.tmp`` files and directories below ``directory``; return what was removed.
+
+    Call only while holding the directory's build lock: then every temporary file in it
+    belongs to a writer that is dead (a killed run's half-written checkpoint, for instance).
+    """
+    removed = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        for name in list(dirnames) + filenames:
+            if name.startswith(".") and name.endswith(".tmp"):
+                target = Path(dirpath) / name
+                if target.is_dir():
+                    shutil.rmtree(target, ignore_errors=True)
+                    dirnames.remove(name)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        target.unlink()
+                removed.append(target)
+    return removed
+
+
+def _acquire_build_lock(final: Path) -> BuildLock:
+    lock = BuildLock(final)
+    if not lock.acquire(wait=False):
+        holder = lock_holder(final) or {}
+        LOG.info("%s is being built by pid %s on %s; waiting for it", final,
+                 holder.get("pid"), holder.get("host"))
+        lock.acquire(wait=True)
+    return lock
+
+
 @contextlib.contextmanager
 def build_stage(workdir: Path | str, key: StageKey, *, resumable: bool = False,
                 hasher: FileHasher | None = None) -> Iterator[StageBuild]:
-    """Build one stage output atomically.
+    """Build one stage output atomically, holding its build lock throughout.
 
     Yields a :class:`StageBuild` whose ``path`` is a hidden partial directory. On normal exit
     the manifest is written and the directory renamed to ``<workdir>/<stage>/<fingerprint>``.
     On an exception the partial directory is removed, unless ``resumable`` is set: then it is
     kept so that the next attempt can skip the pieces it already holds (a killed process
     cannot clean up anyway, so resumable builders must write each piece atomically).
+
+    Raises :class:`StageAlreadyComplete` (before yielding) when the output exists, including
+    when another process published it while this one waited for the lock.
     """
     hasher = hasher or FileHasher(Path(workdir) / ".hash-cache.json")
     fingerprint = key.fingerprint(hasher)
     final = Path(workdir) / key.stage / fingerprint
     if final.exists():
-        raise FileExistsError(f"{final} already exists; the stage is complete")
-    partial = partial_dir(final)
-    if partial.exists() and not resumable:
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    build = StageBuild(partial, key, fingerprint, hasher)
-    started = time.time()
+        raise StageAlreadyComplete(f"{final} already exists; the stage is complete")
+    lock = _acquire_build_lock(final)
     try:
-        yield build
-        manifest = build.manifest(started, time.time())
-        _write_json_atomic(partial / MANIFEST_NAME, manifest)
-    except BaseException:
-        if not resumable:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
-    finally:
-        hasher.save()
-    try:
-        os.rename(partial, final)
-    except OSError:
-        # Another worker finished the same fingerprint first; its output is equivalent.
         if final.exists():
-            shutil.rmtree(partial, ignore_errors=True)
-        else:
+            raise StageAlreadyComplete(f"{final} was published by another process while this one "
+                                       "waited for its build lock")
+        # Under the lock, a partial directory left here belongs to a dead process.
+        partial = partial_dir(final)
+        if partial.exists() and not resumable:
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temporaries(partial):
+            LOG.warning("removed %s, a temporary file of an interrupted build", stale)
+        build = StageBuild(partial, key, fingerprint, hasher)
+        started = time.time()
+        try:
+            yield build
+            remove_stale_temporaries(partial)
+            manifest = build.manifest(started, time.time())
+            _write_json_atomic(partial / MANIFEST_NAME, manifest)
+        except BaseException:
+            if not resumable:
+                shutil.rmtree(partial, ignore_errors=True)
             raise
+        finally:
+            hasher.save()
+        try:
+            os.rename(partial, final)
+        except OSError:
+            # A worker on another machine (luigid, shared filesystem: flock does not reach
+            # it) published the same fingerprint first; its output is equivalent, and the
+            # partial is ours to remove.
+            if final.exists():
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                raise
+    finally:
+        lock.release()
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_file_atomic(path, lambda tmp: tmp.write_text(
+        json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n"))
 
 
 def write_file_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename to ``path``: for pieces of resumable stages."""
+    """Call ``write(tmp_path)`` then rename to ``path``: for pieces of resumable stages.
+
+    The temporary name is unique to this process, and removed when ``write`` fails (a full
+    disk must not leave a half-written copy behind).
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -325,6 +424,26 @@ def write_file_atomic(path: Path, write) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def without_run_history(value: Any) -> Any:
+    """``value`` (parsed JSON) without the keys of :data:`RUN_HISTORY_INFO_KEYS`, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_run_history(v) for k, v in value.items() if k not in RUN_HISTORY_INFO_KEYS}
+    if isinstance(value, list):
+        return [without_run_history(v) for v in value]
+    return value
+
+
+def manifest_content(manifest: Mapping[str, Any]) -> dict:
+    """What a manifest says about the output's content: equal for a fresh, a resumed and a
+    concurrent build of one fingerprint. Drops the run-history sections and keys, and the
+    checksums of :data:`RUN_HISTORY_FILES` (compare those files with :func:`without_run_history`)."""
+    content = {k: v for k, v in manifest.items() if k not in RUN_HISTORY_FIELDS}
+    content["info"] = without_run_history(content.get("info", {}))
+    content["files"] = {rel: entry for rel, entry in content.get("files", {}).items()
+                        if Path(rel).name not in RUN_HISTORY_FILES}
+    return content
 
 
 def load_manifest(output_dir: Path | str) -> dict:
@@ -337,20 +456,64 @@ def load_manifest(output_dir: Path | str) -> dict:
         raise ValueError(f"{path}: manifest is not valid JSON ({exc})") from None
 
 
-def verify_outputs(output_dir: Path | str) -> list[str]:
-    """Re-checksum every file listed in the manifest; return a list of problems (empty: OK)."""
+def output_problems(output_dir: Path | str, checksums: bool = True,
+                    hash_parquet: bool = True) -> list[tuple[Path, str]]:
+    """``(file, problem)`` for every way ``output_dir`` differs from its manifest (empty: OK).
+
+    Every listed file must exist with its recorded size, and no unlisted visible file may sit
+    beside them (readers glob ``shards/part-*``: a stray file would be read). ``checksums``
+    also re-hashes each file (sha256), except Parquet files when ``hash_parquet`` is off:
+    those carry page CRCs that their reader verifies on every read.
+    """
     output_dir = Path(output_dir)
     manifest = load_manifest(output_dir)
+    listed = manifest.get("files", {})
     problems = []
-    for rel, expected in manifest.get("files", {}).items():
+    if checksums and MANIFEST_CHECKSUM_KEY in manifest \
+            and manifest[MANIFEST_CHECKSUM_KEY] != manifest_checksum(manifest):
+        problems.append((output_dir / MANIFEST_NAME, "content differs from its own checksum"))
+    for rel, expected in listed.items():
         file = output_dir / rel
-        if not file.exists():
-            problems.append(f"{file}: missing")
+        if not file.is_file():
+            problems.append((file, "missing (listed in the manifest)"))
         elif file.stat().st_size != expected["bytes"]:
-            problems.append(f"{file}: {file.stat().st_size} bytes, manifest says {expected['bytes']}")
-        elif sha256_file(file) != expected["sha256"]:
-            problems.append(f"{file}: checksum differs from the manifest")
+            problems.append((file, f"{file.stat().st_size} bytes, the manifest says {expected['bytes']}"))
+        elif checksums and (hash_parquet or file.suffix != ".parquet") \
+                and sha256_file(file) != expected["sha256"]:
+            problems.append((file, "content differs from the manifest (sha256)"))
+    if listed:  # outputs written before per-file checksums list nothing to compare with
+        for file in sorted(_visible_files(output_dir)):
+            rel = file.relative_to(output_dir).as_posix()
+            if rel != MANIFEST_NAME and rel not in listed:
+                problems.append((file, "not listed in the manifest (a stray file)"))
     return problems
+
+
+def verify_outputs(output_dir: Path | str, checksums: bool = True) -> list[str]:
+    """Re-checksum every file listed in the manifest; return a list of problems (empty: OK)."""
+    return [f"{file}: {problem}" for file, problem in output_problems(output_dir, checksums)]
+
+
+def verify_upstream(output_dir: Path | str, *, hash_parquet: bool = True) -> None:
+    """Check an upstream output against its manifest before reading it; raise on any damage.
+
+    Raises :class:`~pipeline.errors.InputError` naming the first damaged file (and how many
+    more there are), so that a stage never turns a corrupt upstream file into an output of
+    its own under the same fingerprints.
+    """
+    output_dir = Path(output_dir)
+    if not (output_dir / MANIFEST_NAME).is_file():
+        raise InputError("upstream output has no manifest.json (not a completed stage output)",
+                         output_dir)
+    try:
+        problems = output_problems(output_dir, checksums=True, hash_parquet=hash_parquet)
+    except ValueError as exc:   # an unreadable manifest
+        raise InputError(str(exc), output_dir / MANIFEST_NAME) from None
+    if problems:
+        file, problem = problems[0]
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise InputError(f"upstream output is damaged: {problem}{more}; remove {output_dir} "
+                         "to rebuild it", file)
 
 
 def existing_outputs(workdir: Path | str, stage: str) -> list[Path]:
@@ -370,6 +533,8 @@ class StageStatus:
     output_dir: Path
     up_to_date: bool
     reasons: list[str]
+    #: The output exists but a file is missing, resized or unlisted: readers will refuse it.
+    broken: bool = False
 
 
 def explain_key(workdir: Path | str, key: StageKey, hasher: FileHasher | None = None,
@@ -384,6 +549,13 @@ def explain_key(workdir: Path | str, key: StageKey, hasher: FileHasher | None = 
     fingerprint = key.fingerprint(hasher)
     final = Path(workdir) / key.stage / fingerprint
     if (final / MANIFEST_NAME).exists():
+        try:   # sizes only: explain stays well under the no-op rerun's 2 s
+            problems = [f"{file}: {problem}" for file, problem in output_problems(final, checksums=False)]
+        except ValueError as exc:
+            problems = [str(exc)]
+        if problems:
+            return StageStatus(key.stage, fingerprint, final, False,
+                               problems + [f"remove {final} to rebuild it"], broken=True)
         return StageStatus(key.stage, fingerprint, final, True, [])
     previous = existing_outputs(workdir, key.stage)
     if not previous:

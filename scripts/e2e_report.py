@@ -59,7 +59,9 @@ def main() -> int:
                 manifests.setdefault(task.stage_name, manifest)
         out_dir = root.output_dir()
     summary = json.loads((out_dir / "summary.json").read_text())
-    task = summary["task"]
+    from pipeline.errors import check_plain_name
+
+    task = check_plain_name(summary["task"], "task name", out_dir / "summary.json")  # reports/<task>.md
     cache = manifests["teacher_cache"]["info"]
     augment = manifests["augment"]["info"]["counts"]
     command = (f"python scripts/e2e_report.py --config {os.path.relpath(args.config.resolve(), PROJECT_ROOT)} "

@@ -201,7 +201,7 @@ class Candidates(CandidateParameters, StageTask):
     """Every replaceable word's candidates (MLM or GloVe) in the prepared train split, once."""
 
     stage_name = "candidates"
-    stage_version = "1"
+    stage_version = "2"   # 2: Parquet page CRCs
     resumable = True
 
     def requires(self):
@@ -266,7 +266,7 @@ class Augment(CandidateParameters, StageTask):
     the Candidates stage's lists (MLM + GloVe word replacement)."""
 
     stage_name = "augment"
-    stage_version = "2"   # 2: sampling over the Candidates stage (same bytes as version 1)
+    stage_version = "3"   # 2: sampling over the Candidates stage (same bytes as version 1); 3: page CRCs
     resumable = True
     uses_torch = False    # sampling only: num_threads is passed on to Candidates
 

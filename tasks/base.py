@@ -13,6 +13,7 @@ imports torch, transformers or datasets (stages import them inside ``build()``).
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,7 +21,10 @@ from typing import Any, ClassVar
 import luigi
 from luigi.task import flatten
 
-from pipeline.stage import FileHasher, StageBuild, StageKey, build_stage, explain_key
+from pipeline.stage import (FileHasher, StageAlreadyComplete, StageBuild, StageKey, build_stage,
+                            explain_key, verify_upstream)
+
+LOG = logging.getLogger("luigi-interface")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = PROJECT_ROOT / "data" / "work"
@@ -72,6 +76,10 @@ class StageTask(luigi.Task):
     stage_version: ClassVar[str] = "1"
     #: Keep the partial directory after a failure so a rerun can continue from it.
     resumable: ClassVar[bool] = False
+    #: Whether readers of this stage re-hash its Parquet files before use (sizes are always
+    #: checked). Off only for stages whose Parquet files are large and carry page CRCs that
+    #: their reader verifies on every read (the teacher cache).
+    hash_parquet_on_read: ClassVar[bool] = True
     #: Whether ``build()`` runs torch (then ``num_threads``, when declared, is applied to it).
     #: False for a stage that only passes ``num_threads`` on: it need not import torch at all.
     uses_torch: ClassVar[bool] = True
@@ -140,19 +148,29 @@ class StageTask(luigi.Task):
 
     def run(self) -> None:
         hasher = shared_hasher(workdir())
-        with build_stage(workdir(), self.stage_key(), resumable=self.resumable, hasher=hasher) as out:
-            if "num_threads" in self.param_kwargs and self.uses_torch:   # its thread count, for build()
-                from pipeline.common.device import torch_threads
+        try:
+            with build_stage(workdir(), self.stage_key(), resumable=self.resumable, hasher=hasher) as out:
+                self.verify_upstream()
+                if "num_threads" in self.param_kwargs and self.uses_torch:   # its thread count, for build()
+                    from pipeline.common.device import torch_threads
 
-                with torch_threads(self.num_threads) as threads:
-                    out.info["torch_threads"] = threads
+                    with torch_threads(self.num_threads) as threads:
+                        out.info["torch_threads"] = threads
+                        self.build(out)
+                else:
                     self.build(out)
-            else:
-                self.build(out)
-            # recorded for `explain`, which compares a key with earlier outputs of its own task
-            task = self.task_name()
-            if task:
-                out.info.setdefault("task", task)
+                # recorded for `explain`, which compares a key with earlier outputs of its own task
+                task = self.task_name()
+                if task:
+                    out.info.setdefault("task", task)
+        except StageAlreadyComplete as done:
+            # Another local process built it while this one waited for the build lock.
+            LOG.info("%s: %s", self.task_id, done)
+
+    def verify_upstream(self) -> None:
+        """Check every upstream output against its manifest before ``build()`` reads it."""
+        for task in self.upstream_tasks().values():
+            verify_upstream(task.output_dir(), hash_parquet=task.hash_parquet_on_read)
 
     def explain(self):
         """This stage's :class:`~pipeline.stage.StageStatus` (up to date or why it will run)."""

@@ -81,16 +81,49 @@ class _HoldSummary(logging.Filter):
         return "===== Luigi Execution Summary =====" not in str(record.msg)
 
 
+#: Seconds between re-checks while tasks of this DAG run on other workers (central scheduler).
+OTHER_WORKERS_POLL_S = 2.0
+
+
 def cmd_run(argv: list[str]) -> int:
     result, failures = _run_luigi(argv)
+    if "--scheduler-host" in argv:
+        result, failures = _until_other_workers_finish(argv, result, failures)
     print(result.summary_text)
     _print_failures(failures)
     return 0 if _succeeded(result) else 1
 
 
+def _until_other_workers_finish(argv: list[str], result, failures):
+    """Under luigid, wait while other workers still run tasks of this DAG; the final result.
+
+    A worker's own summary cannot tell whether the DAG completed: a task another worker ran
+    while this one was not asking counts as "not granted run permission" (NOT_RUN, so every
+    worker but the one that ran the last task would exit 1 although the DAG completed), and a
+    worker that finds everything else running elsewhere ends "successfully" before the DAG is
+    done. So while no task failed and the requested task is not complete, schedule the DAG
+    again after a pause: tasks done meanwhile are "already done", and a task whose worker died
+    goes back to the pool and runs here.
+    """
+    while result.status in _NO_FAILURE and not _requested_task_complete(argv):
+        time.sleep(OTHER_WORKERS_POLL_S)
+        result, failures = _run_luigi(argv)
+    return result, failures
+
+
+def _requested_task_complete(argv: list[str]) -> bool:
+    with task_from_argv([a for a in argv if a != "--verbose"]) as root:
+        return root.complete()
+
+
+_NO_FAILURE = (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY, LuigiStatusCode.NOT_RUN)
+
+
 def _succeeded(result) -> bool:
     # scheduling_succeeded stays True when a task fails; the status says what happened.
-    return result.status in (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY)
+    # NOT_RUN only means that other workers ran some tasks (luigid): cmd_run has waited for
+    # them and checked the requested task itself.
+    return result.status in _NO_FAILURE
 
 
 def _print_failures(failures: "RunLog") -> None:
@@ -227,6 +260,11 @@ def _run_luigi(argv: list[str]):
     args = [a for a in args if a != "--verbose"]
     if "--scheduler-host" not in args and "--local-scheduler" not in args:
         args.append("--local-scheduler")
+    # Luigi's pid lock would make a second identical command exit 0 having done nothing,
+    # even on another workdir. Stage builds lock per output instead (pipeline.locks): runs
+    # on one workdir share the work stage by stage, runs on different workdirs are independent.
+    if "--no-lock" not in args:
+        args.append("--no-lock")
     level = "INFO"   # Luigi's default, DEBUG, logs every completeness check
     for i, arg in enumerate(args):
         if arg == "--log-level" and i + 1 < len(args):
@@ -288,6 +326,11 @@ def explain_lines(root: luigi.Task) -> list[str]:
         upstream_stale = [t for t in flatten(task.requires()) if t.task_id in stale]
         if status.up_to_date:
             lines.append(f"up to date  {task.task_family:<22} {status.output_dir}")
+            continue
+        if status.broken:   # exists, so Luigi will not rebuild it; its readers will refuse it
+            stale.add(task.task_id)
+            lines.append(f"broken      {task.task_family:<22} {status.output_dir}")
+            lines.extend(f"              {reason}" for reason in status.reasons)
             continue
         stale.add(task.task_id)
         lines.append(f"will run    {task.task_family:<22} -> {status.output_dir}")
@@ -413,7 +456,7 @@ def cmd_gc(argv: list[str]) -> int:
     decisions = gc_plan(base, referenced, older_than=older_than, unreferenced_because=because)
     print(f"gc of {base}: keeping what {root_names} references under {scope}"
           + (f", and anything changed within {human_age(older_than)}" if older_than else ""))
-    total = count = 0
+    total = count = locks = 0
     for decision in decisions:
         entry = decision.entry
         if not decision.delete:
@@ -424,12 +467,16 @@ def cmd_gc(argv: list[str]) -> int:
                   "its lock just now)")
             continue
         total += entry.bytes
-        count += 1
+        if entry.kind == "lock":   # every build leaves one (pipeline/locks.py): counted apart
+            locks += 1
+        else:
+            count += 1
         print(f"{'deleted' if delete else 'would delete':<12}  {_human_bytes(entry.bytes):>10}  "
               f"{entry.path}  ({decision.reason})")
     verb = "freed" if delete else "would be freed (dry run; pass --delete)"
     kept = sum(1 for d in decisions if not d.delete)
-    print(f"{count} unreferenced output(s), {_human_bytes(total)} {verb}"
+    print(f"{count} unreferenced output(s)" + (f" and {locks} build lock file(s)" if locks else "")
+          + f", {_human_bytes(total)} {verb}"
           + (f"; {kept} unreferenced entr{'y' if kept == 1 else 'ies'} kept" if kept else ""))
     return 0
 

@@ -52,7 +52,7 @@ class PrepareData(StageTask):
     """Validate and normalise a task's train/dev data into Parquet."""
 
     stage_name = "prepare_data"
-    stage_version = "1"
+    stage_version = "2"   # 2: Parquet page CRCs
 
     source = luigi.ChoiceParameter(
         default="glue", choices=["glue", "hf", "files"], significant=True,

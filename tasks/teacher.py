@@ -46,7 +46,7 @@ class FineTuneTeacher(StageTask):
     """The task's teacher, saved with ``save_pretrained`` (fine-tuned when its head is new)."""
 
     stage_name = "teacher"
-    stage_version = "1"
+    stage_version = "2"   # 2: the fresh head is seeded (reproducible teacher)
 
     teacher = luigi.Parameter(
         default="", significant=True,
@@ -334,6 +334,9 @@ class TeacherCacheShard(TeacherCacheParams, StageTask):
 
     stage_name = "teacher_cache_shard"
     stage_version = "3"   # 2: rows carry aug_index; 3: cache format 2 (compact layout, int8)
+    # Gigabytes of Parquet with page CRCs (verified by pipeline.cache.reader on every read);
+    # TeacherCache re-hashes each shard once, before linking it (assemble_cache).
+    hash_parquet_on_read = False
 
     shard_index = luigi.IntParameter(significant=True, description="Which shard (0-based).")
 
@@ -376,6 +379,8 @@ class TeacherCache(TeacherCacheParams, StageTask):
 
     stage_name = "teacher_cache"
     stage_version = "3"   # 2: rows carry aug_index; 3: cache format 2 (compact layout, int8)
+    # Read by every trainer stage; its page CRCs are verified as they are read.
+    hash_parquet_on_read = False
 
     def shard_tasks(self, num_examples: int) -> list[TeacherCacheShard]:
         count = -(-num_examples // self.shard_size)

@@ -27,6 +27,9 @@ def test_project_grid_parses_with_full_first():
     ("[variants.x]\nstage1_epochs = 0\n", "positive integer"),
     ("title = 'x'\n", "no [variants"),
     ("[variants.x\n", "not valid TOML"),
+    ('[variants."a|b"]\nkd_alpha = 0.1\n', "is not a plain name"),       # breaks a table row
+    ('[variants."two\\nlines"]\nkd_alpha = 0.1\n', "is not a plain name"),
+    ('[variants."../../x"]\nkd_alpha = 0.1\n', "is not a plain name"),
 ])
 def test_bad_grid_names_file_and_problem(tmp_path, text, problem):
     path = tmp_path / "grid.toml"

@@ -299,3 +299,43 @@ def test_repeated_sentences_are_forwarded_once(tiny_mlm_dir):
     candidates = augmenter.position_candidates(examples)
     assert candidates[0] == candidates[2] == candidates[4] != candidates[1]
     assert augmenter.counts["mlm_queries"] == 3 * mlm.forwards > 0
+
+
+@pytest.mark.slow
+def test_a_resumed_augment_records_what_a_fresh_one_records(tmp_path, isolated_workdir, monkeypatch):
+    """Shards that share words, a run killed in its second shard and resumed: both stages'
+    manifests equal a fresh run's but for the run-history fields (glove_distinct_words grew
+    after a resume when it counted the lookups of one process)."""
+    import shutil
+
+    from pipeline.stage import manifest_content
+
+    glue = write_sst2(tmp_path / "glue", [s.replace("\t", " ") for s in SENTENCES] * 3)
+    argv = ["--mode", "glove", "--examples-per-shard", str(len(SENTENCES)), "--aug-progress", "false",
+            "--PrepareData-source", "glue", "--PrepareData-glue-dir", str(glue),
+            "--PrepareData-task", "SST-2"]
+    with configured("Augment", *argv) as task:
+        assert run_luigi(task).status.name == "SUCCESS"
+        outputs = [task.requires()["candidates"].output_dir(), task.output_dir()]
+        fresh = [load_manifest(d) for d in outputs]
+        for directory in outputs:
+            shutil.rmtree(directory)
+        original = Augmenter.side_candidates
+        calls = []
+
+        def dies_in_the_second_shard(self, examples):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("killed")
+            return original(self, examples)
+
+        monkeypatch.setattr(Augmenter, "side_candidates", dies_in_the_second_shard)
+        luigi.task_register.Register.clear_instance_cache()
+        assert run_luigi(task).status.name == "FAILED"
+        monkeypatch.setattr(Augmenter, "side_candidates", original)
+        luigi.task_register.Register.clear_instance_cache()
+        assert run_luigi(task).status.name == "SUCCESS"
+        resumed = [load_manifest(d) for d in outputs]
+    assert resumed[0]["info"]["shards_resumed"] == 1 and fresh[0]["info"]["shards_resumed"] == 0
+    assert fresh[0]["info"]["counts"]["glove_distinct_words"] > 0
+    assert [manifest_content(m) for m in resumed] == [manifest_content(m) for m in fresh]

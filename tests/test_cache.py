@@ -404,7 +404,7 @@ def test_full_disk_mid_shard_is_one_clear_error_and_leaves_nothing(teacher_dir, 
     last = result.stderr.strip().splitlines()[-1]
     assert "part-00000.parquet" in last and "disk full" in last, result.stderr[-2000:]
     stage_dir = work / "teacher_cache_shard"
-    assert not stage_dir.exists() or list(stage_dir.iterdir()) == []
+    assert not stage_dir.exists() or [p for p in stage_dir.iterdir() if p.suffix != ".lock"] == []
 
 
 def _synthetic_cache(directory: Path, rows: int, hidden: int = 64, heads: int = 4) -> Path:
@@ -451,3 +451,29 @@ def test_reader_memory_does_not_grow_with_the_cache(tmp_path):
         peaks.append(peak)
     cache_bytes = (tmp_path / "c1200" / "shards" / "part-00000.parquet").stat().st_size
     assert peaks[1] < 2 * peaks[0] and peaks[1] < cache_bytes, peaks
+
+
+def test_a_manifest_that_disagrees_with_its_shards_is_refused_naming_both(cache_dir):
+    manifest_path = cache_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["info"]["hidden_size"] += 16
+    manifest_path.write_text(json.dumps(manifest))
+    shard = cache_dir / manifest["info"]["shards"][0]["file"]
+    with pytest.raises(InputError, match=rf"{shard}: the manifest \({manifest_path}\) says hidden_size="):
+        open_cache(cache_dir)
+
+
+def test_a_corrupt_shard_is_not_linked_into_a_new_cache(teacher_dir, examples, tmp_path):
+    """assemble_cache hard-links shards: a shard damaged since it was written is refused."""
+    from pipeline.cache.writer import assemble_cache, write_shard_output
+
+    piece = tmp_path / "piece"
+    info = write_shard_output(examples, 0, 17, 0, teacher_dir, piece, CacheSpec([0, 2], [2], "float16", 64))
+    (piece / "manifest.json").write_text(json.dumps({"info": info}))
+    shard = piece / info["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=rf"{shard}: teacher-cache shard's content differs"):
+        assemble_cache([piece], tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "shards").glob("*.parquet"))

@@ -43,8 +43,9 @@ def single_stage_augment(table, out_dir: Path, config, resources, examples_per_s
         shard_counts = dict(augmenter.counts - before)
         out = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
             {COUNTS_METADATA_KEY: json.dumps(shard_counts, sort_keys=True).encode()})
-        write_file_atomic(shard_path(out_dir, shard),
-                          lambda tmp: pq.write_table(out, tmp, compression="zstd"))
+        write_file_atomic(shard_path(out_dir, shard),   # with the page CRCs of Augment v3
+                          lambda tmp: pq.write_table(out, tmp, compression="zstd",
+                                                     write_page_checksum=True))
         counts.update(shard_counts)
     return dict(sorted(counts.items()))
 

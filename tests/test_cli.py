@@ -36,11 +36,14 @@ def test_gc_dry_run_then_delete_keeps_referenced(tmp_path, capsys, isolated_work
     _clear()
     keep = Consumer(path=str(text), scale=2)
     garbage = unreferenced_outputs(referenced_outputs(keep))
-    assert {p.parent.name for p in garbage} == {"test_source", "test_consumer"} and len(garbage) == 2
+    # the two outputs of scale 1 and their (unheld) build lock files
+    outputs = [p for p in garbage if p.suffix != ".lock"]
+    assert {p.parent.name for p in outputs} == {"test_source", "test_consumer"} and len(outputs) == 2
+    assert sorted(p.name for p in garbage if p.suffix == ".lock") == sorted(f".{p.name}.lock" for p in outputs)
     assert keep.output_dir() not in garbage
     _clear()
     assert main(["gc", "Consumer", "--path", str(text), "--scale", "2"]) == 0
-    assert "2 unreferenced output(s)" in capsys.readouterr().out
+    assert "2 unreferenced output(s) and 2 build lock file(s)" in capsys.readouterr().out
     assert all(p.exists() for p in garbage)  # dry run deletes nothing
     _clear()
     assert main(["gc", "--delete", "Consumer", "--path", str(text), "--scale", "2"]) == 0
@@ -96,3 +99,134 @@ def test_upstream_command_line_parameters_reach_the_whole_dag(tmp_path, capsys):
     _clear()
     assert main(["gc", "Wrapper", *upstream_args]) == 0
     assert "0 unreferenced output(s)" in capsys.readouterr().out
+
+
+def _tinykd(argv, workdir, log):
+    """``python -m tasks ARGV`` in a subprocess on ``workdir``, output to the file ``log``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TINYKD_WORKDIR": str(workdir), "PYTHONPATH": str(root)}
+    return subprocess.Popen([sys.executable, "-m", "tasks", *argv], cwd=root, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _wait_for(predicate, what, timeout=60):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_a_second_identical_run_on_another_workdir_is_not_refused(tmp_path, isolated_workdir):
+    """Luigi's pid lock made the second command exit 0 having done nothing."""
+    from pipeline.locks import BuildLock
+
+    text = tmp_path / "in.txt"
+    text.write_text("a\n")
+    argv = ["run", "Consumer", "--path", str(text), "--module", "tests.test_stage"]
+    # Hold the first run inside its first stage: it waits for this build lock.
+    held = BuildLock(Source(path=str(text)).output_dir())
+    held.acquire()
+    first = _tinykd(argv, isolated_workdir, tmp_path / "first.log")
+    try:
+        _wait_for(lambda: "running   Source" in (tmp_path / "first.log").read_text(), "the first run")
+        other = tmp_path / "other-work"
+        second = _tinykd(argv, other, tmp_path / "second.log")
+        assert second.wait(timeout=120) == 0, (tmp_path / "second.log").read_text()
+        assert list((other / "test_consumer").glob("[!.]*")), (tmp_path / "second.log").read_text()
+        assert first.poll() is None                     # still waiting for the lock
+    finally:
+        held.release()
+    assert first.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()
+
+
+class Fan(StageTask):
+    """Three independent Source stages, then this one: work that two workers share."""
+
+    stage_name = "test_fan"
+    path = luigi.Parameter(description="input text file")
+
+    def requires(self):
+        return {f"source{i}": Source(path=self.path, scale=i) for i in (1, 2, 3)}
+
+    def build(self, out):
+        out.rows["sources"] = 3
+
+
+def test_every_worker_under_luigid_exits_0_when_the_dag_completed(tmp_path, isolated_workdir):
+    """Two workers, one central scheduler. Each runs some stages, and neither saw the other
+    run all of its share: Luigi calls those "not granted run permission" (exit 1 before),
+    and the worker that ran out of work first ended before the DAG was complete."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.locks import BuildLock
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    luigid = Path(sys.executable).parent / "luigid"
+    scheduler = subprocess.Popen([str(luigid), "--port", str(port), "--logdir", str(tmp_path),
+                                  "--state-path", str(tmp_path / "state.pickle")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    text = tmp_path / "in.txt"
+    text.write_text("a\n")
+    argv = ["run", "Fan", "--path", str(text), "--module", "tests.test_cli", "--verbose",
+            "--scheduler-host", "localhost", "--scheduler-port", str(port)]   # full task lines
+    # Every Source waits for a lock the test holds, so the test decides who finishes when.
+    held = {i: BuildLock(Source(path=str(text), scale=i).output_dir()) for i in (1, 2, 3)}
+    for lock in held.values():
+        lock.acquire()
+    logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
+
+    def running(scale):
+        import re
+        line = re.compile(rf"running\s+Source\(path=[^,]*, scale={scale}\)")
+        return [n for n, log in enumerate(logs) if line.search(log.read_text())]
+
+    try:
+        def listening():
+            try:
+                socket.create_connection(("localhost", port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+        _wait_for(listening, "luigid")
+        workers = [_tinykd(argv, isolated_workdir, log) for log in logs]
+        _wait_for(lambda: sum(bool(running(i)) for i in (1, 2, 3)) == 2, "two Sources running")
+        first, second = [i for i in (1, 2, 3) if running(i)]
+        held[second].release()                # its worker moves on to the third Source
+        third = ({1, 2, 3} - {first, second}).pop()
+        _wait_for(lambda: running(third), "the third Source")
+        held[first].release()                 # its worker finds nothing left to run
+        import time
+        time.sleep(2.0)
+        held[third].release()
+        codes = [w.wait(timeout=120) for w in workers]
+    finally:
+        for lock in held.values():
+            lock.release()
+        scheduler.terminate()
+        scheduler.wait(timeout=30)
+    assert codes == [0, 0], "\n".join(log.read_text()[-2500:] for log in logs)
+    assert Fan(path=str(text)).output_dir().exists()
+
+
+def test_explain_calls_an_output_with_a_missing_file_broken(tmp_path, capsys):
+    text = tmp_path / "in.txt"
+    text.write_text("a\n")
+    assert luigi.build([Consumer(path=str(text))], local_scheduler=True, log_level="ERROR")
+    _clear()
+    (Source(path=str(text)).output_dir() / "lines.txt").unlink()
+    _clear()
+    lines = explain_lines(Consumer(path=str(text)))
+    assert lines[0].startswith("broken      Source") and "lines.txt: missing" in lines[1]
+    assert any("remove" in line and "to rebuild it" in line for line in lines)

@@ -212,3 +212,37 @@ def test_distillation_shows_a_progress_bar_with_steps_loss_and_eta(tmp_path, ass
                        stage1_dir=tmp_path / "s1", prepared_dir=assets["root"] / "prepared")
     final = _last_bar(capsys.readouterr().err, "distill (prediction)")
     assert final.startswith("distill (prediction): 100%") and "best dev accuracy=" in final, final
+
+
+def test_a_kill_after_training_still_publishes_the_best_student(tmp_path, assets, monkeypatch):
+    """The best student used to be moved into place after training, then the checkpoints
+    deleted: a kill in between made the resumed stage publish the last step's weights while
+    metrics.json named the best step."""
+    from distill.trainer import Trainer
+
+    cache = assets["caches"]["float16"]
+    distill_from_cache(cache, tmp_path / "s1", recipe("intermediate", batch_size=8, epochs=1,
+                                                       device="cpu"), StudentSpec(**STUDENT))
+    stage2 = recipe("prediction", batch_size=8, epochs=2, eval_every=2, checkpoint_every=1,
+                    device="cpu", log_every=1, learning_rate=1e-3)
+
+    def run(name):
+        return distill_from_cache(cache, tmp_path / name, stage2, stage1_dir=tmp_path / "s1",
+                                  prepared_dir=assets["root"] / "prepared")
+
+    fresh = run("fresh")
+    assert fresh["best"]["step"] < fresh["steps"], "the test needs a best step before the last"
+    cleanup = Trainer.cleanup_checkpoints
+
+    def killed(self):
+        raise KeyboardInterrupt("SIGKILL after the student was published in the partial")
+
+    monkeypatch.setattr(Trainer, "cleanup_checkpoints", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run("killed")
+    monkeypatch.setattr(Trainer, "cleanup_checkpoints", cleanup)
+    resumed = run("killed")
+    assert resumed["resumed_from"] is not None and resumed["best"] == fresh["best"]
+    for name in ("model.safetensors", "tinykd_distill.json"):
+        assert (tmp_path / "killed" / "student" / name).read_bytes() == \
+            (tmp_path / "fresh" / "student" / name).read_bytes(), name

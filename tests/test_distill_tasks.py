@@ -117,3 +117,16 @@ def test_two_stage_dag_and_trainer_parameters_rerun_only_the_trainer(configured,
     assert build(changed).status.name == "SUCCESS"
     assert set((isolated_workdir / "teacher_cache").iterdir()) == cache_dirs
     assert set((isolated_workdir / "distill_stage1").iterdir()) == stage1_dirs
+
+    # a flipped byte in stage 1's student: the next stage 2 refuses it, naming the file
+    from pipeline.errors import InputError
+
+    weights = stage1 / "student" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    luigi.task_register.Register.clear_instance_cache()
+    third = distill_tasks.DistillPrediction(learning_rate=2e-4)
+    with pytest.raises(InputError, match=rf"{weights}: upstream output is damaged"):
+        third.run()
+    assert not third.output_dir().exists()

@@ -104,6 +104,11 @@ def run(tmp_path, name, teacher, source, provider, config, **kwargs):
     return trainer, trainer.train()
 
 
+def checkpoint_meta(path: Path) -> dict:
+    """The counters of a checkpoint, read as data (weights_only)."""
+    return json.loads(torch.load(path, weights_only=True)["meta"])
+
+
 def loss_log(path: Path) -> list[dict]:
     keep = ("step", "embedding", "hidden", "attention", "prediction", "total", "lr")
     return [{k: v for k, v in json.loads(line).items() if k in keep}
@@ -166,7 +171,7 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, teacher, examples
                           FailingTeacher(teacher, hidden, attention, fail_at=fail_at), out, mapped, 48)
         with pytest.raises(Interrupt):
             trainer.train()
-    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"] == 8
+    assert checkpoint_meta(out / "checkpoints" / "last.pt")["step"] == 8
     trainer = Trainer(config, make_student(teacher, seed=99), source,
                       OnlineTeacher(teacher, hidden, attention), out, mapped, 48)
     result = trainer.train()
@@ -185,8 +190,8 @@ def test_nan_loss_stops_with_step_named_and_keeps_last_checkpoint(tmp_path, teac
     provider = FailingTeacher(teacher, hidden, attention, fail_at=5, poison=True)
     with pytest.raises(NonFiniteLoss, match=r"at step 5 .*\"embedding\": NaN.*last good checkpoint: step 4"):
         run(tmp_path, "nan", teacher, TokenizedExamples(examples, "classification"), provider, config)
-    state = torch.load(tmp_path / "nan" / "checkpoints" / "last.pt", weights_only=False)
-    assert state["step"] == 4
+    state = torch.load(tmp_path / "nan" / "checkpoints" / "last.pt", weights_only=True)
+    assert json.loads(state["meta"])["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
 
 
@@ -277,7 +282,7 @@ def test_sigkilled_run_resumes_to_the_same_result(tmp_path, teacher, examples, m
     done = subprocess.run([sys.executable, str(script), str(minilm_dir), str(tmp_path / "teacher"), "11",
                            str(out)], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
-    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"] == 8
+    assert checkpoint_meta(out / "checkpoints" / "last.pt")["step"] == 8
 
     hidden, attention = cached_layers(layer_map(4, 2))
     source = TokenizedExamples(examples, "classification")
@@ -328,3 +333,101 @@ def test_student_from_teacher_layers_copies_them(tmp_path, teacher):
             assert torch.equal(value, t_layers[t_index].state_dict()[name]), name
     assert torch.equal(student.bert.embeddings.word_embeddings.weight,
                        teacher.bert.embeddings.word_embeddings.weight)
+
+
+class PlantedPickle:
+    """Unpickling this runs code: it creates the file ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_pickle_checkpoint_is_not_run_but_discarded(tmp_path, teacher, examples):
+    hidden, attention = cached_layers(layer_map(4, 2))
+    source = TokenizedExamples(examples, "classification")
+    config = recipe("intermediate", batch_size=10, epochs=1, log_every=1, checkpoint_every=2,
+                    device="cpu", learning_rate=1e-3)
+    reference, _ = run(tmp_path, "reference", teacher, source, OnlineTeacher(teacher, hidden, attention), config)
+    out = tmp_path / "planted"
+    (out / "checkpoints").mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    torch.save({"step": 2, "payload": PlantedPickle(marker)}, out / "checkpoints" / "last.pt")
+    with pytest.warns(RuntimeWarning, match=r"planted/checkpoints/last\.pt: unreadable checkpoint discarded"):
+        _, result = run(tmp_path, "planted", teacher, source, OnlineTeacher(teacher, hidden, attention), config)
+    assert not marker.exists()              # the pickle's code never ran
+    assert result.resumed_from is None and result.steps == 5
+    assert loss_log(out / "metrics.jsonl") == loss_log(tmp_path / "reference" / "metrics.jsonl")
+
+
+def test_a_corrupt_checkpoint_is_discarded_with_a_warning_naming_it(tmp_path, teacher, examples):
+    hidden, attention = cached_layers(layer_map(4, 2))
+    source = TokenizedExamples(examples, "classification")
+    config = recipe("intermediate", batch_size=10, epochs=1, log_every=1, checkpoint_every=2,
+                    device="cpu", learning_rate=1e-3)
+    out = tmp_path / "corrupt"
+    trainer = Trainer(config, make_student(teacher), source,
+                      FailingTeacher(teacher, hidden, attention, fail_at=4), out,
+                      list(zip((1, 2), layer_map(4, 2))), 48)
+    with pytest.raises(Interrupt):
+        trainer.train()
+    checkpoint = out / "checkpoints" / "last.pt"
+    data = bytearray(checkpoint.read_bytes())
+    checkpoint.write_bytes(bytes(data[: len(data) // 2]))       # truncated by a crash or a full disk
+    with pytest.warns(RuntimeWarning, match="corrupt/checkpoints/last.pt: unreadable checkpoint"):
+        _, result = run(tmp_path, "corrupt", teacher, source, OnlineTeacher(teacher, hidden, attention), config)
+    assert result.resumed_from is None and result.steps == 5
+
+
+def test_train_seconds_accumulate_across_a_resume(tmp_path, teacher, examples):
+    hidden, attention = cached_layers(layer_map(4, 2))
+    source = TokenizedExamples(examples, "classification")
+    config = recipe("intermediate", batch_size=10, epochs=3, log_every=1, checkpoint_every=4,
+                    device="cpu", learning_rate=1e-3)
+    out = tmp_path / "resumed"
+    mapped = list(zip((1, 2), layer_map(4, 2)))
+    trainer = Trainer(config, make_student(teacher), source,
+                      FailingTeacher(teacher, hidden, attention, fail_at=10), out, mapped, 48)
+    with pytest.raises(Interrupt):
+        trainer.train()
+    before = checkpoint_meta(out / "checkpoints" / "last.pt")
+    assert before["step"] == 8 and before["train_seconds"] > 0
+    trainer = Trainer(config, make_student(teacher), source, OnlineTeacher(teacher, hidden, attention),
+                      out, mapped, 48)
+    started = __import__("time").perf_counter()
+    result = trainer.train()
+    this_session = __import__("time").perf_counter() - started
+    assert result.resumed_from == 8
+    assert result.seconds >= before["train_seconds"] + 0.5 * this_session
+    assert result.seconds > this_session
+
+
+DISK_FULL_SCRIPT = """
+import resource, signal, sys
+from pathlib import Path
+import torch
+from distill.trainer import _atomic_torch_save
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
+target = Path(sys.argv[1]) / "last.pt"
+try:
+    _atomic_torch_save({"w": torch.zeros(1_000_000)}, target)
+except OSError as exc:
+    print("OSError:", exc)
+"""
+
+
+def test_a_full_disk_names_the_checkpoint_and_leaves_no_temporary_file(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "full.py"
+    script.write_text(DISK_FULL_SCRIPT)
+    (tmp_path / "ckpt").mkdir()
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"OSError: {tmp_path / 'ckpt' / 'last.pt'}: writing the checkpoint failed" in done.stdout
+    assert list((tmp_path / "ckpt").iterdir()) == []        # no .last.pt.<pid>.tmp left behind

@@ -455,12 +455,13 @@ def test_stage_failure_leaves_nothing_behind(tmp_path, isolated_workdir):
     result = run_luigi(task)
     assert result.status.name == "FAILED"
     stage_dir = isolated_workdir / "prepare_data"
-    assert not stage_dir.exists() or list(stage_dir.iterdir()) == []
+    # (only the build's lock file, which names no holder now: pipeline/locks.py says why it stays)
+    assert not stage_dir.exists() or [p for p in stage_dir.iterdir() if p.suffix != ".lock"] == []
 
     # the explicit option turns the same input into an output that lists the bad row
     skipping = PrepareData(source="glue", glue_dir=str(root), task="SST-2", skip_bad_rows=True)
     assert run_luigi(skipping).status.name == "SUCCESS"
-    assert [p.name for p in stage_dir.iterdir()] == [skipping.fingerprint()]
+    assert [p.name for p in stage_dir.iterdir() if p.suffix != ".lock"] == [skipping.fingerprint()]
     assert task_info(skipping.output_dir())["skipped"]["rows"][0].endswith(
         "train.tsv:3: label '9' is not in the task's label set ['0', '1']")
 
@@ -593,3 +594,36 @@ def test_hf_by_name_goes_through_load_dataset(tmp_path):
     # a local directory is read like a hub repository, and hashed like any local input
     assert source_inputs(source) == {"hf_name": (tmp_path / "repo").resolve()}
     assert source_inputs({**source, "name": "nyu-mll/glue"}) == {}  # the hub: name/config/revision
+
+
+def test_a_train_file_with_a_header_and_no_rows_is_named(tmp_path):
+    (tmp_path / "train.tsv").write_text("review\tstars\n")
+    (tmp_path / "dev.tsv").write_text("review\tstars\nmore\tgood\n")
+    with pytest.raises(InputError, match="the train split has no usable rows") as caught:
+        prepare({"kind": "files", "train": tmp_path / "train.tsv", "dev": tmp_path / "dev.tsv",
+                 "columns": {"text_a": "review", "label": "stars"}, "label_names": ["bad", "good"],
+                 "metric": "accuracy"}, tmp_path / "out")
+    assert caught.value.path == str(tmp_path / "train.tsv")
+    assert not (tmp_path / "out" / "train.parquet").exists()
+
+
+@pytest.mark.parametrize("name", ["../../../tmp/x", "a/b", "x|y", "two\nlines", ".hidden"])
+def test_a_task_name_that_is_not_a_plain_name_is_refused(tmp_path, name):
+    (tmp_path / "t.tsv").write_text("review\tstars\nfine\tgood\n")
+    with pytest.raises(InputError, match="task name .* is not a plain name"):
+        prepare({"kind": "files", "train": tmp_path / "t.tsv", "dev": tmp_path / "t.tsv", "task": name,
+                 "columns": {"text_a": "review", "label": "stars"}}, tmp_path / "out")
+
+
+def test_a_flipped_byte_in_a_prepared_split_fails_the_read_naming_it(tmp_path):
+    (tmp_path / "t.tsv").write_text("review\tstars\n" + "".join(f"row {i}\tgood\n" for i in range(50)))
+    prepare({"kind": "files", "train": tmp_path / "t.tsv", "dev": tmp_path / "t.tsv", "metric": "accuracy",
+             "label_names": ["good"],
+             "columns": {"text_a": "review", "label": "stars"}}, tmp_path / "out")
+    path = tmp_path / "out" / "train.parquet"
+    data = bytearray(path.read_bytes())
+    data[8] ^= 0x20                       # the first data page starts after the 4-byte magic
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="corrupt prepared split") as caught:
+        read_split(tmp_path / "out", "train")
+    assert caught.value.path == str(path)

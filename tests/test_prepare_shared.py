@@ -71,7 +71,7 @@ def test_prepare_sst2_and_mrpc_then_rerun_is_a_no_op(shared_glue, isolated_workd
                 "distorting his evidence.")
 
     stage_dir = isolated_workdir / "prepare_data"
-    before = {p.name: (p / "manifest.json").stat().st_mtime_ns for p in stage_dir.iterdir()}
+    before = {p.name: (p / "manifest.json").stat().st_mtime_ns for p in stage_dir.glob("[!.]*")}
     assert len(before) == 2
 
     Register.clear_instance_cache()  # fresh task objects, as in a new process
@@ -79,5 +79,5 @@ def test_prepare_sst2_and_mrpc_then_rerun_is_a_no_op(shared_glue, isolated_workd
     assert second.scheduling_succeeded and second.status.name == "SUCCESS"
     assert "Did not run any tasks" in second.summary_text
     assert "2 complete ones were encountered" in second.summary_text
-    after = {p.name: (p / "manifest.json").stat().st_mtime_ns for p in stage_dir.iterdir()}
+    after = {p.name: (p / "manifest.json").stat().st_mtime_ns for p in stage_dir.glob("[!.]*")}
     assert after == before

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, check_plain_name
 
 #: Settings a variant may change, by the distillation stage whose parameter they set. Names
 #: are the Luigi parameters of DistillIntermediate (stage 1) and DistillPrediction (stage 2).
@@ -88,6 +88,7 @@ def load_grid(path: Path | str) -> list[Variant]:
         raise InputError("no [variants.<name>] tables", path)
     variants = [Variant(REFERENCE_VARIANT, {})]
     for name, settings in tables.items():
+        check_plain_name(name, "variant name", path)   # a table row and a file name, never markup
         if not isinstance(settings, dict):
             raise InputError(f"variant {name!r} must be a table of settings", path)
         unknown = sorted(set(settings) - GRID_SETTINGS)

@@ -374,10 +374,11 @@ def shard_path(out_dir: Path | str, shard: int) -> Path:
 def read_augmented(out_dir: Path | str):
     """All shards of an augment output, in example order, as one pyarrow Table."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from pipeline.common.examples import read_parquet_checked
 
     files = sorted((Path(out_dir) / SHARD_DIR).glob("part-*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files])
+    return pa.concat_tables([read_parquet_checked(f) for f in files])
 
 
 @dataclass

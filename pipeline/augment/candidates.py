@@ -96,18 +96,19 @@ def candidate_shards(candidates_dir: Path | str, num_examples: int) -> list[Cand
 
 def read_candidate_shard(path: Path | str) -> list[SideCandidates]:
     """One shard's rows as :class:`~pipeline.augment.augmenter.SideCandidates`, in order."""
-    import pyarrow.parquet as pq
+    from pipeline.common.examples import read_parquet_checked
 
-    return [SideCandidates(**row) for row in pq.read_table(path).to_pylist()]
+    return [SideCandidates(**row) for row in read_parquet_checked(path).to_pylist()]
 
 
 def read_candidates(out_dir: Path | str):
     """All shards of a Candidates output, in example order, as one pyarrow Table."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from pipeline.common.examples import read_parquet_checked
 
     files = sorted((Path(out_dir) / SHARD_DIR).glob("part-*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files])
+    return pa.concat_tables([read_parquet_checked(f) for f in files])
 
 
 def _glove_words(path: Path) -> set[str]:
@@ -182,7 +183,9 @@ def candidates_split(table, out_dir: Path | str, config: AugmentConfig,
         out = out.replace_schema_metadata({
             RANGE_KEY: json.dumps([begin, end]).encode(),
             COUNTS_KEY: json.dumps(shard_counts, sort_keys=True).encode()})
-        write_file_atomic(path, lambda tmp: pq.write_table(out, tmp, compression="zstd"))
+        # page CRCs: a flipped byte fails the read instead of decoding into other rows
+        write_file_atomic(path, lambda tmp: pq.write_table(out, tmp, compression="zstd",
+                                                           write_page_checksum=True))
         counts.update(shard_counts)
         bar.update(end - begin)
     bar.close()

@@ -67,7 +67,9 @@ def augment_split(table, candidates_dir: Path | str, out_dir: Path | str, config
         shard_counts = dict(+shard_counts)  # positive entries only, as the counts always were
         out = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
             {COUNTS_METADATA_KEY: json.dumps(shard_counts, sort_keys=True).encode()})
-        write_file_atomic(path, lambda tmp: pq.write_table(out, tmp, compression="zstd"))
+        # page CRCs: a flipped byte fails the read instead of decoding into other rows
+        write_file_atomic(path, lambda tmp: pq.write_table(out, tmp, compression="zstd",
+                                                           write_page_checksum=True))
         counts.update(shard_counts)
         bar.update(shard.end - shard.begin)
     bar.close()

@@ -47,6 +47,7 @@ from pipeline.cache.compact import (DERIVE_KEY, CompactPlan, attention_column, c
                                     hidden_column, input_column, scale_column)
 from pipeline.errors import InputError
 from pipeline.stage import MANIFEST_NAME, sha256_file
+from pipeline.cache.writer import SCHEMA_METADATA_KEY
 
 DEFAULT_SHUFFLE_BUFFER = 4096
 DEFAULT_BUCKET_BATCHES = 32
@@ -222,6 +223,7 @@ class CacheReader:
                 raise InputError(f"shard is truncated or modified: {size} bytes, the manifest "
                                  f"says {shard['bytes']}", file)
             parquet = self._open(number)
+            self._check_layout(parquet, file)
             if parquet.metadata.num_rows != shard["rows"]:
                 raise InputError(f"shard holds {parquet.metadata.num_rows} rows, the manifest says "
                                  f"{shard['rows']}", file)
@@ -269,6 +271,24 @@ class CacheReader:
         if getattr(self, "_parts", None) is None:
             self._parts = self.parts()
         return complete_batch(batch, self._parts)
+
+    def _check_layout(self, parquet: pq.ParquetFile, file: Path) -> None:
+        """The shard's own record of its layout (schema metadata) must match the manifest's:
+        a manifest that disagrees would make the reader cut the values into wrong shapes."""
+        import json
+
+        raw = (parquet.schema_arrow.metadata or {}).get(SCHEMA_METADATA_KEY)
+        if raw is None:
+            return   # written before shards carried their layout
+        try:
+            recorded = json.loads(raw)
+        except ValueError as exc:
+            raise InputError(f"corrupt shard: its layout record is not JSON ({exc})", file) from None
+        for key in ("hidden_layers", "attention_layers", "dtype", "hidden_size", "num_heads"):
+            if key in recorded and recorded[key] != self.info.get(key):
+                raise InputError(f"the manifest ({self.cache_dir / MANIFEST_NAME}) says {key}="
+                                 f"{self.info.get(key)!r}, the shard was written with "
+                                 f"{recorded[key]!r}", file)
 
     def _open(self, number: int) -> pq.ParquetFile:
         if number not in self._files:

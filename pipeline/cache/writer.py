@@ -670,6 +670,20 @@ SHARED_INFO_KEYS = ("format_version", "hidden_layers", "attention_layers", "dtyp
                     "max_seq_length", "attention_target")
 
 
+def _check_shard_file(file: Path, shard: dict) -> None:
+    """The shard file as its manifest recorded it (present, size, sha256), or InputError."""
+    from pipeline.stage import sha256_file
+
+    if not file.is_file():
+        raise InputError("teacher-cache shard listed in its manifest is missing", file)
+    if file.stat().st_size != shard["bytes"]:
+        raise InputError(f"teacher-cache shard has {file.stat().st_size} bytes, its manifest says "
+                         f"{shard['bytes']}; remove {file.parent.parent} to rebuild it", file)
+    if "sha256" in shard and sha256_file(file) != shard["sha256"]:
+        raise InputError("teacher-cache shard's content differs from its manifest (sha256); "
+                         f"remove {file.parent.parent} to rebuild it", file)
+
+
 def write_teacher_parts(teacher: str | Path, plan: CompactPlan, out_dir: Path, expected: dict) -> dict:
     """Save the modules a compact cache recomputes from (once per cache); the manifest entry.
 
@@ -697,7 +711,8 @@ def assemble_cache(shard_dirs: Sequence[Path | str], out_dir: Path | str,
     """Make ``out_dir`` a self-contained cache over the given one-shard outputs.
 
     Shard files are hard-linked (a copy where the filesystem cannot link), so the cache costs
-    no extra disk and stays readable if the shard outputs are garbage-collected. A compact cache
+    no extra disk and stays readable if the shard outputs are garbage-collected. Each shard
+    file is checked against its manifest (size, sha256) before it is linked. A compact cache
     also gets the teacher's parts (``teacher``: the teacher that wrote the shards).
     """
     import os
@@ -720,10 +735,14 @@ def assemble_cache(shard_dirs: Sequence[Path | str], out_dir: Path | str,
                                  f"{info.get(key)!r} vs {first.get(key)!r}", shard_dir)
         for shard in info["shards"]:
             target = out_dir / shard["file"]
+            source = Path(shard_dir) / shard["file"]
+            # A hard link shares the inode: a shard corrupted since it was written would be
+            # published again under the cache's new fingerprint. Check it first.
+            _check_shard_file(source, shard)
             try:
-                os.link(Path(shard_dir) / shard["file"], target)
+                os.link(source, target)
             except OSError:
-                shutil.copy2(Path(shard_dir) / shard["file"], target)
+                shutil.copy2(source, target)
             merged["shards"].append(shard)
     merged["shards"].sort(key=lambda s: s["index"])
     merged["examples"] = sum(s["rows"] for s in merged["shards"])

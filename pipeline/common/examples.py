@@ -38,6 +38,14 @@ def _is_text(path: Path) -> bool:
     return path.suffix in (".txt", ".text")
 
 
+def read_parquet_checked(file: Path | str) -> pa.Table:
+    """A Parquet file with its page CRCs verified; a corrupt file is an InputError naming it."""
+    try:
+        return pq.read_table(file, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"corrupt Parquet file ({exc})", file) from None
+
+
 def count_examples(source: Path | str) -> int:
     """Number of examples in ``source``, from Parquet footers only (cheap: no data read).
 
@@ -68,7 +76,8 @@ def read_example_range(source: Path | str, start: int, stop: int) -> pa.Table:
         else:
             rows = pq.read_metadata(file).num_rows
             lo, hi = max(start - offset, 0), min(stop - offset, rows)
-            table = normalise_examples(pq.read_table(file).slice(lo, hi - lo), file) if lo < hi else None
+            table = normalise_examples(read_parquet_checked(file).slice(lo, hi - lo), file) \
+                if lo < hi else None
         if table is not None and table.num_rows:
             pieces.append(table)
         offset += rows

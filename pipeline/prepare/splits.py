@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, check_plain_name
 
 LOG = logging.getLogger("tinykd.prepare")
 SPLITS = ("train", "dev")
@@ -611,7 +611,9 @@ def _mapping_and_spec(source: Mapping[str, Any], default_columns: Mapping[str, s
         default_task.label_names if default_task and task_type == CLASSIFICATION else None)
     if task_type == REGRESSION:
         label_names = None
-    spec = TaskSpec(str(source.get("task") or CUSTOM_TASK), task_type, "text_b" in columns, label_names,
+    name = str(source.get("task") or CUSTOM_TASK)
+    check_plain_name(name, "task name")   # it names report files (reports/<task>.md)
+    spec = TaskSpec(name, task_type, "text_b" in columns, label_names,
                     default_task.label_range if default_task and task_type == REGRESSION else None)
     return columns, spec
 
@@ -794,7 +796,7 @@ def prepare(source: Mapping[str, Any], out_dir: Path | str, *, skip_bad_rows: bo
     tables = {split: normalise(split, raw[split], spec, problems) for split in SPLITS}
     for split, table in tables.items():
         if not len(table):
-            where = raw[split][0].path if raw[split] else split
+            where = raw[split][0].path if raw[split] else source_inputs(source).get(split, split)
             raise InputError(f"the {split} split has no usable rows", where)
     before = {split: len(table) for split, table in tables.items()}
     tables["train"] = subsample(tables["train"], max_train_examples, subset_seed)
@@ -844,7 +846,8 @@ def write_split(path: Path, table: SplitTable, spec: TaskSpec) -> None:
                  "tinykd.label_names": json.dumps(list(spec.label_names or []))})
     arrow = pa.table({"id": table.ids, "text_a": table.text_a, "text_b": table.text_b,
                       "label": table.labels}, schema=schema)
-    pq.write_table(arrow, path, compression=PARQUET_COMPRESSION)
+    # Page CRCs: a flipped byte fails the read instead of decoding into another row.
+    pq.write_table(arrow, path, compression=PARQUET_COMPRESSION, write_page_checksum=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -855,9 +858,15 @@ def read_split(stage_dir: Path | str, split: str):
     """The normalised ``split`` (``"train"`` or ``"dev"``) of a prepare_data output, as a pyarrow Table."""
     import pyarrow.parquet as pq
 
+    import pyarrow as pa
+
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return pq.read_table(Path(stage_dir) / f"{split}.parquet")
+    path = Path(stage_dir) / f"{split}.parquet"
+    try:
+        return pq.read_table(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"corrupt prepared split: {exc}", path) from None
 
 
 def task_info(stage_dir: Path | str) -> dict:

@@ -198,11 +198,9 @@ def check_against_baseline(teacher_dev: dict, baseline: dict, teacher: str | Pat
 
 
 def _read_examples(path: Path, limit: int = 0):
-    import pyarrow.parquet as pq
+    from pipeline.common.examples import normalise_examples, read_parquet_checked
 
-    from pipeline.common.examples import normalise_examples
-
-    table = normalise_examples(pq.read_table(path), path)
+    table = normalise_examples(read_parquet_checked(path), path)
     return table.slice(0, limit) if limit else table
 
 
@@ -340,6 +338,11 @@ def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_d
     task_type = task_info.get("task_type", "classification")
     label_names = task_info.get("label_names")
     num_labels = 1 if task_type == "regression" else int(task_info.get("num_labels") or len(label_names or []) or 2)
+    import torch
+
+    # A fresh classifier head is drawn from torch's global RNG while the checkpoint loads:
+    # seed first, or two fine-tunes of one fingerprint give two teachers.
+    torch.manual_seed(finetune_kwargs.get("seed", 42))
     model, head_trained, label_check = load_sequence_classifier(teacher, num_labels, label_names, task_type)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(teacher))
