@@ -108,6 +108,24 @@ def test_int8_stays_close_to_fp32(fp32_caches, tmp_path, teacher_dir):  # noqa: 
         assert 0 < errors[column]["mean"] < 0.02 and errors[column]["max"] < 0.05, (column, errors[column])
 
 
+def test_every_layout_and_storage_cuts_the_same_row_groups_so_training_sees_the_same_batches(
+        tmp_path, teacher_dir):  # noqa: F811
+    """Row groups are the reader's shuffle unit: cut by the full fp16 layout's bytes, they are
+    the same for every format, and so is the epoch's batch order (only values differ)."""
+    source = write_examples(tmp_path / "train.parquet", 17, pair=True)
+    orders, groups = {}, {}
+    for layout, storage in (("full", "float16"), ("compact", "float16"), ("compact", "int8")):
+        cache = tmp_path / f"{layout}-{storage}"
+        build_cache(source, teacher_dir, cache, CacheSpec(HIDDEN, ATTENTION, storage, 64, layout=layout),
+                    shard_size=9, row_group_bytes=20000)
+        reader = open_cache(cache)
+        groups[layout, storage] = [rg.rows for rg in reader.row_groups]
+        orders[layout, storage] = [b["ids"] for b in reader.batches(3, seed=5, shuffle_buffer=6)]
+    assert len(groups["full", "float16"]) > 4
+    assert groups["compact", "int8"] == groups["compact", "float16"] == groups["full", "float16"]
+    assert orders["compact", "int8"] == orders["compact", "float16"] == orders["full", "float16"]
+
+
 # --- refusals ---------------------------------------------------------------------------------
 
 def _copy(cache, tmp_path):

@@ -26,12 +26,14 @@ real tokens, a BERT-base teacher and a 4-layer student need 5·L·768 hidden val
 and what must fit an Arrow array with 32-bit list offsets (2^31 values per column chunk). Score
 columns are quadratic in length: one layer of one 128-token row is 12·128² ≈ 197k values, so a
 fixed row count is either tiny for short sentences or hundreds of MB for long ones. We close a
-row group once its uncompressed teacher values reach ``row_group_bytes`` (default 32 MiB): that
+row group once its uncompressed teacher values, counted as the full fp16 layout would store them
+(:func:`nominal_row_bytes`), reach ``row_group_bytes`` (default 32 MiB): that
 bounds reader memory (the reader's shuffle window holds a few row groups), keeps every column
 chunk below ~16M values (far from 2^31, so plain ``list`` offsets are safe), leaves enough
 values per chunk for zstd to find structure, and still gives the reader's shuffle hundreds of
 row groups to permute in a cache of a few GB. Decisions are made per example in source order,
-so the row-group layout does not depend on the forward batch size.
+so the row-group layout depends neither on the forward batch size nor on the cache's layout and
+storage: every format of the same examples trains on the same batches.
 
 **Shards** are contiguous, fixed-size ranges of the source examples in source order (example i
 goes to shard i // shard_size), so the assignment is deterministic and a shard is a unit of
@@ -307,7 +309,12 @@ class ForwardRunner:
 # --------------------------------------------------------------------------------------------
 
 class RowGroupBuffer:
-    """Accumulates rows in source order and closes a row group once it holds enough bytes."""
+    """Accumulates rows in source order and closes a row group once it holds enough bytes.
+
+    ``add(row, cost)`` counts ``cost`` bytes for the row (default: its arrays' bytes). The cache
+    writer passes :func:`nominal_row_bytes`, so that every layout and storage cuts the same
+    row groups (see there).
+    """
 
     def __init__(self, writer: pq.ParquetWriter, schema: pa.Schema, row_group_bytes: int):
         self.writer = writer
@@ -317,9 +324,10 @@ class RowGroupBuffer:
         self.bytes = 0
         self.row_groups = 0
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: dict[str, Any], cost: int | None = None) -> None:
         self.rows.append(row)
-        self.bytes += sum(v.nbytes for v in row.values() if isinstance(v, np.ndarray))
+        self.bytes += cost if cost is not None else sum(
+            v.nbytes for v in row.values() if isinstance(v, np.ndarray))
         if self.bytes >= self.row_group_bytes:
             self.flush()
 
@@ -352,6 +360,21 @@ def _ragged(values: list[np.ndarray | None], value_type: pa.DataType) -> pa.List
     nulls = sizes.size and any(v is None for v in values)
     mask = pa.array([v is None for v in values]) if nulls else None
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, value_type), mask=mask)
+
+
+def nominal_row_bytes(spec: CacheSpec, length: int, hidden_size: int, num_heads: int,
+                      num_logits: int) -> int:
+    """The bytes a row of ``length`` tokens takes in the *full fp16* layout (format 1's default).
+
+    Row groups are the reader's shuffle unit, so their boundaries decide the training order.
+    Cutting them by this nominal size, whatever the cache's layout and storage, gives every
+    format of the same examples the same row groups, hence the same batches: a format change
+    changes the values a student sees, never which examples it sees together. (A compact int8
+    row group is therefore several times smaller on disk than ``row_group_bytes``.)
+    """
+    teacher_values = (len(spec.hidden_layers) * length * hidden_size
+                      + len(spec.attention_layers) * num_heads * length * length)
+    return 2 * teacher_values + 4 * length + length + (4 * num_logits if spec.with_logits else 0)
 
 
 def can_derive_scores(model, attention_target: str = "scores") -> bool:
@@ -391,6 +414,7 @@ def write_cache_shard(examples: pa.Table, model, tokenizer, out_file: Path | str
     if spec.with_logits and model.config.num_labels:
         _check_labels(labels, label_type, model.config.num_labels, source)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    num_logits = model.config.num_labels if spec.with_logits else 0
     started = _time()
     try:
         writer = pq.ParquetWriter(
@@ -422,7 +446,8 @@ def write_cache_shard(examples: pa.Table, model, tokenizer, out_file: Path | str
                                length=lengths[next_row],
                                input_ids=np.asarray(input_ids[next_row], dtype=np.int32),
                                token_type_ids=np.asarray(token_type_ids[next_row], dtype=np.int8))
-                    buffer.add(row)
+                    buffer.add(row, nominal_row_bytes(spec, lengths[next_row], runner.hidden_size,
+                                                      runner.num_heads, num_logits))
                     next_row += 1
             buffer.flush()
     except OSError as exc:
@@ -654,7 +679,7 @@ def size_figures(info: dict) -> dict:
     naive = naive_bytes_per_example(spec, spec.max_seq_length, int(info["hidden_size"]),
                                     int(info["num_heads"]), int(info.get("num_labels") or 0))
     return {
-        "bytes_per_example": round(total / examples, 3), "bytes_per_token": round(total / tokens, 3),
+        "bytes_per_example": total / examples, "bytes_per_token": total / tokens,
         "by_kind_per_token": {k: round(v / tokens, 1) for k, v in kinds.items()},
         "by_kind_per_example": {k: round(v / examples, 1) for k, v in kinds.items()},
         "parts_bytes": parts, "mean_tokens": round(tokens / examples, 2),
