@@ -38,15 +38,17 @@ from distill.trainer import (CachedTeacher, OnlineTeacher, Trainer, TrainConfig,
 from pipeline.common.encoders import family_of, use_eager_attention
 from pipeline.errors import InputError
 from pipeline.cache.layer_map import cached_layers, layer_map
+from pipeline.store import LocalObjectCache, is_url, redact
 
 
-def _load_teacher_side(info: dict, cache_dir: Path):
-    """The teacher's config and tokenizer, from the path the cache manifest names."""
+def _load_teacher_side(info: dict, cache_dir: Path | str, teacher_path: str | None = None):
+    """The teacher's config and tokenizer, from the path the cache manifest names (or
+    ``teacher_path``: where this machine has that teacher, with a URL workdir)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    teacher_path = (info.get("teacher") or {}).get("path")
+    teacher_path = teacher_path or (info.get("teacher") or {}).get("path")
     if not teacher_path:
-        raise InputError("cache manifest names no teacher path", cache_dir / "manifest.json")
+        raise InputError("cache manifest names no teacher path", f"{redact(str(cache_dir))}/manifest.json")
     try:
         config = AutoConfig.from_pretrained(teacher_path)
         tokenizer = AutoTokenizer.from_pretrained(teacher_path)
@@ -109,26 +111,32 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
                        prepared_dir: Path | str | None = None, layer_strategy: str = "uniform",
                        explicit_layers: Sequence[int] = (), online: bool = False,
                        originals_only: bool = False, dev_limit: int = 0,
-                       eval_batch_size: int = 128) -> dict:
+                       eval_batch_size: int = 128, teacher_path: str | None = None,
+                       local_cache: LocalObjectCache | None = None) -> dict:
     """Train one stage into ``out_dir``; return the summary also written to metrics.json.
 
     ``originals_only`` trains on the cache's original (not augmented) examples only: the
-    "without augmentation" setting, read from the same shards.
+    "without augmentation" setting, read from the same shards. ``cache_dir`` may be a store
+    URL (read through pyarrow's filesystem; ``local_cache`` keeps its shards once read), and
+    ``teacher_path`` then names this machine's copy of the cache's teacher (the manifest's path
+    is the writing machine's).
     """
     import torch
 
     from distill.evaluate import Evaluator, load_dev
     from pipeline.cache.reader import load_cache_info, open_cache
 
-    cache_dir, out_dir = Path(cache_dir), Path(out_dir)
+    cache_dir = str(cache_dir) if is_url(cache_dir) else Path(cache_dir)
+    out_dir = Path(out_dir)
     started = time.perf_counter()
     info = load_cache_info(cache_dir)
-    teacher_path, teacher_config, tokenizer = _load_teacher_side(info, cache_dir)
+    where = redact(cache_dir) if isinstance(cache_dir, str) else cache_dir   # named in errors
+    teacher_path, teacher_config, tokenizer = _load_teacher_side(info, cache_dir, teacher_path)
     task, task_type = info.get("task"), info.get("task_type") or "classification"
     label_names = info.get("label_names")
     if config.uses_prediction and not info.get("with_logits", True):
         raise InputError("the prediction loss needs teacher logits, but this cache was built from a "
-                         "bare encoder (general distillation)", cache_dir)
+                         "bare encoder (general distillation)", where)
     num_labels = int(info.get("num_labels") or (len(label_names) if label_names else 2))
 
     if stage1_dir is not None:
@@ -152,19 +160,19 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
         if not online and cached_target != config.attention_target:
             raise InputError(f"cache holds attention {cached_target} ([TeacherCache] attention_target"
                              f" = {cached_target}), the trainer asked for {config.attention_target}; "
-                             "set the same attention_target on the cache and the trainer", cache_dir)
+                             "set the same attention_target on the cache and the trainer", where)
         family_of(teacher_config, teacher_path).check_target(config.attention_target, teacher_path)
         family_of(student).check_target(config.attention_target, student_spec.checkpoint or None)
         if int(info.get("num_heads", 0)) != student.config.num_attention_heads:
             raise InputError(f"cache holds {info.get('num_heads')}-head attention {cached_target}, "
                              f"the student has {student.config.num_attention_heads} heads: the "
-                             "attention loss compares them head by head", cache_dir)
+                             "attention loss compares them head by head", where)
         if not family_of(student).exposes_scores:
             use_eager_attention(student)   # its log_probs come from output_attentions
     try:
         reader = open_cache(cache_dir, hidden_needed, attention_needed, with_teacher=not online,
                             with_logits=config.uses_prediction, originals_only=originals_only,
-                            attention_target=config.attention_target)
+                            attention_target=config.attention_target, local_cache=local_cache)
     except InputError as exc:   # name the map that asked for the missing layers
         raise InputError(f"{exc.problem} (student layer map {layer_strategy!r}: student layers "
                          f"1..{len(mapped)} -> teacher layers {mapped})", exc.path, exc.line) from None
@@ -176,7 +184,7 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
             use_eager_attention(teacher_model)
         provider = OnlineTeacher(teacher_model, hidden_needed, attention_needed,
                                  with_logits=config.uses_prediction,
-                                 attention_target=config.attention_target)
+                                 attention_target=config.attention_target, local_cache=local_cache)
     else:
         provider = CachedTeacher(reader.parts(resolve_device(config.device)))
 

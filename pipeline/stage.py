@@ -57,6 +57,7 @@ from typing import Any, Iterator, Mapping
 
 from pipeline.errors import InputError
 from pipeline.locks import BuildLock, lock_holder
+from pipeline.store import Store, copy_tree_to_local, is_url, open_store
 
 LOG = logging.getLogger("tinykd.stage")
 #: Bump when the fingerprint recipe or the manifest layout itself changes.
@@ -152,6 +153,8 @@ class FileHasher:
         A directory's hash covers every file below it (relative path + content), skipping
         hidden entries such as ``.git`` or editor swap files.
         """
+        if is_url(path):
+            return self._describe_remote(str(path))
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"input not found: {path}")
@@ -164,6 +167,36 @@ class FileHasher:
             digest.update(rel.encode() + b"\0" + self.file_sha256(file).encode() + b"\n")
             total += file.stat().st_size
         return {"path": str(path), "sha256": digest.hexdigest(), "bytes": total}
+
+    def _describe_remote(self, url: str) -> dict:
+        """An input on a store: the same recipe as a local file or directory, with the store's
+        size + modification time as the fast path (an unchanged object is not downloaded)."""
+        store = open_store(url)
+        info = store.info("")
+        if info.type.name == "File":
+            objects = {"": info}
+        else:
+            objects = {rel: i for rel, i in store.list_files("").items()
+                       if not any(part.startswith(".") for part in rel.split("/"))}
+            if not objects:
+                raise FileNotFoundError(f"input not found: {store.display}")
+        digest, total, digests = hashlib.sha256(), 0, {}
+        for rel in sorted(objects):
+            size, mtime = objects[rel].size, objects[rel].mtime_ns
+            key = f"{store.display}/{rel}" if rel else store.display
+            cached = self._entries.get(key)
+            if cached and cached[0] == size and cached[1] == mtime:
+                digests[rel] = cached[2]
+            else:
+                digests[rel] = store.sha256(rel)
+                self._entries[key] = [size, mtime, digests[rel]]
+                self._dirty = True
+            total += size
+        if list(objects) == [""]:
+            return {"path": store.display, "sha256": digests[""], "bytes": total}
+        for rel in sorted(digests):
+            digest.update(rel.encode() + b"\0" + digests[rel].encode() + b"\n")
+        return {"path": store.display, "sha256": digest.hexdigest(), "bytes": total}
 
     def save(self) -> None:
         if not (self.cache_path and self._dirty):
@@ -348,8 +381,12 @@ def _acquire_build_lock(final: Path) -> BuildLock:
 
 @contextlib.contextmanager
 def build_stage(workdir: Path | str, key: StageKey, *, resumable: bool = False,
-                hasher: FileHasher | None = None) -> Iterator[StageBuild]:
+                hasher: FileHasher | None = None, store: Store | None = None,
+                partial_sync_seconds: float = 60.0) -> Iterator[StageBuild]:
     """Build one stage output atomically, holding its build lock throughout.
+
+    With a ``store`` (a URL workdir), ``workdir`` is this machine's local scratch directory and
+    the output goes to the store instead: see :func:`build_stage_on_store`.
 
     Yields a :class:`StageBuild` whose ``path`` is a hidden partial directory. On normal exit
     the manifest is written and the directory renamed to ``<workdir>/<stage>/<fingerprint>``.
@@ -361,6 +398,11 @@ def build_stage(workdir: Path | str, key: StageKey, *, resumable: bool = False,
     when another process published it while this one waited for the lock.
     """
     hasher = hasher or FileHasher(Path(workdir) / ".hash-cache.json")
+    if store is not None:
+        with build_stage_on_store(store, workdir, key, resumable=resumable, hasher=hasher,
+                                  partial_sync_seconds=partial_sync_seconds) as build:
+            yield build
+        return
     fingerprint = key.fingerprint(hasher)
     final = Path(workdir) / key.stage / fingerprint
     if final.exists():
@@ -402,6 +444,285 @@ def build_stage(workdir: Path | str, key: StageKey, *, resumable: bool = False,
                 raise
     finally:
         lock.release()
+
+
+# --------------------------------------------------------------------------------------------
+# The contract on a store (a URL workdir): local scratch, upload, manifest last
+# --------------------------------------------------------------------------------------------
+
+def store_output_rel(stage: str, fingerprint: str) -> str:
+    """Where an output lives on a store: ``<stage>/<fingerprint>``."""
+    return f"{stage}/{fingerprint}"
+
+
+def store_partial_rel(stage: str, fingerprint: str) -> str:
+    """Where a resumable build keeps its finished parts on a store: ``<stage>/.<fingerprint>.partial``."""
+    return f"{stage}/.{fingerprint}{PARTIAL_SUFFIX}"
+
+
+def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """A manifest as written to disk (the same bytes locally and on a store)."""
+    return (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def _syncable(path: Path, root: Path) -> bool:
+    """A finished piece of a partial build: visible, not a temporary file, not the manifest."""
+    parts = path.relative_to(root).parts
+    return not any(p.startswith(".") for p in parts) and parts != (MANIFEST_NAME,)
+
+
+class PartialSync:
+    """Copies a resumable build's finished pieces to the store's partial prefix while it runs.
+
+    Resumable builders write every piece atomically (a temporary name, then a rename), so a
+    visible file is a finished one; a file is uploaded again when its size or mtime changes (a
+    checkpoint replaced). A background thread syncs every ``every`` seconds; :meth:`stop` syncs
+    a last time (after a failure, so another machine can continue from there).
+    """
+
+    def __init__(self, store: Store, local: Path, rel: str, every: float):
+        import threading
+
+        self.store, self.local, self.rel, self.every = store, local, rel, every
+        self._sent: dict[str, tuple[int, int]] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="tinykd-partial-sync", daemon=True)
+
+    def start(self, already_there: Mapping[str, tuple[int, int]] | None = None) -> "PartialSync":
+        self._sent.update(already_there or {})
+        if self.every > 0:
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.sync()
+            except Exception as exc:   # noqa: BLE001 - a failed sync only costs a resume later
+                LOG.warning("could not copy finished parts to %s: %s", self.store.url_of(self.rel), exc)
+
+    def sync(self) -> int:
+        with self._lock:
+            sent = 0
+            for file in sorted(_visible_files(self.local)):
+                if not _syncable(file, self.local):
+                    continue
+                try:
+                    stat = file.stat()
+                except FileNotFoundError:
+                    continue
+                name = file.relative_to(self.local).as_posix()
+                if self._sent.get(name) == (stat.st_size, stat.st_mtime_ns):
+                    continue
+                try:
+                    self.store.upload(file, f"{self.rel}/{name}")
+                except FileNotFoundError:   # replaced while we read it: the next sync sends it
+                    continue
+                self._sent[name] = (stat.st_size, stat.st_mtime_ns)
+                sent += 1
+            return sent
+
+    def stop(self, final_sync: bool) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if final_sync:
+            try:
+                self.sync()
+            except Exception as exc:   # noqa: BLE001 - the build's own error matters more
+                LOG.warning("could not copy finished parts to %s: %s", self.store.url_of(self.rel), exc)
+
+
+def upload_output(store: Store, local: Path, rel: str, manifest: Mapping[str, Any]) -> None:
+    """Publish the local directory ``local`` as the store output ``rel``: every file the manifest
+    lists, then objects left there by a killed upload and not listed are removed, then
+    ``manifest.json`` last (the object whose existence makes the output complete)."""
+    for name in sorted(manifest.get("files", {})):
+        store.upload(local / name, f"{rel}/{name}")
+    for name in store.list_files(rel):
+        if name != MANIFEST_NAME and name not in manifest.get("files", {}):
+            store.delete(f"{rel}/{name}")
+    store.write_bytes(f"{rel}/{MANIFEST_NAME}", manifest_bytes(manifest))
+
+
+@contextlib.contextmanager
+def build_stage_on_store(store: Store, scratch: Path | str, key: StageKey, *, resumable: bool = False,
+                         hasher: FileHasher | None = None,
+                         partial_sync_seconds: float = 60.0) -> Iterator[StageBuild]:
+    """The stage contract on a store without rename.
+
+    The build runs in ``<scratch>/<stage>/.<fingerprint>.partial`` (a local directory, under the
+    same local build lock as a local workdir: processes sharing this scratch never write one
+    partial together; machines are kept apart by luigid). On success its files are uploaded to
+    ``<stage>/<fingerprint>/`` on the store, ``manifest.json`` last, the store's partial prefix
+    is removed, and the local directory becomes ``<scratch>/<stage>/<fingerprint>``: this
+    machine's copy, which its downstream stages read without a download.
+
+    A resumable build starts from the parts under the store's partial prefix
+    (``<stage>/.<fingerprint>.partial/``, written by any machine) and copies its own finished
+    parts there while it runs (:class:`PartialSync`) and once more when it fails.
+    """
+    hasher = hasher or FileHasher(Path(scratch) / ".hash-cache.json")
+    fingerprint = key.fingerprint(hasher)
+    rel = store_output_rel(key.stage, fingerprint)
+    if store.exists(f"{rel}/{MANIFEST_NAME}"):
+        raise StageAlreadyComplete(f"{store.url_of(rel)} already exists; the stage is complete")
+    final = Path(scratch) / key.stage / fingerprint
+    lock = _acquire_build_lock(final)
+    try:
+        if store.exists(f"{rel}/{MANIFEST_NAME}"):
+            raise StageAlreadyComplete(f"{store.url_of(rel)} was published by another process "
+                                       "while this one waited for its build lock")
+        if final.exists():   # a local copy of an output since removed from the store
+            shutil.rmtree(final)
+        partial = partial_dir(final)
+        if partial.exists() and not resumable:
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temporaries(partial):
+            LOG.warning("removed %s, a temporary file of an interrupted build", stale)
+        partial_rel = store_partial_rel(key.stage, fingerprint)
+        syncer = None
+        if resumable:
+            fetched = copy_tree_to_local(store, partial_rel, partial)
+            if fetched:
+                LOG.info("resuming %s from %d part(s) under %s", rel, len(fetched), store.url_of(partial_rel))
+            remote = {name: info for name, info in store.list_files(partial_rel).items()}
+            known = {}
+            for name, info in remote.items():
+                local_file = partial / name
+                if local_file.exists() and local_file.stat().st_size == info.size and name in fetched:
+                    known[name] = (info.size, local_file.stat().st_mtime_ns)
+            syncer = PartialSync(store, partial, partial_rel, partial_sync_seconds).start(known)
+        build = StageBuild(partial, key, fingerprint, hasher)
+        started = time.time()
+        try:
+            yield build
+            if syncer is not None:
+                syncer.stop(final_sync=False)
+            remove_stale_temporaries(partial)
+            manifest = build.manifest(started, time.time())
+            _write_json_atomic(partial / MANIFEST_NAME, manifest)
+            upload_output(store, partial, rel, manifest)
+        except BaseException:
+            if syncer is not None:
+                syncer.stop(final_sync=True)
+            else:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        finally:
+            hasher.save()
+        if resumable:
+            store.delete_tree(partial_rel)
+        os.rename(partial, final)
+    finally:
+        lock.release()
+
+
+def fetch_output(store: Store, stage: str, fingerprint: str, scratch: Path | str) -> Path:
+    """This machine's copy of the store output ``<stage>/<fingerprint>``, downloaded once into
+    ``<scratch>/<stage>/<fingerprint>`` and checked on the way (every listed file, its size and
+    sha256, the manifest's own checksum). A stage that needs an upstream output as local files
+    (a teacher model directory, word vectors, augmented shards) reads this copy.
+
+    Raises :class:`~pipeline.errors.InputError` naming the object at fault when the output is
+    incomplete or damaged on the store; nothing half-downloaded is left under the final name.
+    """
+    rel = store_output_rel(stage, fingerprint)
+    final = Path(scratch) / stage / fingerprint
+    if (final / MANIFEST_NAME).is_file():
+        return final
+    with BuildLock(final):   # one download per output and scratch directory
+        if (final / MANIFEST_NAME).is_file():
+            return final
+        try:
+            raw = store.read_bytes(f"{rel}/{MANIFEST_NAME}")
+        except FileNotFoundError:
+            raise InputError("upstream output has no manifest.json on the store (not a completed "
+                             "stage output)", store.url_of(rel)) from None
+        manifest = _parse_store_manifest(store, rel, raw)
+        tmp = final.with_name(f".{final.name}.fetch.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            for name, expected in sorted(manifest.get("files", {}).items()):
+                try:
+                    digest = store.download(f"{rel}/{name}", tmp / name)
+                except FileNotFoundError:
+                    raise InputError("upstream output is damaged: listed in the manifest, missing on "
+                                     f"the store; remove {store.url_of(rel)} to rebuild it",
+                                     store.url_of(f"{rel}/{name}")) from None
+                size = (tmp / name).stat().st_size
+                if size != expected["bytes"] or digest != expected["sha256"]:
+                    what = (f"{size} bytes, the manifest says {expected['bytes']}" if size != expected["bytes"]
+                            else "content differs from the manifest (sha256)")
+                    raise InputError(f"upstream output is damaged: {what}; remove {store.url_of(rel)} "
+                                     "to rebuild it", store.url_of(f"{rel}/{name}"))
+            (tmp / MANIFEST_NAME).write_bytes(raw)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def _parse_store_manifest(store: Store, rel: str, raw: bytes) -> dict:
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:
+        raise InputError(f"manifest is not valid JSON ({exc})", store.url_of(f"{rel}/{MANIFEST_NAME}")) from None
+    recorded = manifest.get(MANIFEST_CHECKSUM_KEY)
+    if recorded is not None and recorded != manifest_checksum(manifest):
+        raise InputError("manifest.json differs from its own checksum (edited or corrupt)",
+                         store.url_of(f"{rel}/{MANIFEST_NAME}"))
+    return manifest
+
+
+def store_output_problems(store: Store, rel: str, checksums: bool = True,
+                          hash_parquet: bool = True) -> list[tuple[str, str]]:
+    """:func:`output_problems` for an output on a store: ``(object URL, problem)`` pairs.
+
+    Sizes come from one listing; ``checksums`` streams every listed object through sha256
+    (Parquet files only with ``hash_parquet``: the teacher cache's are checked by page CRC as
+    the reader reads them)."""
+    try:
+        raw = store.read_bytes(f"{rel}/{MANIFEST_NAME}")
+    except FileNotFoundError:
+        return [(store.url_of(rel), "no manifest.json (not a completed stage output)")]
+    try:
+        manifest = _parse_store_manifest(store, rel, raw)
+    except InputError as exc:
+        return [(exc.path, exc.problem)]
+    listed = manifest.get("files", {})
+    present = store.list_files(rel)
+    problems = []
+    for name, expected in sorted(listed.items()):
+        url = store.url_of(f"{rel}/{name}")
+        if name not in present:
+            problems.append((url, "missing (listed in the manifest)"))
+        elif present[name].size != expected["bytes"]:
+            problems.append((url, f"{present[name].size} bytes, the manifest says {expected['bytes']}"))
+        elif checksums and (hash_parquet or not name.endswith(".parquet")) \
+                and store.sha256(f"{rel}/{name}") != expected["sha256"]:
+            problems.append((url, "content differs from the manifest (sha256)"))
+    if listed:
+        for name in sorted(present):
+            if name != MANIFEST_NAME and name not in listed \
+                    and not any(part.startswith(".") for part in name.split("/")):
+                problems.append((store.url_of(f"{rel}/{name}"), "not listed in the manifest (a stray file)"))
+    return problems
+
+
+def verify_store_upstream(store: Store, rel: str, *, hash_parquet: bool = True) -> None:
+    """:func:`verify_upstream` for an output a stage reads straight from the store."""
+    problems = store_output_problems(store, rel, checksums=True, hash_parquet=hash_parquet)
+    if problems:
+        where, problem = problems[0]
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise InputError(f"upstream output is damaged: {problem}{more}; remove {store.url_of(rel)} "
+                         "to rebuild it", where)
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
@@ -538,14 +859,18 @@ class StageStatus:
 
 
 def explain_key(workdir: Path | str, key: StageKey, hasher: FileHasher | None = None,
-                upstream_names: Mapping[str, str] | None = None, task: str | None = None) -> StageStatus:
+                upstream_names: Mapping[str, str] | None = None, task: str | None = None,
+                store: Store | None = None) -> StageStatus:
     """Say whether ``key``'s output exists and, if not, how it differs from the closest output.
 
     The comparison is with :func:`closest_output` (same task, most of the key in common), not
     with the newest output of the stage: the newest may be another task's, and "input file
     dev (…/CoLA/dev.tsv) content changed" says nothing about why RTE's stage will run.
+    With a ``store`` the outputs are those on the store (``workdir`` is the local scratch).
     """
     hasher = hasher or FileHasher(Path(workdir) / ".hash-cache.json")
+    if store is not None:
+        return _explain_on_store(store, key, hasher, upstream_names or {}, task)
     fingerprint = key.fingerprint(hasher)
     final = Path(workdir) / key.stage / fingerprint
     if (final / MANIFEST_NAME).exists():
@@ -577,6 +902,56 @@ def explain_key(workdir: Path | str, key: StageKey, hasher: FileHasher | None = 
     return StageStatus(key.stage, fingerprint, final, False, [header] + [f"  {r}" for r in reasons])
 
 
+def existing_store_outputs(store: Store, stage: str) -> list[str]:
+    """Completed outputs of ``stage`` on a store (``<stage>/<fingerprint>``), newest first."""
+    manifests = []
+    for name, info in store.list_files(stage).items():
+        parts = name.split("/")
+        if len(parts) == 2 and parts[1] == MANIFEST_NAME and not parts[0].startswith("."):
+            manifests.append((info.mtime_ns or 0, f"{stage}/{parts[0]}"))
+    return [rel for _, rel in sorted(manifests, reverse=True)]
+
+
+def load_store_manifest(store: Store, rel: str) -> dict:
+    try:
+        return json.loads(store.read_bytes(f"{rel}/{MANIFEST_NAME}"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{store.url_of(rel)}: no manifest; not a completed stage output") from None
+    except ValueError as exc:
+        raise ValueError(f"{store.url_of(rel)}/{MANIFEST_NAME}: manifest is not valid JSON ({exc})") from None
+
+
+def _explain_on_store(store: Store, key: StageKey, hasher: FileHasher,
+                      upstream_names: Mapping[str, str], task: str | None) -> StageStatus:
+    fingerprint = key.fingerprint(hasher)
+    rel = store_output_rel(key.stage, fingerprint)
+    final = store.url_of(rel)
+    if store.exists(f"{rel}/{MANIFEST_NAME}"):
+        problems = [f"{where}: {problem}"   # sizes only, from one listing
+                    for where, problem in store_output_problems(store, rel, checksums=False)]
+        if problems:
+            return StageStatus(key.stage, fingerprint, final, False,
+                               problems + [f"remove {final} to rebuild it"], broken=True)
+        return StageStatus(key.stage, fingerprint, final, True, [])
+    previous = existing_store_outputs(store, key.stage)
+    if not previous:
+        return StageStatus(key.stage, fingerprint, final, False, ["no earlier output of this stage"])
+    document = key.document(hasher)
+    closest = closest_output(previous, document, task, load=lambda r: load_store_manifest(store, r))
+    if closest is None:
+        return StageStatus(key.stage, fingerprint, final, False,
+                           [f"no earlier output of this stage for task {task} ({len(previous)} "
+                            "earlier output(s) of other tasks)"])
+    path, old, in_common = closest
+    reasons = diff_against_manifest(document, old, upstream_names)
+    if not reasons:
+        reasons = ["same key as that output but another fingerprint (contract changed)"]
+    same_task = f"same task {task}; " if task and manifest_task(old) == task else ""
+    header = (f"compared with {path.rsplit('/', 1)[-1]}, the closest earlier output ({same_task}"
+              f"{in_common[0]} of {in_common[1]} settings in common):")
+    return StageStatus(key.stage, fingerprint, final, False, [header] + [f"  {r}" for r in reasons])
+
+
 def manifest_task(manifest: Mapping[str, Any]) -> str | None:
     """The task a manifest's output was built for (its ``task`` parameter or info), if recorded."""
     task = (manifest.get("params") or {}).get("task") or (manifest.get("info") or {}).get("task")
@@ -592,8 +967,8 @@ def _settings(document_or_manifest: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def closest_output(outputs: list[Path], document: Mapping[str, Any],
-                   task: str | None = None) -> tuple[Path, dict, tuple[int, int]] | None:
+def closest_output(outputs: list, document: Mapping[str, Any], task: str | None = None,
+                   load=load_manifest) -> tuple[Path, dict, tuple[int, int]] | None:
     """The earlier output most like ``document``: ``(path, manifest, (settings in common, of))``.
 
     Outputs of the same task come first (those whose task is not recorded next; another
@@ -605,7 +980,7 @@ def closest_output(outputs: list[Path], document: Mapping[str, Any],
     best = None
     for order, path in enumerate(outputs):
         try:
-            manifest = load_manifest(path)
+            manifest = load(path)
         except (FileNotFoundError, ValueError):
             continue
         recorded = manifest_task(manifest)
@@ -658,11 +1033,12 @@ UNLOCKED_PARTIAL_GRACE_SECONDS = 3600.0
 class WorkdirEntry:
     """One thing under ``<workdir>/<stage>/``: a completed output, a partial build, a lock file."""
 
-    kind: str        # "output", "partial" or "lock"
-    path: Path       # the directory or file itself
-    target: Path     # the output it belongs to: <workdir>/<stage>/<fingerprint>
+    kind: str        # "output", "partial" or "lock"; on a store also "incomplete" (no manifest)
+    path: Path       # the directory or file itself (on a store: its redacted URL)
+    target: Path     # the output it belongs to: <workdir>/<stage>/<fingerprint> (on a store: "<stage>/<fingerprint>")
     bytes: int
     modified: float  # newest modification time inside it (seconds since the epoch)
+    rel: str | None = None   # on a store: the prefix to delete
 
 
 @dataclass
@@ -710,6 +1086,31 @@ def workdir_entries(workdir: Path | str) -> list[WorkdirEntry]:
     return entries
 
 
+def store_workdir_entries(store: Store) -> list[WorkdirEntry]:
+    """Every stage output, partial prefix and incomplete output (objects under
+    ``<stage>/<fingerprint>/`` without a manifest: a killed upload) on a store, from one listing."""
+    groups: dict[tuple[str, str], list] = {}
+    for name, info in store.list_files("").items():
+        parts = name.split("/")
+        if len(parts) < 3 or parts[0].startswith("."):
+            continue   # top-level files (none are written) and hidden top-level prefixes
+        groups.setdefault((parts[0], parts[1]), []).append((parts[2:], info))
+    entries = []
+    for (stage, entry), objects in sorted(groups.items()):
+        if entry.startswith(".") and entry.endswith(PARTIAL_SUFFIX):
+            kind, fingerprint = "partial", entry[1:-len(PARTIAL_SUFFIX)]
+        elif not entry.startswith("."):
+            has_manifest = any(p == [MANIFEST_NAME] for p, _ in objects)
+            kind, fingerprint = ("output" if has_manifest else "incomplete"), entry
+        else:
+            continue
+        rel = f"{stage}/{entry}"
+        modified = max((i.mtime.timestamp() if i.mtime else 0.0) for _, i in objects)
+        entries.append(WorkdirEntry(kind, store.url_of(rel), f"{stage}/{fingerprint}",
+                                    sum(i.size for _, i in objects), modified, rel))
+    return entries
+
+
 def human_age(seconds: float) -> str:
     for unit, length in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= length:
@@ -724,7 +1125,8 @@ def _holder_text(holder: Mapping[str, Any]) -> str:
 
 
 def gc_plan(workdir: Path | str, referenced: set[Path], *, older_than: float | None = None,
-            unreferenced_because: str = "not referenced", now: float | None = None) -> list[GcDecision]:
+            unreferenced_because: str = "not referenced", now: float | None = None,
+            store: Store | None = None) -> list[GcDecision]:
     """Decide, for every unreferenced entry under ``workdir``, whether it may be deleted and why.
 
     Entries of referenced outputs are not listed (a referenced partial is a resumable build).
@@ -732,16 +1134,27 @@ def gc_plan(workdir: Path | str, referenced: set[Path], *, older_than: float | N
     (:func:`pipeline.locks.lock_holder`), when it is a partial directory without a lock file
     that changed within :data:`UNLOCKED_PARTIAL_GRACE_SECONDS`, or when ``older_than`` (seconds)
     is given and it changed more recently than that.
+
+    With a ``store`` the entries are the store's (``referenced`` holds ``<stage>/<fingerprint>``
+    strings). No lock reaches across machines there, so a partial prefix or an incomplete
+    output (an upload in progress, or a killed one) counts as possibly live for the same grace
+    period after its newest object was written.
     """
     from pipeline.locks import lock_holder, lock_path
 
     now = time.time() if now is None else now
     decisions = []
-    for entry in workdir_entries(workdir):
+    for entry in (store_workdir_entries(store) if store is not None else workdir_entries(workdir)):
         if entry.target in referenced:
             continue
         age = now - entry.modified
-        if entry.kind in ("partial", "lock"):
+        if store is not None and entry.kind in ("partial", "incomplete") \
+                and age < UNLOCKED_PARTIAL_GRACE_SECONDS:
+            decisions.append(GcDecision(entry, False, (
+                f"kept: {'a partial build' if entry.kind == 'partial' else 'an upload without its manifest'}"
+                f" on the store, written to {human_age(age)} ago (may be live on another machine)")))
+            continue
+        if store is None and entry.kind in ("partial", "lock"):
             holder = lock_holder(entry.target)
             if holder is not None:
                 decisions.append(GcDecision(entry, False, f"kept: being built by {_holder_text(holder)}"))
@@ -758,7 +1171,8 @@ def gc_plan(workdir: Path | str, referenced: set[Path], *, older_than: float | N
                 f"(younger than {human_age(older_than)})")))
             continue
         what = {"output": "output", "partial": "partial build, no live holder",
-                "lock": "build lock, no holder"}[entry.kind]
+                "lock": "build lock, no holder",
+                "incomplete": "incomplete output (an upload that never wrote its manifest)"}[entry.kind]
         decisions.append(GcDecision(entry, True, f"{what}; {unreferenced_because}; "
                                                  f"changed {human_age(age)} ago"))
     # a lock file goes after its partial directory: while it exists, a new build of the same
@@ -766,10 +1180,17 @@ def gc_plan(workdir: Path | str, referenced: set[Path], *, older_than: float | N
     return sorted(decisions, key=lambda d: d.entry.kind == "lock")
 
 
-def delete_entry(entry: WorkdirEntry) -> bool:
-    """Delete one garbage entry; False (nothing touched) when a build took its lock meanwhile."""
+def delete_entry(entry: WorkdirEntry, store: Store | None = None) -> bool:
+    """Delete one garbage entry; False (nothing touched) when a build took its lock meanwhile.
+    On a store an output's manifest goes first, so that it is never complete-looking while
+    its files are being removed."""
     from pipeline.locks import lock_holder
 
+    if store is not None:
+        if entry.kind == "output":
+            store.delete(f"{entry.rel}/{MANIFEST_NAME}")
+        store.delete_tree(entry.rel)
+        return True
     if entry.kind in ("partial", "lock") and lock_holder(entry.target) is not None:
         return False
     if entry.kind == "lock":

@@ -104,9 +104,10 @@ class Ablations(StageTask):
         descriptions = {v.name: v.describe() for v in self.grid_variants()}
         results = [_variant_result(name, task, descriptions[name])
                    for name, task in self.variant_tasks().items()]
-        teacher = load_manifest(self.upstream_dir("teacher"))["info"]
-        data = load_manifest(self.upstream_dir("data"))
-        cache = load_manifest(self.upstream_dir("cache"))
+        # manifests only: with a URL workdir nothing is downloaded for them
+        teacher = self.upstream_tasks()["teacher"].manifest()["info"]
+        data = self.upstream_tasks()["data"].manifest()
+        cache = self.upstream_tasks()["cache"].manifest()
         teacher_dev = (teacher.get("dev") or {})
         teacher_metric = teacher_dev.get(results[0].metric_name)
         task = data["info"].get("task") or "task"
@@ -188,12 +189,12 @@ def _variant_result(name: str, task: DistillPrediction, settings: str):
     """A variant's best dev metrics and training time, from its two stage outputs."""
     from pipeline.ablations.report import VariantResult
 
-    stage2 = load_manifest(task.output_dir())
-    stage1 = load_manifest(task.requires()["stage1"].output_dir())
+    stage2 = task.manifest()
+    stage1 = task.requires()["stage1"].manifest()
     metrics = stage2["info"].get("dev_metrics") or {}
     if "primary" not in metrics:
         raise InputError("stage-2 output has no dev metrics (was it built without a dev split?)",
-                         task.output_dir())
+                         task.output_location())
     primary = metrics["primary_metric"]
     extra = {k: float(v) for k, v in metrics.items()
              if k not in ("primary", "primary_metric", "examples", primary) and isinstance(v, (int, float))}

@@ -22,7 +22,8 @@ import luigi
 from luigi.task import flatten
 
 from pipeline.stage import (FileHasher, StageAlreadyComplete, StageBuild, StageKey, build_stage,
-                            explain_key, verify_upstream)
+                            explain_key, fetch_output, store_output_rel, verify_store_upstream,
+                            verify_upstream)
 
 LOG = logging.getLogger("luigi-interface")
 
@@ -36,14 +37,88 @@ class pipeline(luigi.Config):  # noqa: N801 - Luigi names config sections after 
     workdir = luigi.Parameter(
         default="",
         significant=False,
-        description="Root directory of all stage outputs (content-addressed). Empty: "
+        description="Root of all stage outputs (content-addressed): a local directory, or a URL "
+                    "(s3://bucket/prefix, gs://…, file://…) that several machines share. Empty: "
                     "$TINYKD_WORKDIR, else data/work inside the project.",
+    )
+    scratch = luigi.Parameter(
+        default="",
+        significant=False,
+        description="With a URL workdir: this machine's local directory where stages build "
+                    "before uploading, and where upstream outputs needed as local files are "
+                    "fetched once. Empty: $TINYKD_SCRATCH, else a directory under the system's "
+                    "temporary directory named after the workdir URL. Unused with a local workdir.",
+    )
+    local_cache_gb = luigi.FloatParameter(
+        default=0.0,
+        significant=False,
+        description="With a URL workdir: gigabytes of local disk under the scratch directory "
+                    "for teacher-cache shards read from the store, so that the second epoch does "
+                    "not download again (least recently used shards go first). 0: stream every "
+                    "epoch from the store (ranged reads of the needed columns).",
+    )
+    partial_sync_seconds = luigi.FloatParameter(
+        default=60.0,
+        significant=False,
+        description="With a URL workdir: how often a resumable stage copies its finished parts "
+                    "(augmentation shards, checkpoints) to the store's partial prefix, so that "
+                    "another machine can continue a killed build (0: only when the build fails).",
     )
 
 
-def workdir() -> Path:
+def workdir_location() -> str:
+    """The configured workdir as written: a local path or a URL."""
     configured = pipeline().workdir or os.environ.get("TINYKD_WORKDIR", "")
-    return Path(configured).expanduser().resolve() if configured else DEFAULT_WORKDIR
+    return configured or str(DEFAULT_WORKDIR)
+
+
+def workdir_store():
+    """The :class:`pipeline.store.Store` of a URL workdir, or None for a local one."""
+    from pipeline.store import is_url, open_store
+
+    location = workdir_location()
+    return open_store(location) if is_url(location) else None
+
+
+def workdir() -> Path:
+    """The local root of stage outputs: the workdir itself, or with a URL workdir this
+    machine's scratch directory (its builds and its copies of fetched outputs)."""
+    location = workdir_location()
+    from pipeline.store import is_url
+
+    if is_url(location):
+        return scratch_dir()
+    return Path(location).expanduser().resolve()
+
+
+def scratch_dir() -> Path:
+    """This machine's scratch directory (``[pipeline] scratch``; see its description)."""
+    import hashlib
+    import tempfile
+
+    from pipeline.store import redact
+
+    configured = pipeline().scratch or os.environ.get("TINYKD_SCRATCH", "")
+    if configured:
+        return Path(configured).expanduser().resolve()
+    name = hashlib.sha256(redact(workdir_location()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"tinykd-scratch-{os.getuid()}" / name
+
+
+class StoreTarget(luigi.Target):
+    """A stage output on a store: it exists exactly when its ``manifest.json`` object does."""
+
+    def __init__(self, store, rel: str):
+        self.store, self.rel = store, rel
+
+    def exists(self) -> bool:
+        from pipeline.stage import MANIFEST_NAME
+
+        return self.store.exists(f"{self.rel}/{MANIFEST_NAME}")
+
+    @property
+    def path(self) -> str:
+        return self.store.url_of(self.rel)
 
 
 #: The one ``num_threads`` parameter of every compute stage (same name, same meaning).
@@ -83,6 +158,9 @@ class StageTask(luigi.Task):
     #: Whether ``build()`` runs torch (then ``num_threads``, when declared, is applied to it).
     #: False for a stage that only passes ``num_threads`` on: it need not import torch at all.
     uses_torch: ClassVar[bool] = True
+    #: With a URL workdir, downstream stages read this output straight from the store (the
+    #: teacher cache: tens of GB, streamed by its reader) instead of a fetched local copy.
+    stream_from_store: ClassVar[bool] = False
 
     # --- declared by subclasses -------------------------------------------------------------
     def stage_inputs(self) -> dict[str, str | Path]:
@@ -126,13 +204,49 @@ class StageTask(luigi.Task):
         return self._fingerprint
 
     def output_dir(self) -> Path:
+        """The output's local directory: under the workdir, or with a URL workdir this machine's
+        copy under the scratch directory (present once built here or fetched: readable_dir())."""
         return workdir() / self.stage_name / self.fingerprint()
 
+    def store_rel(self) -> str:
+        return store_output_rel(self.stage_name, self.fingerprint())
+
     def output(self):
+        store = workdir_store()
+        if store is not None:
+            return StoreTarget(store, self.store_rel())
         return luigi.LocalTarget(str(self.output_dir()))
 
-    def upstream_dir(self, label: str) -> Path:
-        return self.upstream_tasks()[label].output_dir()
+    def output_location(self) -> str | Path:
+        """Where the output is: its local directory, or its URL on the store."""
+        store = workdir_store()
+        return store.url_of(self.store_rel()) if store is not None else self.output_dir()
+
+    def readable_dir(self) -> Path:
+        """The output as local files: the output itself, or with a URL workdir the copy fetched
+        once (checked against its manifest) into the scratch directory."""
+        store = workdir_store()
+        if store is None:
+            return self.output_dir()
+        return fetch_output(store, self.stage_name, self.fingerprint(), workdir())
+
+    def manifest(self) -> dict:
+        """This output's manifest (read from the store with a URL workdir; nothing else fetched)."""
+        from pipeline.stage import load_manifest, load_store_manifest
+
+        store = workdir_store()
+        if store is None:
+            return load_manifest(self.output_dir())
+        return load_store_manifest(store, self.store_rel())
+
+    def upstream_dir(self, label: str) -> Path | str:
+        """An upstream output for ``build()`` to read: a local directory, or for a stage that is
+        streamed from a store (``stream_from_store``), its URL."""
+        task = self.upstream_tasks()[label]
+        store = workdir_store()
+        if store is not None and task.stream_from_store:
+            return f"{store.url}/{task.store_rel()}"
+        return task.readable_dir()
 
     def task_name(self) -> str | None:
         """The task (``PrepareData.task``) this output belongs to: its own ``task`` parameter,
@@ -149,7 +263,9 @@ class StageTask(luigi.Task):
     def run(self) -> None:
         hasher = shared_hasher(workdir())
         try:
-            with build_stage(workdir(), self.stage_key(), resumable=self.resumable, hasher=hasher) as out:
+            with build_stage(workdir(), self.stage_key(), resumable=self.resumable, hasher=hasher,
+                             store=workdir_store(),
+                             partial_sync_seconds=pipeline().partial_sync_seconds) as out:
                 self.verify_upstream()
                 if "num_threads" in self.param_kwargs and self.uses_torch:   # its thread count, for build()
                     from pipeline.common.device import torch_threads
@@ -169,14 +285,18 @@ class StageTask(luigi.Task):
 
     def verify_upstream(self) -> None:
         """Check every upstream output against its manifest before ``build()`` reads it."""
+        store = workdir_store()
         for task in self.upstream_tasks().values():
-            verify_upstream(task.output_dir(), hash_parquet=task.hash_parquet_on_read)
+            if store is not None and task.stream_from_store:
+                verify_store_upstream(store, task.store_rel(), hash_parquet=task.hash_parquet_on_read)
+            else:   # with a store: fetched (and checked) once, then checked like a local output
+                verify_upstream(task.readable_dir(), hash_parquet=task.hash_parquet_on_read)
 
     def explain(self):
         """This stage's :class:`~pipeline.stage.StageStatus` (up to date or why it will run)."""
         names = {label: task.stage_name for label, task in self.upstream_tasks().items()}
         return explain_key(workdir(), self.stage_key(), shared_hasher(workdir()), names,
-                           task=self.task_name())
+                           task=self.task_name(), store=workdir_store())
 
 
 def walk_dag(root: luigi.Task) -> list[luigi.Task]:

@@ -38,7 +38,7 @@ from luigi.task import flatten
 
 from pipeline.errors import InputError
 from pipeline.stage import delete_entry, gc_plan, human_age
-from tasks.base import PROJECT_ROOT, StageTask, walk_dag, workdir
+from tasks.base import PROJECT_ROOT, StageTask, walk_dag, workdir, workdir_location, workdir_store
 
 #: Tasks that ``gc`` keeps (with their whole DAG) when none is named: the ablation grid,
 #: whose ``full`` variant is the main job (DistillPrediction) itself.
@@ -245,6 +245,22 @@ class _FailureCollector(logging.Handler):
             handle.write(json.dumps({"task": label, "error": error}) + "\n")
 
 
+def check_workdir(args: list[str]) -> None:
+    """A URL workdir is opened and checked before anything is scheduled: an unknown protocol, a
+    missing bucket, missing credentials or an unreachable endpoint is one InputError naming the
+    (redacted) URL, and nothing is written anywhere."""
+    if any(a in ("-h", "--help", "--help-all") for a in args):
+        return
+    with contextlib.ExitStack() as stack:
+        try:   # the command line's --pipeline-workdir, if any, in force
+            stack.enter_context(luigi.cmdline_parser.CmdlineParser.global_instance(args))
+        except (Exception, SystemExit):   # a bad command line: luigi.run reports it in its words
+            return
+        store = workdir_store()
+        if store is not None:
+            store.check()
+
+
 def _run_luigi(argv: list[str]):
     """Luigi's own command line (local scheduler unless one is named); ``(result, RunLog)``.
 
@@ -271,6 +287,7 @@ def _run_luigi(argv: list[str]):
             level = args[i + 1]
         elif arg.startswith("--log-level="):
             level = arg.split("=", 1)[1]
+    check_workdir(args)
     run_log = RunLog(workdir() / "logs", verbose)
     hold = _HoldSummary()
     interface_logger = logging.getLogger("luigi-interface")
@@ -345,13 +362,17 @@ def cmd_explain(argv: list[str]) -> int:
     started = time.perf_counter()
     with task_from_argv(argv) as root:
         print("\n".join(explain_lines(root)))
-    print(f"(checked in {time.perf_counter() - started:.2f} s; workdir {workdir()})")
+    store = workdir_store()
+    where = store.display if store is not None else workdir()
+    print(f"(checked in {time.perf_counter() - started:.2f} s; workdir {where})")
     return 0
 
 
 def referenced_outputs(root: luigi.Task) -> set[Path]:
-    """The output directories of every stage in ``root``'s DAG."""
-    return {task.output_dir() for task in walk_dag(root) if isinstance(task, StageTask)}
+    """The output directories of every stage in ``root``'s DAG (``<stage>/<fingerprint>`` on a store)."""
+    on_store = workdir_store() is not None
+    return {task.store_rel() if on_store else task.output_dir()
+            for task in walk_dag(root) if isinstance(task, StageTask)}
 
 
 def unreferenced_outputs(referenced: set[Path]) -> list[Path]:
@@ -360,7 +381,7 @@ def unreferenced_outputs(referenced: set[Path]) -> list[Path]:
     Partial directories of referenced fingerprints are kept (a resumable stage continues from
     them); so is anything a live build holds (:func:`pipeline.stage.gc_plan`).
     """
-    return [d.entry.path for d in gc_plan(workdir(), referenced) if d.delete]
+    return [d.entry.path for d in gc_plan(workdir(), referenced, store=workdir_store()) if d.delete]
 
 
 _AGE_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -445,15 +466,18 @@ def cmd_gc(argv: list[str]) -> int:
                 where = f"under --config {config}" if config else "under the current configuration"
                 raise InputError(f"cannot walk {root_names}'s DAG {where}, so nothing is collected: "
                                  f"{exc}") from None
-            workdirs.add(workdir())
+            workdirs.add(workdir_location())
     if len(workdirs) > 1:
         raise InputError(f"the configurations use different workdirs ({', '.join(map(str, sorted(workdirs)))}); "
                          "collect one workdir at a time")
-    base = workdirs.pop()
+    workdirs.pop()
+    store = workdir_store()
+    base = store.display if store is not None else workdir()
     scope = (f"any of {len(configs)} configurations ({', '.join(configs)})" if len(configs) > 1
              else f"--config {configs[0]}" if configs else "the current configuration")
     because = f"not referenced by {root_names} under {scope}"
-    decisions = gc_plan(base, referenced, older_than=older_than, unreferenced_because=because)
+    decisions = gc_plan(workdir(), referenced, older_than=older_than, unreferenced_because=because,
+                        store=store)
     print(f"gc of {base}: keeping what {root_names} references under {scope}"
           + (f", and anything changed within {human_age(older_than)}" if older_than else ""))
     total = count = locks = 0
@@ -462,7 +486,7 @@ def cmd_gc(argv: list[str]) -> int:
         if not decision.delete:
             print(f"{'kept':<12}  {_human_bytes(entry.bytes):>10}  {entry.path}  ({decision.reason})")
             continue
-        if delete and not delete_entry(entry):
+        if delete and not delete_entry(entry, store):
             print(f"{'kept':<12}  {_human_bytes(entry.bytes):>10}  {entry.path}  (kept: a build took "
                   "its lock just now)")
             continue
@@ -483,12 +507,16 @@ def cmd_gc(argv: list[str]) -> int:
 
 def cmd_inspect(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tinykd inspect", description="Summarise a teacher cache.")
-    parser.add_argument("cache_dir", type=Path)
+    parser.add_argument("cache_dir", help="a teacher cache directory, or its URL on a store "
+                                          "(s3://bucket/prefix/teacher_cache/FINGERPRINT)")
     parser.add_argument("--verify", action="store_true", help="re-checksum and re-read every shard")
     args = parser.parse_args(argv)
     from pipeline.cache.inspect_cache import inspect_cache
 
-    report, ok = inspect_cache(args.cache_dir, verify=args.verify)
+    from pipeline.store import is_url
+
+    report, ok = inspect_cache(args.cache_dir if is_url(args.cache_dir) else Path(args.cache_dir),
+                               verify=args.verify)
     print(report)
     return 0 if ok else 1
 

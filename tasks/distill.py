@@ -34,7 +34,7 @@ import luigi
 from distill.recipes import RECIPES
 from pipeline.common.encoders import AUTO_FAMILY, FAMILIES
 from pipeline.stage import StageBuild
-from tasks.base import StageTask, num_threads_parameter
+from tasks.base import StageTask, num_threads_parameter, pipeline, workdir, workdir_store
 from tasks.prepare import PrepareData
 from tasks.teacher import TeacherCache
 
@@ -253,6 +253,24 @@ class _DistillStage(StageTask):
     def cache_task(self) -> TeacherCache:
         return self.requires()["cache"]
 
+    def store_reading(self) -> dict[str, Any]:
+        """With a URL workdir: how this machine reads the cache (the reader's local disk cache)
+        and where it has the cache's fine-tuned teacher (fetched once into scratch; the cache
+        manifest names the path on the machine that wrote it). Nothing with a local workdir."""
+        store = workdir_store()
+        if store is None:
+            return {}
+        from pipeline.store import LocalObjectCache
+
+        reading: dict[str, Any] = {}
+        gigabytes = pipeline().local_cache_gb
+        if gigabytes > 0:
+            reading["local_cache"] = LocalObjectCache(workdir() / ".local-cache", int(gigabytes * 2**30))
+        teacher = self.cache_task().upstream_tasks().get("teacher")
+        if teacher is not None and hasattr(teacher, "model_dir"):
+            reading["teacher_path"] = str(teacher.model_dir())
+        return reading
+
     def uses_intermediate_losses(self) -> bool:
         """Whether any layer-to-layer loss is on (then the layer map decides cached columns)."""
         return any(w > 0 for w in (self.embedding_weight, self.attention_weight, self.hidden_weight))
@@ -279,7 +297,8 @@ class _IntermediateStage(StudentParameters, _DistillStage):
         with out.timed("distill"):
             summary = distill_from_cache(self.upstream_dir("cache"), out.path, self.train_config(), spec,
                                          layer_strategy=strategy, explicit_layers=explicit,
-                                         online=self.online_teacher, originals_only=self.originals_only)
+                                         online=self.online_teacher, originals_only=self.originals_only,
+                                         **self.store_reading())
         self.record(out, summary)
 
 
@@ -355,7 +374,7 @@ class DistillPrediction(AugmentationSettings, _trainer_parameters("prediction"),
                                          prepared_dir=self.upstream_dir("data"), layer_strategy=strategy,
                                          explicit_layers=explicit, online=self.online_teacher,
                                          originals_only=self.originals_only,
-                                         eval_batch_size=self.eval_batch_size)
+                                         eval_batch_size=self.eval_batch_size, **self.store_reading())
         self.record(out, summary)
         if summary["best"]:
             out.info["dev_metrics"] = summary["best"]["metrics"]

@@ -98,7 +98,7 @@ class FineTuneTeacher(StageTask):
         return {"data": PrepareData()}
 
     def model_dir(self) -> Path:
-        return self.output_dir() / "model"
+        return self.readable_dir() / "model"
 
     def build(self, out: StageBuild) -> None:
         from pipeline.prepare.splits import task_info
@@ -246,8 +246,8 @@ class TeacherCacheParams(luigi.Task):
         if self.examples == "corpus":
             return Path(self.corpus_path())
         if self.examples == "augmented":
-            return self.upstream_requirements()["examples"].output_dir()
-        return self.upstream_requirements()["data"].output_dir() / "train.parquet"
+            return self.upstream_requirements()["examples"].readable_dir()
+        return self.upstream_requirements()["data"].readable_dir() / "train.parquet"
 
     def cache_stage_params(self) -> dict[str, Any]:
         params = {name: self.param_kwargs[name] for name, p in TeacherCacheParams.get_params() if p.significant}
@@ -304,7 +304,7 @@ class TeacherCacheParams(luigi.Task):
             return {}
         from pipeline.prepare.splits import task_info
 
-        return task_info(self.upstream_requirements()["data"].output_dir())
+        return task_info(self.upstream_requirements()["data"].readable_dir())
 
     def num_examples(self) -> int | None:
         """Examples in the source from Parquet footers, or None while the source is not built."""
@@ -381,6 +381,8 @@ class TeacherCache(TeacherCacheParams, StageTask):
     stage_version = "3"   # 2: rows carry aug_index; 3: cache format 2 (compact layout, int8)
     # Read by every trainer stage; its page CRCs are verified as they are read.
     hash_parquet_on_read = False
+    # With a URL workdir the trainers stream it from the store (pipeline.cache.reader).
+    stream_from_store = True
 
     def shard_tasks(self, num_examples: int) -> list[TeacherCacheShard]:
         count = -(-num_examples // self.shard_size)
@@ -421,7 +423,7 @@ class TeacherCache(TeacherCacheParams, StageTask):
 
         shards = getattr(self, "_shards", None) or self.shard_tasks(self.num_examples() or 0)
         with out.timed("assemble"):
-            info = assemble_cache([t.output_dir() for t in shards], out.path, self.teacher_source())
+            info = assemble_cache([t.readable_dir() for t in shards], out.path, self.teacher_source())
         info["parameters"] = {k: v for k, v in self.cache_params().items()}
         out.rows["examples"] = info["examples"]
         out.info.update(info)

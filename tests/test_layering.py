@@ -19,7 +19,7 @@ COMPUTE_PACKAGES = ("pipeline", "distill")
 
 #: Rank of each layer; a module imports only layers of lower rank, and its own.
 LAYER_RANK = {
-    "pipeline.stage": 0, "pipeline.errors": 0, "pipeline.locks": 0,
+    "pipeline.stage": 0, "pipeline.errors": 0, "pipeline.locks": 0, "pipeline.store": 0,
     "pipeline.common": 1,
     "pipeline.prepare": 2,
     "pipeline.augment": 3, "pipeline.teacher": 3,   # siblings: neither reads the other
@@ -27,7 +27,7 @@ LAYER_RANK = {
     "distill": 5,
     "pipeline.ablations": 6,
 }
-BOTTOM = {"pipeline.stage", "pipeline.errors", "pipeline.locks"}
+BOTTOM = {"pipeline.stage", "pipeline.errors", "pipeline.locks", "pipeline.store"}
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -28,6 +28,12 @@ the augmented cache instead of running the teacher again. The selection is made 
 opening, from the tiny ``aug_index`` column; row groups are still read whole, so an epoch
 reads about as many bytes as an augmented one while it trains on a fraction of the rows.
 
+**From a store.** ``cache_dir`` may be a URL (a URL workdir's teacher cache): the manifest and
+footers are read through pyarrow's filesystem and row groups with ranged reads of the needed
+columns only. With a :class:`pipeline.store.LocalObjectCache` (``[pipeline] local_cache_gb``)
+each shard is fetched once, whole, the first time a row group of it is read, checked against
+its sha256, and read from local disk from then on: the second epoch downloads nothing.
+
 **Checked.** Opening checks the manifest against the request (layers, dtype) and every
 shard's presence, size, footer and row count, naming the file at fault; :meth:`verify` also
 re-checksums and decodes every row group.
@@ -47,6 +53,7 @@ from pipeline.cache.compact import (DERIVE_KEY, CompactPlan, attention_column, c
                                     hidden_column, input_column, scale_column)
 from pipeline.errors import InputError
 from pipeline.stage import MANIFEST_NAME, sha256_file
+from pipeline.store import LocalObjectCache, is_url, open_store, redact
 from pipeline.cache.writer import SCHEMA_METADATA_KEY
 
 DEFAULT_SHUFFLE_BUFFER = 4096
@@ -58,12 +65,20 @@ def load_cache_info(cache_dir: Path | str) -> dict:
     """The ``info`` section of a teacher cache's manifest, with a clear error if absent."""
     import json
 
-    cache_dir = Path(cache_dir)
-    path = cache_dir / MANIFEST_NAME
-    if not path.exists():
-        raise InputError("no manifest.json: not a completed teacher cache", cache_dir)
+    if is_url(cache_dir):
+        path = f"{redact(str(cache_dir))}/{MANIFEST_NAME}"
+        try:
+            text = open_store(str(cache_dir)).read_bytes(MANIFEST_NAME)
+        except FileNotFoundError:
+            raise InputError("no manifest.json: not a completed teacher cache", redact(str(cache_dir))) from None
+    else:
+        cache_dir = Path(cache_dir)
+        path = cache_dir / MANIFEST_NAME
+        if not path.exists():
+            raise InputError("no manifest.json: not a completed teacher cache", cache_dir)
+        text = path.read_text()
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text)
     except ValueError as exc:
         raise InputError(f"manifest is not valid JSON ({exc})", path) from None
     info = manifest.get("info", {})
@@ -129,16 +144,22 @@ class CacheReader:
     online-teacher mode). ``originals_only``: only the rows with ``aug_index == 0``.
     ``attention_target``: what the trainer's attention loss compares (``scores`` or
     ``log_probs``); a cache holding the other is refused (None = any).
+    ``cache_dir`` may be a store URL; ``local_cache`` then keeps shards on local disk once read.
     """
 
     def __init__(self, cache_dir: Path | str, hidden_layers: Sequence[int] | None = None,
                  attention_layers: Sequence[int] | None = None, dtype: str | None = None,
                  with_teacher: bool = True, with_logits: bool | None = None,
-                 originals_only: bool = False, attention_target: str | None = None):
-        self.cache_dir = Path(cache_dir)
+                 originals_only: bool = False, attention_target: str | None = None,
+                 local_cache: LocalObjectCache | None = None):
+        self.remote = is_url(cache_dir)
+        # a URL stays a string (Path would fold its "//"); messages name it redacted
+        self.cache_dir = str(cache_dir).rstrip("/") if self.remote else Path(cache_dir)
+        self.where = redact(self.cache_dir) if self.remote else self.cache_dir
+        self.local_cache = local_cache if self.remote else None
         self.originals_only = originals_only
         self.info = load_cache_info(self.cache_dir)
-        self.format_version = check_format(self.info, self.cache_dir / MANIFEST_NAME)
+        self.format_version = check_format(self.info, self._name(MANIFEST_NAME))
         self.plan = CompactPlan.from_info(self.info)
         self.dtype = self.info["dtype"]
         # caches written before the attention target existed hold scores
@@ -148,20 +169,20 @@ class CacheReader:
             raise InputError(f"cache holds attention {self.attention_target} ([TeacherCache] "
                              f"attention_target = {self.attention_target}), the trainer asked for "
                              f"{attention_target}; set the same attention_target on the cache and "
-                             "the trainer", self.cache_dir)
+                             "the trainer", self.where)
         # padding ids as the writer padded (RoBERTa pads with 1; its positions depend on it)
         self.pad_token_id = int(self.info.get("pad_token_id", 0) or 0)
         cached_hidden = [int(x) for x in self.info["hidden_layers"]]
         cached_attn = [int(x) for x in self.info["attention_layers"]]
         if dtype is not None and dtype != self.dtype:
-            raise InputError(f"cache stores {self.dtype}, the trainer asked for {dtype}", self.cache_dir)
+            raise InputError(f"cache stores {self.dtype}, the trainer asked for {dtype}", self.where)
         self.hidden_layers = self._check_layers("hidden", hidden_layers, cached_hidden)
         self.attention_layers = self._check_layers("attention", attention_layers, cached_attn)
         self.with_teacher = with_teacher
         cached_logits = bool(self.info.get("with_logits", True))
         if with_logits and not cached_logits:
             raise InputError("cache holds no logits (bare-encoder teacher); the trainer asked for "
-                             "logits", self.cache_dir)
+                             "logits", self.where)
         self.with_logits = with_teacher and cached_logits if with_logits is None else with_logits and with_teacher
         if not with_teacher:
             self.hidden_layers, self.attention_layers = [], []
@@ -171,8 +192,9 @@ class CacheReader:
         if self.with_logits:
             self.columns.append("logits")
         self.columns += self._teacher_columns()
-        self.shard_files = [self.cache_dir / s["file"] for s in self.info["shards"]]
+        self.shard_files = [self._name(s["file"]) for s in self.info["shards"]]
         self._files: dict[int, pq.ParquetFile] = {}
+        self._local: set[int] = set()   # shards read from local disk (a local cache entry)
         self.row_groups: list[_RowGroup] = []
         self._check_shards()
         if self.derives:
@@ -211,14 +233,33 @@ class CacheReader:
         if missing:
             raise InputError(f"the trainer needs {kind} layer(s) {missing} but the cache holds "
                              f"{cached}; rebuild the cache with the trainer's layer map",
-                             self.cache_dir)
+                             self.where)
         return requested
 
+    def _name(self, rel: str):
+        """A file of the cache as messages name it: a local path, or the object's redacted URL."""
+        return f"{redact(self.cache_dir)}/{rel}" if self.remote else self.cache_dir / rel
+
+    @property
+    def store(self):
+        return open_store(self.cache_dir)
+
+    def _sizes(self) -> dict[str, int]:
+        """``file -> bytes`` of every file of the cache (one listing on a store)."""
+        if self.remote:
+            return {rel: info.size for rel, info in self.store.list_files("").items()}
+        files = [s["file"] for s in self.info["shards"]]
+        parts = (self.info.get("compact") or {}).get("parts")
+        if parts:
+            files.append(parts["file"])
+        return {rel: (self.cache_dir / rel).stat().st_size for rel in files if (self.cache_dir / rel).is_file()}
+
     def _check_shards(self) -> None:
+        sizes = self._sizes()
         for number, (shard, file) in enumerate(zip(self.info["shards"], self.shard_files)):
-            if not file.exists():
+            if shard["file"] not in sizes:
                 raise InputError("shard listed in the manifest is missing", file)
-            size = file.stat().st_size
+            size = sizes[shard["file"]]
             if "bytes" in shard and size != shard["bytes"]:
                 raise InputError(f"shard is truncated or modified: {size} bytes, the manifest "
                                  f"says {shard['bytes']}", file)
@@ -244,13 +285,14 @@ class CacheReader:
         parts = (self.info.get("compact") or {}).get("parts")
         if not parts:
             raise InputError("the manifest of this compact cache lists no teacher parts (embeddings, "
-                             "query/key weights); rebuild the cache", self.cache_dir / MANIFEST_NAME)
-        path = self.cache_dir / parts["file"]
-        if not path.is_file():
+                             "query/key weights); rebuild the cache", self._name(MANIFEST_NAME))
+        path = self._name(parts["file"])
+        size = self._sizes().get(parts["file"])
+        if size is None:
             raise InputError("the compact cache's teacher parts (embeddings, query/key weights) are "
                              "missing; rebuild the cache", path)
-        if path.stat().st_size != parts.get("bytes"):
-            raise InputError(f"teacher parts are truncated or modified: {path.stat().st_size} bytes, "
+        if size != parts.get("bytes"):
+            raise InputError(f"teacher parts are truncated or modified: {size} bytes, "
                              f"the manifest says {parts.get('bytes')}", path)
 
     def parts(self, device=None):
@@ -259,7 +301,24 @@ class CacheReader:
             return None
         from pipeline.cache.compact import TeacherParts
 
-        return TeacherParts.load(self.cache_dir, self.info, device)
+        return TeacherParts.load(self._local_parts_dir(), self.info, device)
+
+    def _local_parts_dir(self) -> Path:
+        """A local directory holding the teacher parts file (the cache itself when local)."""
+        if not self.remote:
+            return self.cache_dir
+        import tempfile
+
+        parts = self.info["compact"]["parts"]
+        root = self.local_cache.root if self.local_cache is not None else Path(tempfile.gettempdir())
+        local = root / "teacher-parts" / parts["sha256"]
+        if not (local / parts["file"]).is_file():
+            digest = self.store.download(parts["file"], local / parts["file"])
+            if digest != parts["sha256"]:
+                (local / parts["file"]).unlink()
+                raise InputError("checksum differs from the manifest (corrupt teacher parts)",
+                                 self._name(parts["file"]))
+        return local
 
     def complete(self, batch: dict[str, Any]) -> dict[str, Any]:
         """``batch`` with what the cache recomputes filled in, on the CPU (the trainer does it on
@@ -286,7 +345,7 @@ class CacheReader:
             raise InputError(f"corrupt shard: its layout record is not JSON ({exc})", file) from None
         for key in ("hidden_layers", "attention_layers", "dtype", "hidden_size", "num_heads"):
             if key in recorded and recorded[key] != self.info.get(key):
-                raise InputError(f"the manifest ({self.cache_dir / MANIFEST_NAME}) says {key}="
+                raise InputError(f"the manifest ({self._name(MANIFEST_NAME)}) says {key}="
                                  f"{self.info.get(key)!r}, the shard was written with "
                                  f"{recorded[key]!r}", file)
 
@@ -294,15 +353,37 @@ class CacheReader:
         if number not in self._files:
             file = self.shard_files[number]
             try:
-                self._files[number] = pq.ParquetFile(file, memory_map=True,
+                if not self.remote:
+                    source = file
+                else:   # ranged reads through pyarrow's filesystem
+                    source = self.store.fs.open_input_file(self.store.path(self.info["shards"][number]["file"]))
+                self._files[number] = pq.ParquetFile(source, memory_map=not self.remote,
                                                      page_checksum_verification=True)
             except (OSError, pa.ArrowException) as exc:
                 raise InputError(f"corrupt shard: cannot read its Parquet footer ({exc})", file) from None
         return self._files[number]
 
+    def _open_for_reading(self, number: int) -> pq.ParquetFile:
+        """The shard's handle for data reads: from a store with a local cache, the shard is
+        fetched into it first (once; later epochs and processes find it there)."""
+        if self.local_cache is not None and number not in self._local:
+            shard = self.info["shards"][number]
+            local = self.local_cache.get(self.store, shard["file"], int(shard["bytes"]),
+                                         shard["sha256"]) if "sha256" in shard else None
+            if local is not None:
+                try:
+                    self._files[number] = pq.ParquetFile(local, memory_map=True,
+                                                         page_checksum_verification=True)
+                except (OSError, pa.ArrowException) as exc:
+                    raise InputError(f"corrupt shard: cannot read its Parquet footer ({exc})",
+                                     self.shard_files[number]) from None
+            self._local.add(number)   # fetched, or too large for the cache: streamed
+        return self._open(number)
+
     def __getstate__(self):  # ParquetFile handles are per process (DataLoader workers)
         state = dict(self.__dict__)
         state["_files"] = {}
+        state["_local"] = set()
         state["_parts"] = None
         return state
 
@@ -320,14 +401,18 @@ class CacheReader:
         problems (empty: OK)."""
         problems = []
         parts = (self.info.get("compact") or {}).get("parts")
+        sizes = self._sizes()
         if parts:
-            path = self.cache_dir / parts["file"]
-            if not path.is_file():
+            path = self._name(parts["file"])
+            if parts["file"] not in sizes:
                 problems.append(f"{path}: the teacher parts listed in the manifest are missing")
-            elif sha256_file(path) != parts.get("sha256"):
+            elif self._sha256(parts["file"]) != parts.get("sha256"):
                 problems.append(f"{path}: checksum differs from the manifest (corrupt teacher parts)")
         for number, (shard, file) in enumerate(zip(self.info["shards"], self.shard_files)):
-            if "sha256" in shard and sha256_file(file) != shard["sha256"]:
+            if shard["file"] not in sizes:
+                problems.append(f"{file}: the shard listed in the manifest is missing")
+                continue
+            if "sha256" in shard and self._sha256(shard["file"]) != shard["sha256"]:
                 problems.append(f"{file}: checksum differs from the manifest (corrupt shard)")
                 continue
             try:
@@ -337,6 +422,9 @@ class CacheReader:
             except (OSError, pa.ArrowException, InputError) as exc:
                 problems.append(f"{file}: cannot decode ({exc})")
         return problems
+
+    def _sha256(self, rel: str) -> str:
+        return self.store.sha256(rel) if self.remote else sha256_file(self.cache_dir / rel)
 
     def _check_row_group(self, file: Path, table: pa.Table, index: int) -> list[str]:
         """Every stored list holds the values its row's length implies; a null only where the
@@ -389,7 +477,7 @@ class CacheReader:
     def _read(self, rg: _RowGroup, columns: Sequence[str]) -> pa.Table:
         file = self.shard_files[rg.shard]
         try:
-            return self._open(rg.shard).read_row_group(rg.index, columns=list(columns))
+            return self._open_for_reading(rg.shard).read_row_group(rg.index, columns=list(columns))
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"corrupt shard: row group {rg.index} cannot be read ({exc})", file) from None
 
@@ -556,10 +644,11 @@ def _take(table: _Loaded, row: int, columns: Sequence[str]) -> pa.Table:
 def open_cache(cache_dir: Path | str, hidden_layers: Sequence[int] | None = None,
                attention_layers: Sequence[int] | None = None, dtype: str | None = None,
                with_teacher: bool = True, with_logits: bool | None = None,
-               originals_only: bool = False, attention_target: str | None = None) -> CacheReader:
-    """Open a teacher cache for training; see :class:`CacheReader`."""
+               originals_only: bool = False, attention_target: str | None = None,
+               local_cache: LocalObjectCache | None = None) -> CacheReader:
+    """Open a teacher cache for training (a local directory or a store URL); see :class:`CacheReader`."""
     return CacheReader(cache_dir, hidden_layers, attention_layers, dtype, with_teacher, with_logits,
-                       originals_only, attention_target)
+                       originals_only, attention_target, local_cache)
 
 
 def _iterable_dataset_base():
