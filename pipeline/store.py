@@ -95,6 +95,24 @@ def _reason(exc: BaseException) -> str:
     return _scrub(text)
 
 
+def s3_credentials_visible(url: str = "") -> bool:
+    """Whether any source of S3 credentials is configured that the AWS SDK's default chain reads
+    without a network call: the URL's user-info, the AWS variables, a profile or credentials
+    file, web identity, container credentials. (An instance role is not visible from here; set
+    ``AWS_EC2_METADATA_DISABLED`` = false to declare that one is meant to be used.)"""
+    if urlsplit(url).username:
+        return True
+    names = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+             "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    if any(os.environ.get(name) for name in names):
+        return True
+    if os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "false":
+        return True
+    files = [os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials",
+             os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config"]
+    return any(Path(f).expanduser().is_file() for f in files)
+
+
 def _open_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem behind ``url`` and the root path inside it (no trailing slash)."""
     display = redact(url)
@@ -179,7 +197,12 @@ class Store:
         except InputError:
             raise
         except (OSError, ValueError) as exc:
-            raise InputError(f"the store cannot be used: {_reason(exc)}", self.display) from None
+            reason = _reason(exc)
+            if isinstance(self.fs, pafs.S3FileSystem) and not s3_credentials_visible(self.url) \
+                    and "cannot be reached" not in reason:
+                reason = ("no S3 credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                          f"AWS_PROFILE or a credentials file); the server answered: {reason}")
+            raise InputError(f"the store cannot be used: {reason}", self.display) from None
 
     # --- objects --------------------------------------------------------------------------
     def info(self, rel: str) -> pafs.FileInfo:
@@ -292,14 +315,16 @@ class Store:
                 self.fs.delete_dir(self.path(rel))
 
 
-_STORES: dict[str, Store] = {}
+_STORES: dict[tuple, Store] = {}
 
 
 def open_store(url: str) -> Store:
-    """The :class:`Store` of ``url``, one per process (a client is not free to create)."""
-    if url not in _STORES:
-        _STORES[url] = Store(url)
-    return _STORES[url]
+    """The :class:`Store` of ``url``, one per process and endpoint (a client is not free to
+    create; the endpoint variables are part of the key, so a changed endpoint opens anew)."""
+    key = (url, os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL_S3"))
+    if key not in _STORES:
+        _STORES[key] = Store(url)
+    return _STORES[key]
 
 
 def iter_chunks(store: Store, rel: str) -> Iterator[bytes]:
