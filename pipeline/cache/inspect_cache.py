@@ -30,7 +30,7 @@ def summarise(cache_dir: Path | str) -> dict:
     total_bytes = sum(int(s["bytes"]) for s in shards)
     size = size_figures(info)
     return {
-        "cache_dir": str(Path(cache_dir)),
+        "cache_dir": str(reader.where),   # a URL redacted, a path as given
         "examples": examples,
         "shards": len(shards),
         "row_groups": len(reader.row_groups),
@@ -71,7 +71,10 @@ def inspect_cache(cache_dir: Path | str, verify: bool = False) -> tuple[str, boo
     try:
         summary = summarise(cache_dir)
     except InputError as exc:
-        return f"teacher cache {cache_dir}: UNUSABLE: {exc}", False
+        from pipeline.store import is_url, redact
+
+        where = redact(str(cache_dir)) if is_url(cache_dir) else cache_dir
+        return f"teacher cache {where}: UNUSABLE: {exc}", False
     teacher = summary["teacher"] or {}
     kinds = summary["by_kind_per_token"]
     derived = {layer: {"embeddings": "from layer 0", "hidden": "from a stored layer",
