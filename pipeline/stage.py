@@ -546,6 +546,28 @@ def upload_output(store: Store, local: Path, rel: str, manifest: Mapping[str, An
     store.write_bytes(f"{rel}/{MANIFEST_NAME}", manifest_bytes(manifest))
 
 
+def store_output_complete(store: Store, rel: str) -> bool:
+    """Whether the store output ``rel`` is complete: its manifest exists, and every file it
+    lists is there with its size (one listing; checksums are checked by the readers). A
+    damaged output counts as incomplete, so Luigi rebuilds it."""
+    if not store.exists(f"{rel}/{MANIFEST_NAME}"):
+        return False
+    return not store_output_problems(store, rel, checksums=False)
+
+
+def _damaged_store_output(store: Store, rel: str) -> bool:
+    """True (and its manifest removed, so that nothing takes it for complete while it is
+    rebuilt) when the store output ``rel`` exists but is damaged; False when absent or sound."""
+    if not store.exists(f"{rel}/{MANIFEST_NAME}"):
+        return False
+    problems = store_output_problems(store, rel, checksums=False)
+    if not problems:
+        raise StageAlreadyComplete(f"{store.url_of(rel)} already exists; the stage is complete")
+    LOG.warning("%s is damaged (%s: %s); rebuilding it", store.url_of(rel), *problems[0])
+    store.delete(f"{rel}/{MANIFEST_NAME}")
+    return True
+
+
 @contextlib.contextmanager
 def build_stage_on_store(store: Store, scratch: Path | str, key: StageKey, *, resumable: bool = False,
                          hasher: FileHasher | None = None,
@@ -566,12 +588,11 @@ def build_stage_on_store(store: Store, scratch: Path | str, key: StageKey, *, re
     hasher = hasher or FileHasher(Path(scratch) / ".hash-cache.json")
     fingerprint = key.fingerprint(hasher)
     rel = store_output_rel(key.stage, fingerprint)
-    if store.exists(f"{rel}/{MANIFEST_NAME}"):
-        raise StageAlreadyComplete(f"{store.url_of(rel)} already exists; the stage is complete")
+    _damaged_store_output(store, rel)   # raises StageAlreadyComplete when it is there and sound
     final = Path(scratch) / key.stage / fingerprint
     lock = _acquire_build_lock(final)
     try:
-        if store.exists(f"{rel}/{MANIFEST_NAME}"):
+        if store_output_complete(store, rel):
             raise StageAlreadyComplete(f"{store.url_of(rel)} was published by another process "
                                        "while this one waited for its build lock")
         if final.exists():   # a local copy of an output since removed from the store
@@ -929,9 +950,9 @@ def _explain_on_store(store: Store, key: StageKey, hasher: FileHasher,
     if store.exists(f"{rel}/{MANIFEST_NAME}"):
         problems = [f"{where}: {problem}"   # sizes only, from one listing
                     for where, problem in store_output_problems(store, rel, checksums=False)]
-        if problems:
+        if problems:   # counted as incomplete on a store (store_output_complete): rebuilt
             return StageStatus(key.stage, fingerprint, final, False,
-                               problems + [f"remove {final} to rebuild it"], broken=True)
+                               problems + ["damaged: the next run rebuilds it"], broken=True)
         return StageStatus(key.stage, fingerprint, final, True, [])
     previous = existing_store_outputs(store, key.stage)
     if not previous:

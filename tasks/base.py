@@ -106,15 +106,17 @@ def scratch_dir() -> Path:
 
 
 class StoreTarget(luigi.Target):
-    """A stage output on a store: it exists exactly when its ``manifest.json`` object does."""
+    """A stage output on a store: it exists when its ``manifest.json`` object does and the files
+    it lists are there with their sizes (:func:`pipeline.stage.store_output_complete`)."""
 
     def __init__(self, store, rel: str):
         self.store, self.rel = store, rel
 
     def exists(self) -> bool:
-        from pipeline.stage import MANIFEST_NAME
+        from pipeline.stage import store_output_complete
 
-        return self.store.exists(f"{self.rel}/{MANIFEST_NAME}")
+        # the manifest, and every file it lists with its size: a damaged output is rebuilt
+        return store_output_complete(self.store, self.rel)
 
     @property
     def path(self) -> str:

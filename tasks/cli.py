@@ -548,7 +548,7 @@ def report_summary(task: luigi.Task) -> str:
 
     from tasks.ablations import teacher_and_student
 
-    out = task.output_dir()
+    out = task.readable_dir()   # with a URL workdir: fetched once into scratch
     summary = json.loads((out / "summary.json").read_text())
     files = "\n".join(f"  {out / name}" for name in sorted(summary["files"].values()))
     return (f"\n{(out / 'ablations.md').read_text()}\n{teacher_and_student(summary)}\n"

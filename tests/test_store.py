@@ -142,6 +142,19 @@ def test_a_damaged_output_on_the_store_is_refused_by_name(s3, tmp_path):
             dict(store_output_problems(store, f"toy/{fingerprint}", checksums=False)).values())
 
 
+def test_an_output_with_a_missing_file_counts_as_incomplete_and_is_rebuilt(s3, tmp_path):
+    from tasks.base import StoreTarget
+
+    store = open_store(s3.url())
+    fingerprint = build_toy(store, tmp_path / "scratch")
+    target = StoreTarget(store, f"toy/{fingerprint}")
+    assert target.exists()
+    store.delete(f"toy/{fingerprint}/data/a.txt")
+    assert not target.exists()   # Luigi will run the stage again
+    assert build_toy(store, tmp_path / "other") == fingerprint   # not "already complete"
+    assert target.exists() and store_output_problems(store, f"toy/{fingerprint}") == []
+
+
 def test_remote_inputs_hash_like_local_ones_with_a_size_and_mtime_fast_path(s3, tmp_path, monkeypatch):
     local = tmp_path / "corpus"
     local.mkdir()

@@ -119,6 +119,10 @@ def test_two_workers_under_luigid_share_one_bucket_and_a_third_finds_everything_
     states = [line.split()[0] for line in explained.stdout.splitlines() if line[:1] in ("u", "w", "b")]
     assert states and set(states) == {"up"}, explained.stdout
     assert s3.url() in explained.stdout
+    collected = _tinykd(["gc", "DistillPrediction"], third_env, tmp_path)   # a dry run
+    assert collected.returncode == 0, collected.stderr
+    assert f"gc of {s3.url()}" in collected.stdout
+    assert "0 unreferenced output(s)" in collected.stdout, collected.stdout
     print("worker tasks:", [sorted({f for f, _ in r}) for r in ran], [len(r) for r in ran])
     print(f"no-op rerun against the bucket (a fresh process, incl. interpreter start): {seconds:.2f} s")
 
