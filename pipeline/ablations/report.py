@@ -430,8 +430,8 @@ def _plot(rows: list[dict], path: Path, title: str, teacher_metric: float | None
     low = min([v - e for v, e in zip(values, errors)] + ([teacher_metric] if teacher_metric is not None else []))
     ax.set_ylim(max(0.0, low - 0.1), 1.0 if max(values) <= 1.0 else None)
     seeds = len(rows[0]["seeds"].split())
-    ax.set_ylabel(f"dev {rows[0]['metric']} (best eval" + (f", mean ± std of {seeds} seeds)" if seeds > 1 else ")"))
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(f"dev {rows[0]['metric']} (best eval)")
+    ax.set_title(title + (f": mean ± std over {seeds} seeds" if seeds > 1 else ""), fontsize=10)
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
 
     others = [r for r in rows if r["variant"] != REFERENCE_VARIANT]
@@ -445,9 +445,10 @@ def _plot(rows: list[dict], path: Path, title: str, teacher_metric: float | None
         delta_ax.errorbar([x], [delta], yerr=[[delta - row["delta_low"]], [row["delta_high"] - delta]],
                           fmt="o", color=color, capsize=3)
     delta_ax.axhline(0.0, color="black", linewidth=0.8)
+    delta_ax.set_xlim(-0.5, max(len(others), 1) - 0.5)
     delta_ax.set_xticks(list(positions), [r["variant"] for r in others], rotation=30, fontsize=8)
-    delta_ax.set_ylabel(f"Δ dev {rows[0]['metric']} vs full, 95 % CI")
-    delta_ax.set_title("difference from full (grey: within noise)", fontsize=10)
+    delta_ax.set_ylabel(f"Δ dev {rows[0]['metric']} vs full")
+    delta_ax.set_title("Δ vs full, 95 % bootstrap interval (grey: within noise)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
