@@ -30,7 +30,11 @@ def load_dev(prepared_dir: Path | str, tokenizer, max_seq_length: int, task_type
 
 
 class Evaluator:
-    """Callable ``student -> metrics dict`` over a fixed dev source (in file order)."""
+    """Callable ``student -> metrics dict`` over a fixed dev source (in file order).
+
+    ``last`` holds the latest call's per-example outputs (``(logits, labels)``), so that the
+    caller can save the predictions behind the metrics (:mod:`distill.predictions`).
+    """
 
     def __init__(self, source: TokenizedExamples, task: str | None, task_type: str,
                  batch_size: int = 128, device: torch.device | None = None, metric: str | None = None):
@@ -40,6 +44,12 @@ class Evaluator:
         self.task_type = task_type
         self.batch_size = batch_size
         self.device = device or torch.device("cpu")
+        self.last: tuple | None = None
+
+    @property
+    def ids(self) -> list:
+        """The dev examples' ids, in evaluation order."""
+        return [example["id"] for example in self.source.examples]
 
     def __call__(self, student: torch.nn.Module) -> dict:
         was_training = student.training
@@ -49,6 +59,7 @@ class Evaluator:
                                             self.device)
         finally:
             student.train(was_training)
+        self.last = (logits, labels)
         metrics = task_metrics(self.task, self.task_type, logits, labels, self.metric)
         metrics["examples"] = int(len(labels))
         return metrics

@@ -10,6 +10,10 @@ needs, heads, tokenizer, task), builds or loads the student, trains it with
   stage's one rename publishes it), for stage 1 the last one. ``tinykd_distill.json``
   beside it records the task and cache it was distilled for (stage 2 checks it) and the
   student's shape (layers, width, FFN width, heads) as built.
+* ``dev_predictions_best.parquet``, ``dev_predictions_last.parquet`` (prediction stage with a
+  dev split): the per-example dev logits of the best evaluation (the exported student's) and
+  of the last one (:mod:`distill.predictions`), so that statistics over dev examples are
+  recomputed without retraining.
 * ``projections.pt`` (intermediate stage): the learned hidden-state projections.
 * ``metrics.jsonl`` (per logged step: each loss, lr, gradient norm, data wait; per evaluation:
   the dev metrics) and ``metrics.json`` (summary: best, final, throughput, data-wait share).
@@ -31,6 +35,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
+from distill.predictions import BEST_PREDICTIONS, LAST_PREDICTIONS, read_predictions, write_predictions
 from distill.student import (StudentSpec, build_student, export_student, read_distill_info,
                              student_shape, vocab_sha256)
 from distill.trainer import (CachedTeacher, OnlineTeacher, Trainer, TrainConfig, _atomic_torch_save,
@@ -104,6 +109,12 @@ def _export_atomic(student, tokenizer, directory: Path, distill_info: dict) -> N
         shutil.rmtree(old)
     else:
         os.replace(tmp, directory)
+
+
+def _save_predictions(evaluator, path: Path, step: int, metrics: dict) -> None:
+    """Save the evaluation ``evaluator`` just ran (its per-example logits) as ``path``."""
+    logits, labels = evaluator.last
+    write_predictions(path, evaluator.ids, labels, logits, step, metrics)
 
 
 def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: TrainConfig,
@@ -209,6 +220,7 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
         # publishes it. (Moving it there after training left a window in which a kill made
         # the resumed run publish the last step's weights under metrics naming the best.)
         _export_atomic(model, tokenizer, final_dir, {**distill_info, "best": best})
+        _save_predictions(evaluator, out_dir / BEST_PREDICTIONS, best["step"], best["metrics"])
 
     trainer = Trainer(config, student, reader, provider, out_dir, list(zip(range(1, len(mapped) + 1), mapped)),
                       int(info.get("hidden_size", teacher_config.hidden_size)), task_type,
@@ -221,6 +233,13 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
             or read_distill_info(final_dir).get("best", {}).get("step") != result.best["step"]:
         raise RuntimeError(f"{final_dir} does not hold the best student (step "
                            f"{result.best['step']}); remove {out_dir} to retrain")
+    if evaluator is not None:
+        # The final step always evaluates in this process (checkpoints are written before
+        # it), so ``evaluator.last`` is the last evaluation's, also after a resume.
+        _save_predictions(evaluator, out_dir / LAST_PREDICTIONS, result.steps, result.final_eval)
+        if read_predictions(out_dir / BEST_PREDICTIONS).step != result.best["step"]:
+            raise RuntimeError(f"{out_dir / BEST_PREDICTIONS} does not hold the best evaluation's "
+                               f"predictions (step {result.best['step']}); remove {out_dir} to retrain")
     if trainer.projections is not None:
         _atomic_torch_save(trainer.projections.state_dict(), out_dir / "projections.pt")
     trainer.cleanup_checkpoints()

@@ -156,6 +156,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-timing", action="store_true", help="sizes, errors and reader only")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="the write timing alone (no sizes, errors, reader or projection)")
     args = parser.parse_args()
 
     import torch
@@ -174,7 +176,7 @@ def main() -> None:
                     "errors": {}, "reader_eps": {}}
     per_value = {}
 
-    for task in ("SST-2", "MRPC"):
+    for task in () if args.timing_only else ("SST-2", "MRPC"):
         source = write_parquet(glue_examples(task, args.examples), work / f"{task}.parquet")
         for layer_set, (hidden, attention) in LAYER_SETS.items():
             caches = {}
@@ -204,21 +206,22 @@ def main() -> None:
             for cache, _ in caches.values():
                 shutil.rmtree(cache)
 
-    # Projection for a BERT-base teacher at the paper's augmentation, per layout/storage.
-    sst2_lengths = np.array([len(x) for x in tokenize_examples(
-        tokenizer, glue_examples("SST-2", None), 64)[0]])
-    mrpc_lengths = np.array([len(x) for x in tokenize_examples(
-        tokenizer, glue_examples("MRPC", None), 128)[0]])
-    projection = {}
-    for setting, (rows, copies, kind) in PAPER_SETTINGS.items():
-        lengths, task = (sst2_lengths, "SST-2") if kind == "sst2" else (mrpc_lengths, "MRPC")
-        scale = rows * copies / len(lengths)
-        projection[setting] = {
-            name: round(projected_bytes(lengths, name.split("/")[0], per_value[(task, name)]) * scale / 1e9, 1)
-            for name in ("full/float16", "compact/float16", "compact/int8")}
-        projection[setting]["length_distribution"] = ("SST-2 train, all sentences" if kind == "sst2"
-                                                      else "MRPC train pairs (stand-in for MNLI)")
-    result["projection_gb"] = projection
+    if not args.timing_only:
+        # Projection for a BERT-base teacher at the paper's augmentation, per layout/storage.
+        sst2_lengths = np.array([len(x) for x in tokenize_examples(
+            tokenizer, glue_examples("SST-2", None), 64)[0]])
+        mrpc_lengths = np.array([len(x) for x in tokenize_examples(
+            tokenizer, glue_examples("MRPC", None), 128)[0]])
+        projection = {}
+        for setting, (rows, copies, kind) in PAPER_SETTINGS.items():
+            lengths, task = (sst2_lengths, "SST-2") if kind == "sst2" else (mrpc_lengths, "MRPC")
+            scale = rows * copies / len(lengths)
+            projection[setting] = {
+                name: round(projected_bytes(lengths, name.split("/")[0], per_value[(task, name)]) * scale / 1e9, 1)
+                for name in ("full/float16", "compact/float16", "compact/int8")}
+            projection[setting]["length_distribution"] = ("SST-2 train, all sentences" if kind == "sst2"
+                                                          else "MRPC train pairs (stand-in for MNLI)")
+        result["projection_gb"] = projection
 
     if not args.skip_timing:
         torch.manual_seed(0)
@@ -271,7 +274,7 @@ def main() -> None:
     for key, eps in result["reader_eps"].items():
         print(f"{key}: ex/s reader / completed on this CPU: " +
               ", ".join(f"{n} {v['reader']} / {v['completed']}" for n, v in eps.items()))
-    for setting, sizes in result["projection_gb"].items():
+    for setting, sizes in result.get("projection_gb", {}).items():
         print(f"projected {setting} (BERT-base, uniform 4-layer map): " +
               ", ".join(f"{n} {v} GB" for n, v in sizes.items() if n != "length_distribution"))
     if "write" in result:

@@ -1,12 +1,17 @@
 """Run the whole DAG with a configuration profile and write its report under reports/.
 
     python scripts/e2e_report.py --config configs/sst2.cfg --glue-dir ../shared/data/glue
+    python scripts/e2e_report.py --config configs/sst2.cfg --config configs/sst2-seeds.cfg \
+        --glue-dir ../shared/data/glue       # the grid with 3 seeds, sized for 2 CPU cores
 
-runs ``tinykd --config CONFIG run Ablations`` (only stale stages run: a rerun after the DAG
-finished just rewrites the report) and writes ``reports/<TASK>.md`` -- teacher vs student,
-what each stage cost, the teacher cache's size, the ablation table -- and
-``reports/<TASK>-ablations.png``. The numbers come from the stage manifests, so the report
-says what that DAG's outputs hold, whenever they were built.
+runs ``tinykd --config CONFIG [--config CONFIG ...] run Ablations`` (only stale stages run: a
+rerun after the DAG finished just rewrites the report) and writes ``reports/<TASK>.md`` --
+teacher vs student, what each stage cost, the teacher cache's size, the ablation table with
+its seeds and intervals, the comparison with the paper's ablations -- and
+``reports/<TASK>-ablations.png``. The numbers come from the stage manifests and the stage-2
+outputs' dev predictions, so the report says what that DAG's outputs hold, whenever they were
+built. ``reports/<TASK>-discussion.md``, when it exists, is written by hand (what the numbers
+mean) and is included under "Discussion".
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ STAGE_ORDER = ["prepare_data", "word_vectors", "candidates", "augment", "teacher
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, type=Path, help="configuration profile (configs/*.cfg)")
+    parser.add_argument("--config", required=True, type=Path, action="append",
+                        help="configuration profile (configs/*.cfg); repeat to layer one over another")
     parser.add_argument("--glue-dir", required=True, type=Path, help="GLUE root (<TASK>/train.tsv)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "reports")
     parser.add_argument("luigi_args", nargs="*", help="extra Luigi arguments, e.g. --workers 2")
@@ -36,7 +42,8 @@ def main() -> int:
     from tasks.cli import main as tinykd
 
     glue = str(args.glue_dir.resolve())
-    run_args = ["--config", str(args.config), "run", "Ablations", "--PrepareData-glue-dir", glue,
+    configs = [item for config in args.config for item in ("--config", str(config))]
+    run_args = [*configs, "run", "Ablations", "--PrepareData-glue-dir", glue,
                 *args.luigi_args]
     if tinykd(run_args) != 0:
         print("the DAG did not complete; no report written", file=sys.stderr)
@@ -64,8 +71,9 @@ def main() -> int:
     task = check_plain_name(summary["task"], "task name", out_dir / "summary.json")  # reports/<task>.md
     cache = manifests["teacher_cache"]["info"]
     augment = manifests["augment"]["info"]["counts"]
-    command = (f"python scripts/e2e_report.py --config {os.path.relpath(args.config.resolve(), PROJECT_ROOT)} "
-               f"--glue-dir {args.glue_dir}")
+    command = ("python scripts/e2e_report.py "
+               + " ".join(f"--config {os.path.relpath(config.resolve(), PROJECT_ROOT)}" for config in args.config)
+               + f" --glue-dir {args.glue_dir}")
     teacher_dev = summary["teacher_dev"]
     lines = [
         f"# {task}: end-to-end distillation result",
@@ -97,6 +105,11 @@ def main() -> int:
         f"![ablations]({task}-ablations.png)",
         "",
     ]
+    discussion = args.out / f"{task}-discussion.md"
+    lines += ["## Discussion", "",
+              discussion.read_text().strip() if discussion.exists() else
+              f"(Not written yet: `{discussion.name}` beside this report is included here -- which "
+              "effects reproduce beyond noise, and what the sizing of the runs means for them.)", ""]
     args.out.mkdir(parents=True, exist_ok=True)
     report = args.out / f"{task}.md"
     # Paths inside the project are written relative to it: the report is committed.

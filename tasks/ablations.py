@@ -23,8 +23,15 @@ Two settings read the shared cache differently rather than rebuilding it:
 not hold is refused when the DAG is built, before anything trains, rather than silently
 scheduling a second teacher run.
 
-The stage writes ``ablations.md``, ``ablations.csv``, ``ablations.png`` (dev metric per
-variant, teacher's score as a reference line) and ``summary.json``.
+``seeds`` runs every variant once per seed (both distillation stages take it: student
+initialisation, data order, dropout); the caches are shared by all seeds, and adding a seed
+later runs only the new seed's trainer stages. The configured seed's runs are the same tasks
+(and outputs) as a grid without seeds.
+
+The stage writes ``ablations.md``, ``ablations.csv``, ``ablations.png`` (per variant the mean
+and spread over seeds, the difference from ``full`` with its 95 % paired-bootstrap interval,
+the teacher's score as a reference line) and ``summary.json``. The statistics come from the
+dev predictions each stage-2 output saves, so they are recomputed without retraining.
 """
 from __future__ import annotations
 
@@ -34,8 +41,8 @@ from typing import Any
 
 import luigi
 
-from pipeline.errors import InputError
-from pipeline.stage import StageBuild, load_manifest
+from pipeline.errors import InputError, check_plain_name
+from pipeline.stage import StageBuild
 from tasks.base import PROJECT_ROOT, StageTask, workdir
 from tasks.distill import DistillIntermediate, DistillPrediction
 from tasks.prepare import PrepareData
@@ -48,7 +55,7 @@ class Ablations(StageTask):
     """Distil one student per variant of an ablation grid from one teacher cache; report."""
 
     stage_name = "ablations"
-    stage_version = "2"   # 2: summary.json names each variant's teacher cache
+    stage_version = "3"   # 3: seeds, mean ± std, paired-bootstrap intervals, last-eval scores
 
     grid = luigi.Parameter(
         default=str(DEFAULT_GRID), significant=False,
@@ -59,6 +66,24 @@ class Ablations(StageTask):
         description="Run only these variants of the grid (the full recipe always runs); empty: "
                     "every variant.")
 
+    seeds = luigi.Parameter(
+        default="1", significant=True,
+        description="Seeds per variant: a count N runs the seeds s, s+1, ..., s+N-1 (s: the "
+                    "configured [DistillPrediction] seed, 42 by default; 1: the configured run "
+                    "alone), or a JSON list of distinct positive seeds, e.g. [42, 7]. Each seed is "
+                    "the seed of both distillation stages (student initialisation, data order, "
+                    "dropout); the teacher cache is shared.")
+
+    def seed_list(self) -> list[int]:
+        """The seeds every variant runs with (one clear error for a bad ``seeds`` value)."""
+        from pipeline.ablations.statistics import parse_seeds
+
+        return parse_seeds(self.seeds, DistillPrediction().seed, "[Ablations] seeds")
+
+    def stage_params(self) -> dict[str, Any]:
+        # "3" and "[42, 43, 44]" run the same seeds: one output
+        return {**super().stage_params(), "seeds": self.seed_list()}
+
     def grid_path(self) -> Path:
         return Path(self.grid).expanduser().resolve()
 
@@ -67,6 +92,8 @@ class Ablations(StageTask):
         from pipeline.ablations.report import REFERENCE_VARIANT, load_grid
 
         variants = load_grid(self.grid_path())
+        for name in self.variants:   # names reach file names and table rows: never a path
+            check_plain_name(name, "variant name", "[Ablations] variants")
         if self.variants:
             known = {v.name for v in variants}
             unknown = sorted(set(self.variants) - known)
@@ -76,34 +103,50 @@ class Ablations(StageTask):
             variants = [v for v in variants if v.name == REFERENCE_VARIANT or v.name in self.variants]
         return variants
 
-    def variant_tasks(self) -> dict[str, DistillPrediction]:
+    def variant_tasks(self) -> dict[tuple[str, int], DistillPrediction]:
+        """``(variant, seed) -> DistillPrediction``, variants in grid order, seeds in order.
+
+        A run's seed is set on both stages only where it differs from the configured one, so
+        the configured seed's runs are the very tasks of a grid without seeds (same outputs).
+        """
         if getattr(self, "_variant_tasks", None) is None:
+            seeds = self.seed_list()   # checked before the grid: both fail before anything runs
+            configured = {"stage1": DistillIntermediate().seed, "stage2": DistillPrediction().seed}
             tasks = {}
             for variant in self.grid_variants():
                 stage1, stage2 = variant.stage_parameters()
                 augment = _own_augmentation(variant.augment_parameters())
                 if augment:
                     stage2["augment"] = augment
-                tasks[variant.name] = DistillPrediction(**stage2, stage1=stage1)
-            _check_cache_holds_the_maps(tasks, self.grid_path())
+                for seed in seeds:
+                    seeded1 = stage1 if seed == configured["stage1"] else {**stage1, "seed": seed}
+                    seeded2 = stage2 if seed == configured["stage2"] else {**stage2, "seed": seed}
+                    tasks[variant.name, seed] = DistillPrediction(**seeded2, stage1=seeded1)
+            _check_cache_holds_the_maps({name: task for (name, _), task in tasks.items()}, self.grid_path())
             self._variant_tasks = tasks
         return self._variant_tasks
 
     def requires(self):
         required: dict[str, luigi.Task] = {"data": PrepareData(), "teacher": FineTuneTeacher(),
                                            "cache": TeacherCache()}
-        required.update({f"variant-{name}": task for name, task in self.variant_tasks().items()})
+        required.update({f"variant-{name}-seed{seed}": task
+                         for (name, seed), task in self.variant_tasks().items()})
         return required
 
     def stage_inputs(self) -> dict[str, str | Path]:
         return {"grid": self.grid_path()}
 
     def build(self, out: StageBuild) -> None:
-        from pipeline.ablations.report import write_report
+        from pipeline.ablations.report import VariantResult, write_report
+        from pipeline.ablations.statistics import BOOTSTRAP_SEED, CONFIDENCE, RESAMPLES
 
         descriptions = {v.name: v.describe() for v in self.grid_variants()}
-        results = [_variant_result(name, task, descriptions[name])
-                   for name, task in self.variant_tasks().items()]
+        runs: dict[str, list] = {}
+        for (name, seed), task in self.variant_tasks().items():
+            runs.setdefault(name, []).append(_run_result(seed, task))
+        metric_name = _primary_metric(next(iter(self.variant_tasks().values())))
+        results = [VariantResult.from_runs(name, metric_name, descriptions[name], variant_runs)
+                   for name, variant_runs in runs.items()]
         # manifests only: with a URL workdir nothing is downloaded for them
         teacher = self.upstream_tasks()["teacher"].manifest()["info"]
         data = self.upstream_tasks()["data"].manifest()
@@ -111,7 +154,8 @@ class Ablations(StageTask):
         teacher_dev = (teacher.get("dev") or {})
         teacher_metric = teacher_dev.get(results[0].metric_name)
         task = data["info"].get("task") or "task"
-        caches = {name: variant.cache_task().fingerprint() for name, variant in self.variant_tasks().items()}
+        caches = {name: variant.cache_task().fingerprint() for (name, _), variant in self.variant_tasks().items()}
+        augmentations = {name: dict(task.augment) for (name, _), task in self.variant_tasks().items()}
         one_cache = len(set(caches.values())) == 1
         notes = [
             f"Task {task}: {data['rows'].get('train', '?')} train examples "
@@ -122,11 +166,10 @@ class Ablations(StageTask):
             f"({'as given' if teacher.get('skipped_finetune') else 'fine-tuned by the pipeline'}); "
             f"cache {cache['info'].get('dtype')}, hidden layers {cache['info'].get('hidden_layers')}, "
             f"attention layers {cache['info'].get('attention_layers')}.",
-            f"Each variant is a stage-1 + stage-2 distillation from "
-            f"{'that one cache' if one_cache else 'its teacher cache (below)'}; the student's "
-            "best dev score over its stage-2 evaluations is reported.",
+            f"Each run is a stage-1 + stage-2 distillation from "
+            f"{'that one cache' if one_cache else 'its teacher cache (below)'}.",
         ]
-        notes += _cache_notes(caches, {name: dict(t.augment) for name, t in self.variant_tasks().items()})
+        notes += _cache_notes(caches, augmentations)
         check = teacher.get("baseline_check") or {}
         if check.get("degenerate"):
             notes.insert(0, f"**WARNING: the teacher is no better than the majority class** (dev "
@@ -134,16 +177,31 @@ class Ablations(StageTask):
                             f"prediction {check.get('predicts')!r} {check.get('baseline'):.4f}): the "
                             "students below learned from a degenerate teacher.")
         with out.timed("report"):
-            paths = write_report(results, out.path, f"{task} ablations", teacher_metric, notes)
+            report = write_report(results, out.path, f"{task} ablations", teacher_metric, notes)
+        rows = {row["variant"]: row for row in report.pop("rows")}
+        paths = report
         full = results[0]
         summary = {
             "task": task, "metric": full.metric_name, "teacher": teacher_metric,
-            "teacher_dev": teacher_dev, "student": full.metric,
+            "teacher_dev": teacher_dev, "student": full.metric, "student_std": full.metric_std,
+            "student_last": full.last_metric, "seeds": self.seed_list(),
+            "headline": "best stage-2 dev evaluation (mean over seeds); student_last: the last evaluation",
+            "bootstrap": {"resamples": RESAMPLES, "seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE,
+                          "statistic": "mean over seeds of the variant's metric minus full's, paired "
+                                       "over dev examples (same indices for every seed and both)"},
             "teacher_degenerate": bool(check.get("degenerate")),
             "majority_baseline": check.get("baseline"),
             "student_vs_teacher": full.metric / teacher_metric if teacher_metric else None,
             "teacher_caches": len(set(caches.values())),
-            "variants": {r.name: {"dev": r.metric, "settings": r.settings, "train_seconds": r.train_seconds,
+            "variants": {r.name: {"dev": r.metric, "dev_std": r.metric_std,
+                                  "dev_last": r.last_metric, "dev_last_std": r.last_metric_std,
+                                  "delta_vs_full": _interval(rows[r.name], ""),
+                                  "last_delta_vs_full": _interval(rows[r.name], "last_"),
+                                  "runs": [{"seed": run.seed, "dev": run.metric, "dev_last": run.last_metric,
+                                            "train_seconds": run.train_seconds, "output": run.output_dir,
+                                            **({"extra": dict(run.extra_metrics)} if run.extra_metrics else {})}
+                                           for run in r.runs],
+                                  "settings": r.settings, "train_seconds": r.train_seconds,
                                   "train_examples": r.examples, "output": r.output_dir,
                                   "teacher_cache": caches[r.name],
                                   **({"extra": dict(r.extra_metrics)} if r.extra_metrics else {})}
@@ -185,23 +243,46 @@ def _cache_notes(caches: dict[str, str], augment: dict[str, dict]) -> list[str]:
     return lines
 
 
-def _variant_result(name: str, task: DistillPrediction, settings: str):
-    """A variant's best dev metrics and training time, from its two stage outputs."""
-    from pipeline.ablations.report import VariantResult
-
-    stage2 = task.manifest()
-    stage1 = task.requires()["stage1"].manifest()
-    metrics = stage2["info"].get("dev_metrics") or {}
+def _dev_metrics(task: DistillPrediction) -> dict:
+    metrics = task.manifest()["info"].get("dev_metrics") or {}
     if "primary" not in metrics:
         raise InputError("stage-2 output has no dev metrics (was it built without a dev split?)",
                          task.output_location())
+    return metrics
+
+
+def _primary_metric(task: DistillPrediction) -> str:
+    return _dev_metrics(task)["primary_metric"]
+
+
+def _run_result(seed: int, task: DistillPrediction):
+    """One run's best and last dev metrics, predictions and training time, from its two stage outputs."""
+    from distill.predictions import BEST_PREDICTIONS, LAST_PREDICTIONS, read_predictions
+    from pipeline.ablations.report import RunResult
+
+    # manifests read in place; the predictions from the output's files (with a URL workdir
+    # fetched once into scratch)
+    stage2 = task.manifest()
+    stage1 = task.requires()["stage1"].manifest()
+    metrics = _dev_metrics(task)
     primary = metrics["primary_metric"]
     extra = {k: float(v) for k, v in metrics.items()
              if k not in ("primary", "primary_metric", "examples", primary) and isinstance(v, (int, float))}
+    last = stage2["info"].get("last_dev_metrics") or {}
     seconds = float(stage1["info"].get("train_seconds") or 0) + float(stage2["info"].get("train_seconds") or 0)
-    return VariantResult(name, primary, float(metrics["primary"]), seconds,
-                         str(task.output_dir().relative_to(workdir())), settings,
-                         int(stage2["rows"].get("examples", 0)), extra)
+    return RunResult(seed, float(metrics["primary"]), float(last["primary"]) if "primary" in last else None,
+                     seconds, str(task.output_dir().relative_to(workdir())),
+                     int(stage2["rows"].get("examples", 0)), extra,
+                     read_predictions(task.readable_dir() / BEST_PREDICTIONS),
+                     read_predictions(task.readable_dir() / LAST_PREDICTIONS))
+
+
+def _interval(row: dict, prefix: str) -> dict | None:
+    """A report row's difference from full and its interval (``prefix``: "" best, "last_" last eval)."""
+    if row["variant"] == "full" or row[f"{prefix}delta_low"] == "":
+        return None
+    return {"delta": row[f"{prefix}delta_vs_full"], "low": row[f"{prefix}delta_low"],
+            "high": row[f"{prefix}delta_high"], "within_noise": row[f"{prefix}within_noise"] == "yes"}
 
 
 def _check_cache_holds_the_maps(variants: dict[str, DistillPrediction], grid: Path) -> None:

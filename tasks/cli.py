@@ -69,9 +69,16 @@ def task_from_argv(argv: list[str]) -> Iterator[luigi.Task]:
     value (``explain Ablations --PrepareData-glue-dir X`` would explain another DAG).
     """
     import tasks  # noqa: F401  - registers every task class with Luigi
+    from luigi.task_register import Register
 
-    with luigi.cmdline_parser.CmdlineParser.global_instance(argv) as parser:
-        yield parser.get_task_obj()
+    # Luigi caches task instances by their *own* parameters: a task made under an earlier
+    # command line that differed only upstream would be handed back, with that line's DAG.
+    Register.clear_instance_cache()
+    try:
+        with luigi.cmdline_parser.CmdlineParser.global_instance(argv) as parser:
+            yield parser.get_task_obj()
+    finally:
+        Register.clear_instance_cache()
 
 
 class _HoldSummary(logging.Filter):

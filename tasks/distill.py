@@ -3,7 +3,8 @@
 * ``DistillIntermediate`` (stage ``distill_stage1``): intermediate-layer losses (embedding,
   attention, hidden states) on the teacher cache -- by default the augmented data.
 * ``DistillPrediction`` (stage ``distill_stage2``): the prediction loss, starting from stage 1's
-  student, evaluated on the prepared dev split every ``eval_every`` steps; the best is kept.
+  student, evaluated on the prepared dev split every ``eval_every`` steps; the best is kept, and
+  the per-example dev predictions of the best and of the last evaluation are saved beside it.
 * ``DistillGeneral`` (stage ``distill_general``): general distillation -- the intermediate losses
   from a pre-trained (not fine-tuned) encoder on a plain-text corpus, cached by the same cache
   stage (``GeneralTeacherCache``, configured in its own ``[GeneralTeacherCache]`` section with
@@ -333,7 +334,7 @@ class DistillPrediction(AugmentationSettings, _trainer_parameters("prediction"),
     """Stage 2: prediction loss from stage 1's student; dev evaluation keeps the best."""
 
     stage_name = "distill_stage2"
-    stage_version = "1"
+    stage_version = "2"   # 2: dev predictions of the best and the last evaluation; last_dev_metrics
 
     eval_every = luigi.IntParameter(
         default=RECIPES["prediction"]["eval_every"], significant=True,
@@ -378,3 +379,7 @@ class DistillPrediction(AugmentationSettings, _trainer_parameters("prediction"),
         self.record(out, summary)
         if summary["best"]:
             out.info["dev_metrics"] = summary["best"]["metrics"]
+            out.info["dev_best_step"] = summary["best"]["step"]
+            # the end of training's evaluation: beside the best one, it shows what picking the
+            # best of several evaluations on dev adds (the selection effect)
+            out.info["last_dev_metrics"] = summary["final_eval"]

@@ -6,6 +6,7 @@ import csv
 import json
 
 import luigi
+import numpy as np
 import pytest
 
 from pipeline.errors import InputError
@@ -121,7 +122,7 @@ def test_grid_reads_one_cache_and_reruns_only_trainer_stages(configured, isolate
     # One teacher cache for every variant; the full variant is the configured main job.
     assert len(stage_dirs(isolated_workdir, "teacher_cache")) == 1
     assert len(stage_dirs(isolated_workdir, "augment")) == 1
-    assert ablations.requires()["variant-full"].output_dir() == DistillPrediction().output_dir()
+    assert ablations.requires()["variant-full-seed42"].output_dir() == DistillPrediction().output_dir()
     # Stage 1 is shared by the variants that change only stage 2 (full, temperature_2).
     assert len(stage_dirs(isolated_workdir, "distill_stage1")) == 4
     assert len(stage_dirs(isolated_workdir, "distill_stage2")) == 5
@@ -147,6 +148,88 @@ def test_grid_reads_one_cache_and_reruns_only_trainer_stages(configured, isolate
     assert {stage: stage_dirs(isolated_workdir, stage) for stage in before} == before
     assert len(stage_dirs(isolated_workdir, "distill_stage1")) == 5
     assert len(stage_dirs(isolated_workdir, "distill_stage2")) == 6
+
+@pytest.mark.slow
+def test_seeds_run_every_variant_per_seed_and_a_new_seed_runs_only_its_trainer_stages(
+        configured, isolated_workdir, monkeypatch):
+    from distill.predictions import BEST_PREDICTIONS, LAST_PREDICTIONS, read_predictions
+    from pipeline.common.metrics import task_metrics
+    from pipeline.stage import load_manifest
+    from tasks.ablations import Ablations
+    from tasks.distill import DistillIntermediate, DistillPrediction
+
+    tmp_path, text = configured
+    (tmp_path / "grid.toml").write_text("[variants.no_attention]\nattention_weight = 0.0\n")
+    configure(tmp_path, monkeypatch, text + "seeds = 2\n")
+    ablations = Ablations()
+    result = build(ablations)
+    assert result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY"), result.summary_text
+    assert len(stage_dirs(isolated_workdir, "teacher_cache")) == 1
+    assert len(stage_dirs(isolated_workdir, "distill_stage1")) == 4    # 2 variants x 2 seeds
+    assert len(stage_dirs(isolated_workdir, "distill_stage2")) == 4
+    tasks = ablations.variant_tasks()
+    assert sorted(tasks) == [("full", 42), ("full", 43), ("no_attention", 42), ("no_attention", 43)]
+    # The configured seed's run is the configured job; the next seed sets both stages' seed.
+    assert tasks["full", 42].output_dir() == DistillPrediction().output_dir()
+    assert tasks["full", 42].task_id == DistillPrediction().task_id
+    seeded = tasks["full", 43]
+    assert seeded.seed == 43 and seeded.requires()["stage1"].seed == 43
+    assert seeded.requires()["stage1"].output_dir() != DistillIntermediate().output_dir()
+
+    # Every stage-2 output holds the dev predictions behind its best and last scores.
+    for task in tasks.values():
+        info = load_manifest(task.output_dir())["info"]
+        best = read_predictions(task.output_dir() / BEST_PREDICTIONS)
+        last = read_predictions(task.output_dir() / LAST_PREDICTIONS)
+        assert len(best.ids) == 10 and best.ids == last.ids
+        assert best.step == info["dev_best_step"] and last.step == load_manifest(task.output_dir())["rows"]["steps"]
+        assert task_metrics("SST-2", "classification", best.logits, best.labels)["primary"] == \
+            pytest.approx(info["dev_metrics"]["primary"])
+        assert task_metrics("SST-2", "classification", last.logits, last.labels)["primary"] == \
+            pytest.approx(info["last_dev_metrics"]["primary"])
+
+    summary = json.loads((ablations.output_dir() / "summary.json").read_text())
+    assert summary["seeds"] == [42, 43]
+    runs = summary["variants"]["no_attention"]["runs"]
+    assert [r["seed"] for r in runs] == [42, 43]
+    assert summary["variants"]["no_attention"]["dev"] == pytest.approx(np.mean([r["dev"] for r in runs]))
+    interval = summary["variants"]["no_attention"]["delta_vs_full"]
+    assert interval["low"] <= interval["delta"] + 1e-4 and interval["delta"] <= interval["high"] + 1e-4
+    rows = list(csv.DictReader((ablations.output_dir() / "ablations.csv").open()))
+    assert rows[1]["seeds"] == "42 43" and rows[1]["within_noise"] in ("yes", "no")
+
+    # A third seed: only that seed's trainer stages (one per stage and variant) and the report.
+    before = {stage: stage_dirs(isolated_workdir, stage)
+              for stage in ("prepare_data", "augment", "teacher", "teacher_cache_shard", "teacher_cache")}
+    configure(tmp_path, monkeypatch, text + "seeds = [42, 43, 44]\n")
+    again = Ablations()
+    result = build(again)
+    assert result.status.name == "SUCCESS", result.summary_text
+    assert ran_tasks(result.summary_text) == {"Ablations": 1, "DistillIntermediate": 2, "DistillPrediction": 2}
+    assert {stage: stage_dirs(isolated_workdir, stage) for stage in before} == before
+    assert len(stage_dirs(isolated_workdir, "distill_stage2")) == 6
+    # "3" and "[42, 43, 44]" are the same seeds: the same report output
+    configure(tmp_path, monkeypatch, text + "seeds = 3\n")
+    assert Ablations().output_dir() == again.output_dir()
+
+
+@pytest.mark.parametrize("seeds, problem", [("0", "within 1..100"), ("[42, 42]", "given twice"),
+                                            ("[-1, 2]", "positive integer")])
+def test_bad_seeds_are_refused_before_anything_runs(configured, isolated_workdir, monkeypatch, seeds, problem):
+    from tasks.ablations import Ablations
+
+    with pytest.raises(InputError, match="seeds") as err:
+        Ablations(seeds=seeds).requires()
+    assert problem in str(err.value)
+    assert not isolated_workdir.exists() or not any(isolated_workdir.iterdir())   # nothing built
+
+
+def test_a_variant_selection_that_is_not_a_plain_name_is_refused(configured):
+    from tasks.ablations import Ablations
+
+    with pytest.raises(InputError, match="is not a plain name"):
+        Ablations(variants=["../../x"]).requires()
+
 
 def test_a_layer_map_the_cache_lacks_is_refused_before_training(configured, monkeypatch):
     from tasks.ablations import Ablations

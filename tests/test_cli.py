@@ -230,3 +230,33 @@ def test_explain_calls_an_output_with_a_missing_file_broken(tmp_path, capsys):
     lines = explain_lines(Consumer(path=str(text)))
     assert lines[0].startswith("broken      Source") and "lines.txt: missing" in lines[1]
     assert any("remove" in line and "to rebuild it" in line for line in lines)
+
+
+class _ConfiguredConsumer(StageTask):
+    """Takes its upstream's ``scale`` from the command line / configuration, not a parameter."""
+
+    stage_name = "test_configured_consumer"
+    path = luigi.Parameter(description="input text file")
+
+    def requires(self):
+        return {"source": Source(path=self.path)}
+
+    def build(self, out):
+        out.rows["chars"] = len((self.upstream_dir("source") / "lines.txt").read_text())
+
+
+def test_task_from_argv_resolves_upstream_values_of_each_command_line(tmp_path):
+    # Two command lines that differ only upstream name tasks with equal own parameters. Luigi
+    # caches task instances by their own parameters, so without a fresh cache the second line
+    # got the first line's task, fingerprint and output directory (scripts/cache_quality.py
+    # compared a run with itself).
+    from tasks.cli import task_from_argv
+
+    text = tmp_path / "in.txt"
+    text.write_text("a\n")
+    dirs = []
+    for scale in ("1", "2"):
+        with task_from_argv(["_ConfiguredConsumer", "--path", str(text), "--Source-scale", scale]) as task:
+            dirs.append((task.output_dir(), task.requires()["source"].scale))
+    assert [scale for _, scale in dirs] == [1, 2]
+    assert dirs[0][0] != dirs[1][0]

@@ -51,3 +51,34 @@ def test_demo_profile_builds_the_whole_dag_offline(monkeypatch, tmp_path):
             "DistillIntermediate", "DistillPrediction"} <= set(families)
     stages = [line for line in explain_lines(root) if not line.startswith(" ")]
     assert len(stages) == len(families) and stages[-1].startswith("will run    Ablations")
+
+
+@pytest.mark.parametrize("base, seeds, variants", [("mrpc", "mrpc-seeds", 3), ("sst2", "sst2-seeds", 5)])
+def test_seeds_profiles_reuse_everything_up_to_the_cache(monkeypatch, isolated_workdir, shared_glue,
+                                                         base, seeds, variants):
+    """The rerun profiles (configs/*-seeds.cfg over their task's profile) change only trainer
+    stages: the same data, augmentation, teacher and cache outputs; 3 seeds of each variant."""
+    from luigi.configuration import LuigiConfigParser
+
+    from tasks.ablations import Ablations
+    from tasks.base import StageTask, walk_dag
+
+    def stages(*profiles):
+        monkeypatch.setattr(LuigiConfigParser, "_config_paths",
+                            [str(PROJECT_ROOT / "luigi.cfg"),
+                             *(str(PROJECT_ROOT / "configs" / f"{p}.cfg") for p in profiles)])
+        monkeypatch.setattr(LuigiConfigParser, "_instance", None)
+        luigi.task_register.Register.clear_instance_cache()
+        monkeypatch.setenv("GLUE_DIR", str(shared_glue))
+        found: dict[str, set[str]] = {}
+        for task in walk_dag(Ablations()):
+            if isinstance(task, StageTask):
+                found.setdefault(task.stage_name, set()).add(task.output_dir().name)
+        return found
+
+    plain, seeded = stages(base), stages(base, seeds)
+    for stage in ("prepare_data", "word_vectors", "candidates", "augment", "teacher", "teacher_cache"):
+        assert seeded[stage] == plain[stage], stage
+    assert len(seeded["distill_stage2"]) == 3 * variants
+    assert len(seeded["distill_stage1"]) == 3 * variants
+    assert not seeded["distill_stage2"] & plain["distill_stage2"]   # shortened: new trainer outputs

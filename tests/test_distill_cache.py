@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 import torch
 
@@ -246,3 +247,12 @@ def test_a_kill_after_training_still_publishes_the_best_student(tmp_path, assets
     for name in ("model.safetensors", "tinykd_distill.json"):
         assert (tmp_path / "killed" / "student" / name).read_bytes() == \
             (tmp_path / "fresh" / "student" / name).read_bytes(), name
+    # the dev predictions behind the best and the last score survive the resume too
+    from distill.predictions import BEST_PREDICTIONS, LAST_PREDICTIONS, read_predictions
+
+    for name, step in ((BEST_PREDICTIONS, fresh["best"]["step"]), (LAST_PREDICTIONS, fresh["steps"])):
+        ours, theirs = (read_predictions(tmp_path / run_name / name) for run_name in ("killed", "fresh"))
+        assert ours.step == theirs.step == step and ours.ids == theirs.ids
+        assert np.array_equal(ours.logits, theirs.logits) and np.array_equal(ours.labels, theirs.labels)
+    assert read_predictions(tmp_path / "fresh" / BEST_PREDICTIONS).metrics == fresh["best"]["metrics"]
+    assert read_predictions(tmp_path / "fresh" / LAST_PREDICTIONS).metrics == fresh["final_eval"]
