@@ -195,7 +195,7 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
             use_eager_attention(teacher_model)
         provider = OnlineTeacher(teacher_model, hidden_needed, attention_needed,
                                  with_logits=config.uses_prediction,
-                                 attention_target=config.attention_target, local_cache=local_cache)
+                                 attention_target=config.attention_target)
     else:
         provider = CachedTeacher(reader.parts(resolve_device(config.device)))
 
