@@ -502,9 +502,16 @@ class PartialSync:
             except Exception as exc:   # noqa: BLE001 - a failed sync only costs a resume later
                 LOG.warning("could not copy finished parts to %s: %s", self.store.url_of(self.rel), exc)
 
+    #: Pieces that record the state of the others (a trainer checkpoint holds the length of
+    #: metrics.jsonl it continues from): copied first, uploaded last, so the store never holds
+    #: one newer than the files it refers to, even when a sync is killed half-way.
+    SNAPSHOT_FIRST = ("checkpoints/",)
+
     def sync(self) -> int:
+        import tempfile
+
         with self._lock:
-            sent = 0
+            changed = []
             for file in sorted(_visible_files(self.local)):
                 if not _syncable(file, self.local):
                     continue
@@ -513,14 +520,26 @@ class PartialSync:
                 except FileNotFoundError:
                     continue
                 name = file.relative_to(self.local).as_posix()
-                if self._sent.get(name) == (stat.st_size, stat.st_mtime_ns):
-                    continue
-                try:
-                    self.store.upload(file, f"{self.rel}/{name}")
-                except FileNotFoundError:   # replaced while we read it: the next sync sends it
-                    continue
-                self._sent[name] = (stat.st_size, stat.st_mtime_ns)
-                sent += 1
+                if self._sent.get(name) != (stat.st_size, stat.st_mtime_ns):
+                    changed.append((name, file, (stat.st_size, stat.st_mtime_ns)))
+            late = [c for c in changed if c[0].startswith(self.SNAPSHOT_FIRST)]
+            sent = 0
+            with tempfile.TemporaryDirectory(dir=self.local.parent, prefix=".sync-") as snapshots:
+                copies = []
+                for name, file, stamp in late:
+                    copy = Path(snapshots) / str(len(copies))
+                    try:
+                        shutil.copyfile(file, copy)
+                    except FileNotFoundError:   # replaced meanwhile: the next sync sends it
+                        continue
+                    copies.append((name, copy, stamp))
+                for name, file, stamp in [c for c in changed if c not in late] + copies:
+                    try:
+                        self.store.upload(file, f"{self.rel}/{name}")
+                    except FileNotFoundError:   # replaced while we read it: the next sync sends it
+                        continue
+                    self._sent[name] = stamp
+                    sent += 1
             return sent
 
     def stop(self, final_sync: bool) -> None:

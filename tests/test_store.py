@@ -126,6 +126,25 @@ def test_the_partial_sync_copies_finished_pieces_while_the_build_runs(s3, tmp_pa
             raise RuntimeError("stop here")
 
 
+def test_a_checkpoint_reaches_the_store_after_the_log_it_refers_to(s3, tmp_path, monkeypatch):
+    """A trainer checkpoint records the length of metrics.jsonl; uploaded last (from a copy
+    taken first), the store never pairs it with an older, shorter log."""
+    store = open_store(s3.url())
+    order = []
+    real_upload = Store.upload
+    monkeypatch.setattr(Store, "upload", lambda self, local, rel: (order.append(rel.rsplit("/", 2)[-2:]),
+                                                                   real_upload(self, local, rel)))
+    key = StageKey(stage="trainer", version="1", params={})
+    with pytest.raises(RuntimeError):
+        with build_stage(tmp_path / "scratch", key, store=store, resumable=True, partial_sync_seconds=0) as out:
+            (out.path / "checkpoints").mkdir()
+            (out.path / "checkpoints" / "last.pt").write_bytes(b"step 2, log 10 bytes")
+            (out.path / "metrics.jsonl").write_text("0123456789")
+            (out.path / "zz-other.txt").write_text("x")
+            raise RuntimeError("killed")
+    assert order[-1] == ["checkpoints", "last.pt"] and len(order) == 3
+
+
 def test_a_damaged_output_on_the_store_is_refused_by_name(s3, tmp_path):
     store = open_store(s3.url())
     fingerprint = build_toy(store, tmp_path / "scratch")
