@@ -13,7 +13,8 @@ place" becomes "build in a local scratch directory, upload the files, write ``ma
 **last**" (:func:`pipeline.stage.build_stage` with a store): an output is complete exactly when
 its manifest object exists, and a worker killed mid-upload leaves objects that no reader takes
 for an output. A single object's upload is itself all-or-nothing on S3 (a killed multipart
-upload leaves no object), and a file-backed store writes each object under a temporary name.
+upload leaves no object); on a ``file://`` store a killed write can leave a truncated file, which
+the manifest (absent, or failing its own checksum) keeps from counting.
 
 Everything here is plain Python over ``pyarrow.fs``: the bottom layer of the project, beside
 the stage contract that uses it.
@@ -225,8 +226,15 @@ class Store:
                 raise FileNotFoundError(self.url_of(rel)) from None
             raise self.error(exc, rel, "reading") from None
 
+    def _make_parent(self, rel: str) -> None:
+        """Object stores have no directories; a file-backed store needs the parent to exist."""
+        if self.fs.type_name not in ("s3", "gcs"):
+            parent = self.path(rel).rsplit("/", 1)[0]
+            self.fs.create_dir(parent, recursive=True)
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         try:
+            self._make_parent(rel)
             with self.fs.open_output_stream(self.path(rel)) as handle:
                 handle.write(data)
         except (OSError, ValueError) as exc:
@@ -235,6 +243,7 @@ class Store:
     def upload(self, local: Path, rel: str) -> None:
         """Copy the local file ``local`` to the object ``rel`` (one object, all or nothing)."""
         try:
+            self._make_parent(rel)
             with open(local, "rb") as source, self.fs.open_output_stream(self.path(rel)) as target:
                 while chunk := source.read(CHUNK):
                     target.write(chunk)

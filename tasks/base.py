@@ -107,16 +107,26 @@ def scratch_dir() -> Path:
 
 class StoreTarget(luigi.Target):
     """A stage output on a store: it exists when its ``manifest.json`` object does and the files
-    it lists are there with their sizes (:func:`pipeline.stage.store_output_complete`)."""
+    it lists are there with their sizes (:func:`pipeline.stage.store_output_complete`).
 
-    def __init__(self, store, rel: str):
-        self.store, self.rel = store, rel
+    Found complete once, it is not asked again in this process (Luigi asks a task several
+    times per run; every question is a request to the store)."""
+
+    _complete: ClassVar[set] = set()
+
+    def __init__(self, store, rel: str, local_manifest: Path | None = None):
+        self.store, self.rel, self.local_manifest = store, rel, local_manifest
 
     def exists(self) -> bool:
         from pipeline.stage import store_output_complete
 
-        # the manifest, and every file it lists with its size: a damaged output is rebuilt
-        return store_output_complete(self.store, self.rel)
+        key = (id(self.store), self.rel)   # one Store per URL and endpoint (open_store)
+        if key in StoreTarget._complete:
+            return True
+        done = store_output_complete(self.store, self.rel, self.local_manifest)
+        if done:
+            StoreTarget._complete.add(key)
+        return done
 
     @property
     def path(self) -> str:
@@ -216,7 +226,9 @@ class StageTask(luigi.Task):
     def output(self):
         store = workdir_store()
         if store is not None:
-            return StoreTarget(store, self.store_rel())
+            from pipeline.stage import MANIFEST_NAME
+
+            return StoreTarget(store, self.store_rel(), self.output_dir() / MANIFEST_NAME)
         return luigi.LocalTarget(str(self.output_dir()))
 
     def output_location(self) -> str | Path:

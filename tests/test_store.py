@@ -50,6 +50,13 @@ def test_a_stage_uploads_its_files_then_the_manifest_and_is_complete_once(s3, tm
     assert (fetched / "b.bin").read_bytes() == bytes(range(256)) * 40
 
 
+def test_a_file_url_is_a_store_too(tmp_path):
+    store = open_store(f"file://{tmp_path / 'bucket'}")
+    fingerprint = build_toy(store, tmp_path / "scratch")
+    assert (tmp_path / "bucket" / "toy" / fingerprint / MANIFEST_NAME).is_file()
+    assert store_output_problems(store, f"toy/{fingerprint}") == []
+
+
 def test_credentials_never_reach_the_manifest(s3, tmp_path):
     store = open_store(s3.url())
     fingerprint = build_toy(store, tmp_path / "scratch")
@@ -169,7 +176,10 @@ def test_an_output_with_a_missing_file_counts_as_incomplete_and_is_rebuilt(s3, t
     target = StoreTarget(store, f"toy/{fingerprint}")
     assert target.exists()
     store.delete(f"toy/{fingerprint}/data/a.txt")
+    StoreTarget._complete.clear()   # a process remembers what it found complete: a new one
     assert not target.exists()   # Luigi will run the stage again
+    assert not StoreTarget(store, f"toy/{fingerprint}", tmp_path / "scratch" / "toy" / fingerprint
+                           / MANIFEST_NAME).exists()   # with this machine's copy of the manifest too
     assert build_toy(store, tmp_path / "other") == fingerprint   # not "already complete"
     assert target.exists() and store_output_problems(store, f"toy/{fingerprint}") == []
 
@@ -266,6 +276,8 @@ def test_missing_or_wrong_credentials_are_one_error_without_the_secret(tmp_path)
     try:
         env = s3_environment(endpoint)
         missing = {k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        # and no profile files of whoever runs the tests
+        missing.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
         result = _tinykd(["--pipeline-workdir", "s3://tinykd/work"], missing, tmp_path)
         _assert_one_error(result, "s3://tinykd/work", "no S3 credentials found", tmp_path)
         result = _tinykd(["--pipeline-workdir", "s3://tinykd/work"], env, tmp_path)   # unknown key
