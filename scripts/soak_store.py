@@ -162,6 +162,10 @@ def main() -> int:
         report["final_problems"] = [f"{w}: {p}" for o in outputs for w, p in store_output_problems(store, o)]
     finally:
         server.stop()
+        if args.workdir is None:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - started, 1)
     ok = (report["complete_looking_after_kill"] == 0 and report["damaged_manifests"] == 0
           and report["final_complete"] and not report["final_problems"])
