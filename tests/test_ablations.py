@@ -310,3 +310,19 @@ def test_augmentation_settings_in_the_grid_are_checked(tmp_path):
         with pytest.raises(InputError) as err:
             load_grid(path)
         assert problem in str(err.value) and str(path) in str(err.value)
+
+
+def test_the_grid_fingerprint_needs_no_scipy_or_torch():
+    """A no-op rerun walks every task's fingerprint: Ablations' (its seeds included) must not
+    pull in scipy, torch or transformers (importing scipy alone took 1.4 s of a 2 s budget)."""
+    import subprocess
+    import sys
+
+    from tasks.base import PROJECT_ROOT
+
+    code = ("import sys; from tasks.ablations import Ablations; "
+            "task = Ablations(seeds='3'); task.stage_params(); "
+            "bad = [m for m in ('scipy', 'torch', 'transformers') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
