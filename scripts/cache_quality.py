@@ -26,25 +26,40 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
 
+#: Logged numbers that are not losses: the optimiser's state and timings (``*_s``).
+NOT_LOSSES = {"step", "epoch", "lr", "grad_norm"}
+
+
 def step_losses(out_dir: Path) -> dict[int, dict]:
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return {row["step"]: row for row in rows if "eval" not in row and "step" in row}
 
 
+def evaluations(out_dir: Path) -> dict[int, dict]:
+    """Stage 2's dev evaluations by step."""
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["eval"] for row in rows if "eval" in row}
+
+
 def loss_difference(a: dict[int, dict], b: dict[int, dict]) -> dict:
-    """Max and mean relative difference of every logged loss term over the common steps."""
-    differences = []
+    """Per loss term and over all terms: max and mean relative difference over the common steps.
+
+    Only losses: the gradient norm and the learning rate are not what the student is taught
+    (the gradient norm of a clipped step is the noisiest number in the log)."""
+    terms: dict[str, list[float]] = {}
     for step in sorted(set(a) & set(b)):
         for name, value in a[step].items():
-            if name in ("step", "epoch") or not isinstance(value, float) or name.endswith("_s"):
+            if name in NOT_LOSSES or not isinstance(value, float) or name.endswith("_s"):
                 continue
             other = b[step].get(name)
             if isinstance(other, float) and abs(value) > 1e-12:
-                differences.append(abs(other - value) / abs(value))
-    if not differences:
-        return {"steps": 0, "max": None, "mean": None}
-    return {"steps": len(set(a) & set(b)), "max": max(differences),
-            "mean": sum(differences) / len(differences)}
+                terms.setdefault(name, []).append(abs(other - value) / abs(value))
+    everything = [d for values in terms.values() for d in values]
+    if not everything:
+        return {"steps": 0, "max": None, "mean": None, "terms": {}}
+    return {"steps": len(set(a) & set(b)), "max": max(everything),
+            "mean": sum(everything) / len(everything),
+            "terms": {name: {"mean": sum(v) / len(v), "max": max(v)} for name, v in sorted(terms.items())}}
 
 
 def main() -> int:
@@ -95,6 +110,11 @@ def main() -> int:
     figures["last_eval_difference_points"] = round(
         100 * (cand["final_eval"]["primary"] - base["final_eval"]["primary"]), 2)
     figures["size_ratio"] = round(cand["bytes_per_example"] / base["bytes_per_example"], 3)
+    figures["evaluations"] = {label: {str(k): v for k, v in evaluations(outputs[label][1]).items()}
+                              for label in outputs}
+    for label in outputs:
+        figures["runs"][label]["train_seconds"] = sum(
+            load_manifest(d)["info"].get("train_seconds", 0.0) for d in outputs[label])
     figures["loss_difference"] = {
         stage: loss_difference(step_losses(outputs["baseline"][i]), step_losses(outputs["candidate"][i]))
         for i, stage in enumerate(("stage1", "stage2"))}
@@ -115,8 +135,24 @@ def main() -> int:
                   f"(teacher parts, {cand['parts_bytes'] / 1e6:.0f} MB once per cache, not included).", ""]
     for stage, diff in figures["loss_difference"].items():
         if diff["steps"]:
+            per_term = ", ".join(f"{name} {t['mean']:.1e} / {t['max']:.1e}" for name, t in diff["terms"].items())
             lines.append(f"- {stage}: per-step losses over {diff['steps']} logged steps differ by "
-                         f"{diff['mean']:.2e} on average, {diff['max']:.2e} at most (relative).")
+                         f"{diff['mean']:.2e} on average, {diff['max']:.2e} at most (relative; per "
+                         f"term, mean / max: {per_term}).")
+    steps = sorted(set(figures["evaluations"]["baseline"]) & set(figures["evaluations"]["candidate"]), key=int)
+    metric = figures["metric"] or "primary"
+    lines += ["", f"Stage-2 dev {metric} at every evaluation:", "",
+              "| step | " + " | ".join(str(s) for s in steps) + " |",
+              "|---|" + "---:|" * len(steps)]
+    for label in ("baseline", "candidate"):
+        evals = figures["evaluations"][label]
+        lines.append(f"| {figures['runs'][label]['cache']} | " +
+                     " | ".join(f"{evals[s]['primary']:.4f}" for s in steps) + " |")
+    same = sum(figures["evaluations"]["baseline"][s]["primary"] == figures["evaluations"]["candidate"][s]["primary"]
+               for s in steps)
+    lines += ["", f"{same} of {len(steps)} evaluations are equal. Training seconds (stage 1 + stage 2): "
+              + ", ".join(f"{figures['runs'][label]['cache']} {figures['runs'][label]['train_seconds']:.0f}"
+                          for label in ("baseline", "candidate")) + "."]
     report = args.out / f"{task}-cache.md"
     report.write_text("\n".join(lines) + "\n")
     print(json.dumps(figures, default=str))
