@@ -379,6 +379,18 @@ def _acquire_build_lock(final: Path) -> BuildLock:
     return lock
 
 
+def _prepare_partial(final: Path, resumable: bool) -> Path:
+    """The partial directory of ``final``, called under its build lock: whatever a dead process
+    left there is removed (a resumable stage keeps its finished parts, minus temporary files)."""
+    partial = partial_dir(final)
+    if partial.exists() and not resumable:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temporaries(partial):
+        LOG.warning("removed %s, a temporary file of an interrupted build", stale)
+    return partial
+
+
 @contextlib.contextmanager
 def build_stage(workdir: Path | str, key: StageKey, *, resumable: bool = False,
                 hasher: FileHasher | None = None, store: Store | None = None,
@@ -413,12 +425,7 @@ def build_stage(workdir: Path | str, key: StageKey, *, resumable: bool = False,
             raise StageAlreadyComplete(f"{final} was published by another process while this one "
                                        "waited for its build lock")
         # Under the lock, a partial directory left here belongs to a dead process.
-        partial = partial_dir(final)
-        if partial.exists() and not resumable:
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True, exist_ok=True)
-        for stale in remove_stale_temporaries(partial):
-            LOG.warning("removed %s, a temporary file of an interrupted build", stale)
+        partial = _prepare_partial(final, resumable)
         build = StageBuild(partial, key, fingerprint, hasher)
         started = time.time()
         try:
@@ -630,12 +637,7 @@ def build_stage_on_store(store: Store, scratch: Path | str, key: StageKey, *, re
                                        "while this one waited for its build lock")
         if final.exists():   # a local copy of an output since removed from the store
             shutil.rmtree(final)
-        partial = partial_dir(final)
-        if partial.exists() and not resumable:
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True, exist_ok=True)
-        for stale in remove_stale_temporaries(partial):
-            LOG.warning("removed %s, a temporary file of an interrupted build", stale)
+        partial = _prepare_partial(final, resumable)
         partial_rel = store_partial_rel(key.stage, fingerprint)
         syncer = None
         if resumable:
