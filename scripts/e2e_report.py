@@ -36,6 +36,9 @@ def main() -> int:
                         help="configuration profile (configs/*.cfg); repeat to layer one over another")
     parser.add_argument("--glue-dir", required=True, type=Path, help="GLUE root (<TASK>/train.tsv)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "reports")
+    parser.add_argument("--name", default=None,
+                        help="file stem of the report (default: the task, e.g. SST-2 -> SST-2.md); "
+                             "e.g. SST-2-seeds for a seeded rerun beside the one-epoch report")
     parser.add_argument("luigi_args", nargs="*", help="extra Luigi arguments, e.g. --workers 2")
     args = parser.parse_args()
 
@@ -69,11 +72,12 @@ def main() -> int:
     from pipeline.errors import check_plain_name
 
     task = check_plain_name(summary["task"], "task name", out_dir / "summary.json")  # reports/<task>.md
+    name = check_plain_name(args.name, "report name") if args.name else task
     cache = manifests["teacher_cache"]["info"]
     augment = manifests["augment"]["info"]["counts"]
     command = ("python scripts/e2e_report.py "
                + " ".join(f"--config {os.path.relpath(config.resolve(), PROJECT_ROOT)}" for config in args.config)
-               + f" --glue-dir {args.glue_dir}")
+               + f" --glue-dir {args.glue_dir}" + (f" --name {name}" if args.name else ""))
     teacher_dev = summary["teacher_dev"]
     lines = [
         f"# {task}: end-to-end distillation result",
@@ -102,19 +106,19 @@ def main() -> int:
         f"{cache['attention_layers']}).",
         "",
         (out_dir / "ablations.md").read_text().replace(f"# {task} ablations", "## Ablations", 1),
-        f"![ablations]({task}-ablations.png)",
+        f"![ablations]({name}-ablations.png)",
         "",
     ]
-    discussion = args.out / f"{task}-discussion.md"
+    discussion = args.out / f"{name}-discussion.md"
     lines += ["## Discussion", "",
               discussion.read_text().strip() if discussion.exists() else
               f"(Not written yet: `{discussion.name}` beside this report is included here -- which "
               "effects reproduce beyond noise, and what the sizing of the runs means for them.)", ""]
     args.out.mkdir(parents=True, exist_ok=True)
-    report = args.out / f"{task}.md"
+    report = args.out / f"{name}.md"
     # Paths inside the project are written relative to it: the report is committed.
     report.write_text("\n".join(lines).replace(f"{PROJECT_ROOT}/", ""))
-    shutil.copy(out_dir / "ablations.png", args.out / f"{task}-ablations.png")
+    shutil.copy(out_dir / "ablations.png", args.out / f"{name}-ablations.png")
     print(f"wrote {report}")
     return 0
 
