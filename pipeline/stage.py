@@ -949,13 +949,8 @@ def explain_key(workdir: Path | str, key: StageKey, hasher: FileHasher | None = 
                            [f"no earlier output of this stage for task {task} (earlier outputs: "
                             f"{len(previous)} of task(s) {', '.join(others)})"])
     path, old, in_common = closest
-    reasons = diff_against_manifest(document, old, upstream_names or {})
-    if not reasons:
-        reasons = ["same key as that output but another fingerprint (contract changed)"]
-    same_task = f"same task {task}; " if task and manifest_task(old) == task else ""
-    header = (f"compared with {path.name}, the closest earlier output ({same_task}"
-              f"{in_common[0]} of {in_common[1]} settings in common):")
-    return StageStatus(key.stage, fingerprint, final, False, [header] + [f"  {r}" for r in reasons])
+    reasons = _reasons_against_closest(document, old, in_common, path.name, upstream_names or {}, task)
+    return StageStatus(key.stage, fingerprint, final, False, reasons)
 
 
 def existing_store_outputs(store: Store, stage: str) -> list[str]:
@@ -999,13 +994,21 @@ def _explain_on_store(store: Store, key: StageKey, hasher: FileHasher,
                            [f"no earlier output of this stage for task {task} ({len(previous)} "
                             "earlier output(s) of other tasks)"])
     path, old, in_common = closest
+    reasons = _reasons_against_closest(document, old, in_common, path.rsplit("/", 1)[-1],
+                                       upstream_names, task)
+    return StageStatus(key.stage, fingerprint, final, False, reasons)
+
+
+def _reasons_against_closest(document: dict, old: dict, in_common: tuple[int, int], name: str,
+                             upstream_names: Mapping[str, str], task: str | None) -> list[str]:
+    """Why a stale output differs from ``name``, the closest earlier output (local or on a store)."""
     reasons = diff_against_manifest(document, old, upstream_names)
     if not reasons:
         reasons = ["same key as that output but another fingerprint (contract changed)"]
     same_task = f"same task {task}; " if task and manifest_task(old) == task else ""
-    header = (f"compared with {path.rsplit('/', 1)[-1]}, the closest earlier output ({same_task}"
+    header = (f"compared with {name}, the closest earlier output ({same_task}"
               f"{in_common[0]} of {in_common[1]} settings in common):")
-    return StageStatus(key.stage, fingerprint, final, False, [header] + [f"  {r}" for r in reasons])
+    return [header] + [f"  {r}" for r in reasons]
 
 
 def manifest_task(manifest: Mapping[str, Any]) -> str | None:
