@@ -134,8 +134,11 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
     """
     import torch
 
+    from distill.distributed import current_world
     from distill.evaluate import Evaluator, load_dev
     from pipeline.cache.reader import load_cache_info, open_cache
+
+    world = current_world()   # several ranks: each trains on its part, rank 0 writes the output
 
     cache_dir = str(cache_dir) if is_url(cache_dir) else Path(cache_dir)
     out_dir = Path(out_dir)
@@ -213,7 +216,8 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
         evaluator = Evaluator(dev, task, task_type, eval_batch_size, resolve_device(config.device),
                               metric=info.get("metric"))
     final_dir = out_dir / "student"
-    shutil.rmtree(out_dir / "best_student", ignore_errors=True)   # layout before format 2
+    if world.main:
+        shutil.rmtree(out_dir / "best_student", ignore_errors=True)   # layout before format 2
 
     def keep_best(model, best):
         # The best student goes straight to its published place: the stage's single rename
@@ -224,8 +228,10 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
 
     trainer = Trainer(config, student, reader, provider, out_dir, list(zip(range(1, len(mapped) + 1), mapped)),
                       int(info.get("hidden_size", teacher_config.hidden_size)), task_type,
-                      evaluate=evaluator, on_best=keep_best)
+                      evaluate=evaluator, on_best=keep_best, world=world)
     result = trainer.train()
+    if not world.main:
+        return {}
 
     if result.best is None:   # no evaluation: the last step's student
         _export_atomic(trainer.student, tokenizer, final_dir, distill_info)
@@ -252,7 +258,9 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
         "resumed_from": result.resumed_from, "train_seconds": round(result.seconds, 3),
         "data_wait_share": round(result.data_wait_share, 5),
         "startup_wait_share": round(result.startup_wait_share, 5),
-        "torch_threads": result.threads,
+        "torch_threads": result.threads, "nproc": world.size,
+        "examples_per_s": round(result.steps * config.batch_size / result.seconds, 3)
+        if result.seconds > 0 else None,
         "layer_map": mapped, "config": asdict(config),
         "student_parameters": sum(p.numel() for p in trainer.student.parameters()),
         "seconds": round(time.perf_counter() - started, 3),

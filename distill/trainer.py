@@ -47,6 +47,8 @@ import numpy as np
 import torch
 
 from distill.data import Batch, Prefetcher, num_batches, to_device
+from distill.distributed import (DistillStep, World, current_world, global_values, loss_shares,
+                                 rank_seed, slice_batch)
 from distill.losses import (ATTENTION_MODES, PROJECTION_MODES, HiddenProjections, hinton_kd,
                             intermediate_losses, regression_loss, soft_cross_entropy)
 from pipeline.cache.teacher_outputs import forward_internals, zero_padding
@@ -55,6 +57,8 @@ LOSS_NAMES = ("embedding", "attention", "hidden", "prediction")
 PREDICTION_LOSSES = ("soft_ce", "kd")
 SCHEDULES = ("constant", "linear")
 CHECKPOINT_NAME = "last.pt"
+#: TensorBoard event files of the run, inside the stage output.
+TENSORBOARD_DIR = "tb"
 #: 2: weights_only-loadable (RNG states as tensors, counters and records as JSON).
 CHECKPOINT_FORMAT = 2
 LOG = logging.getLogger("tinykd.distill")
@@ -319,10 +323,16 @@ class Trainer:
     def __init__(self, config: TrainConfig, student: torch.nn.Module, source, teacher: Callable,
                  out_dir: Path, layer_pairs: Sequence[tuple[int, int]], teacher_hidden_size: int,
                  task_type: str = "classification", evaluate: Callable | None = None,
-                 on_best: Callable | None = None, projections: HiddenProjections | None = None):
+                 on_best: Callable | None = None, projections: HiddenProjections | None = None,
+                 world: World | None = None, tensorboard: bool = True):
         config.validate()
         self.config = config
+        self.world = world or current_world()
+        if self.world.distributed and config.batch_size % self.world.size:
+            raise ValueError(f"batch size {config.batch_size} does not split evenly over "
+                             f"{self.world.size} ranks")
         self.device = resolve_device(config.device)
+        self.tensorboard = tensorboard
         self.student = student.to(self.device)
         self.source = source
         self.teacher = teacher
@@ -341,6 +351,7 @@ class Trainer:
                                          if config.uses_intermediate and config.attention_weight > 0 else [])
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.tb_dir = self.out_dir / TENSORBOARD_DIR
         self.batches_per_epoch = num_batches(source.num_examples, config.batch_size)
         self.total_steps = self.batches_per_epoch * config.epochs
         if config.max_steps > 0:
@@ -377,6 +388,8 @@ class Trainer:
                 raise ValueError(f"checkpoint format {meta.get('format')}, expected {CHECKPOINT_FORMAT}")
             return state, meta
         except Exception as exc:  # noqa: BLE001 - any unreadable file is discarded the same way
+            if not self.world.main:
+                return None   # rank 0 has discarded it (and said so)
             message = (f"{path}: unreadable checkpoint discarded, training this stage starts over "
                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
             LOG.warning(message)
@@ -385,11 +398,35 @@ class Trainer:
             return None
 
     def _load_checkpoint(self) -> dict | None:
+        """The last checkpoint's counters, its state loaded into the modules (or None).
+
+        With several ranks, rank 0 reads first (discarding an unreadable file, truncating the
+        log); the others read the same file after it, and all must agree on the step."""
+        if not self.world.distributed:
+            return self._load_checkpoint_here()
+        import torch.distributed as dist
+
+        meta = self._load_checkpoint_here() if self.world.main else None
+        dist.barrier()
+        if not self.world.main:
+            meta = self._load_checkpoint_here()
+        steps = torch.tensor([meta["step"] if meta is not None else -1], dtype=torch.float64,
+                             device=self.device)
+        lowest, highest = steps.clone(), steps.clone()
+        dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+        dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+        if lowest.item() != highest.item():
+            raise RuntimeError(f"ranks resumed from different checkpoints (steps {int(lowest.item())}"
+                               f" and {int(highest.item())}): {self.checkpoint_dir} changed during "
+                               "the start")
+        return meta
+
+    def _load_checkpoint_here(self) -> dict | None:
         path = self.checkpoint_dir / CHECKPOINT_NAME
         loaded = self._read_checkpoint(path) if path.exists() else None
         if loaded is None:
             # no (readable) checkpoint: start over, log included
-            if self.metrics_path.exists():
+            if self.world.main and self.metrics_path.exists():
                 self.metrics_path.unlink()
             return None
         state, meta = loaded
@@ -403,14 +440,20 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         # drop log lines written after the checkpoint: they will be written again
-        if self.metrics_path.exists():
+        if self.world.main and self.metrics_path.exists():
             with open(self.metrics_path, "r+b") as handle:
                 handle.truncate(meta["metrics_bytes"])
         return meta
 
     def _log(self, record: dict) -> None:
+        """One metrics.jsonl line and the same values as TensorBoard scalars (rank 0 only)."""
+        if not self.world.main:
+            return
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
+        if self._tb is not None:
+            for tag, value in tensorboard_scalars(record).items():
+                self._tb.add_scalar(tag, value, record["step"])
 
     # -- one step -----------------------------------------------------------------------
     def compute_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -463,16 +506,20 @@ class Trainer:
                 # thread + a reader thread; reading is ~2% of such a step).
                 self.read_ahead = False
         self._bar = None
+        self._tb = None
+        self._ddp = None
         try:
             return self._train()
         finally:
             torch.set_num_threads(threads_before)
             if self._bar is not None:
                 self._bar.close()
+            if self._tb is not None:
+                self._tb.close()
 
     def _progress_bar(self, step: int):
         """A tqdm bar over the run's steps (a resumed run starts where it left off), or None."""
-        if not self.config.progress:
+        if not self.config.progress or not self.world.main:
             return None
         from tqdm.auto import tqdm
 
@@ -496,6 +543,19 @@ class Trainer:
             step, epoch, batch_in_epoch, best = (state["step"], state["epoch"], state["batch_in_epoch"],
                                                  state["best"])
             seconds_before = float(state.get("train_seconds", 0.0))
+        world = self.world
+        if world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if world.rank > 0:   # its own dropout masks (rank 0 keeps the single-process stream)
+                torch.manual_seed(rank_seed(config.seed, world.rank, step))
+            # The classifier head gets no gradient in stage 1: find_unused_parameters leaves its
+            # .grad None (as in one process), so AdamW skips it on every rank alike.
+            self._ddp = DistributedDataParallel(
+                DistillStep(self), device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True, broadcast_buffers=False)
+        if world.main and self.tensorboard:
+            self._tb = self._tensorboard_writer(resumed_step=step if state is not None else None)
         result = TrainResult(steps=step, best=best, resumed_from=step if state is not None else None,
                              threads=torch.get_num_threads())
         last_checkpoint = step if state is not None else None
@@ -505,6 +565,7 @@ class Trainer:
         wait_seconds = startup_wait = 0.0
         params = [p for m in self._modules() for p in m.parameters() if p.requires_grad]
         bar = self._bar = self._progress_bar(step)
+        window = {"start": time.perf_counter(), "wait": 0.0, "examples": 0}   # since the last log line
         while step < self.total_steps:
             if batch_in_epoch >= self.batches_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
@@ -520,14 +581,28 @@ class Trainer:
                         break
                     waited = time.perf_counter() - step_start
                     wait_seconds += waited
+                    window["wait"] += waited
+                    window["examples"] += int(batch["input_ids"].shape[0])
                     if first_of_epoch:   # the reader plans the epoch before its first batch
                         startup_wait += waited
                         first_of_epoch = False
-                    batch = self.teacher(to_device(batch, self.device))
-                    losses = self.compute_losses(batch)
-                    total = self.weighted_total(losses)
-                    values = {name: float(value.detach()) for name, value in losses.items()}
-                    values["total"] = float(total.detach())
+                    if self._ddp is not None:
+                        # this rank's rows of the global batch; its terms weighted by its share
+                        # of each term's count, times the ranks DDP's gradient average divides by
+                        batch, owned = slice_batch(batch, world)
+                        batch = self.teacher(to_device(batch, self.device))
+                        losses = self._ddp(batch)
+                        shares = loss_shares(batch, owned, losses, config.attention_mode)
+                        total = self.weighted_total({name: value * shares[name] * world.size
+                                                     for name, value in losses.items()})
+                        values = global_values(losses, shares)
+                        values["total"] = float(self.weighted_total(values))
+                    else:
+                        batch = self.teacher(to_device(batch, self.device))
+                        losses = self.compute_losses(batch)
+                        total = self.weighted_total(losses)
+                        values = {name: float(value.detach()) for name, value in losses.items()}
+                        values["total"] = float(total.detach())
                     if not all(math.isfinite(v) for v in values.values()):
                         where = (f"last good checkpoint: step {last_checkpoint}, "
                                  f"{self.checkpoint_dir / CHECKPOINT_NAME}" if last_checkpoint is not None
@@ -552,16 +627,28 @@ class Trainer:
                             if best else ""), refresh=False)
                         bar.update(1)
                     if config.log_every > 0 and (step % config.log_every == 0 or step == self.total_steps):
+                        now = time.perf_counter()
+                        elapsed = max(now - window["start"], 1e-9)
                         self._log({**values, "data_wait_s": round(waited, 6),
-                                   "step_s": round(time.perf_counter() - step_start, 6)})
+                                   "step_s": round(now - step_start, 6),
+                                   "examples_per_s": round(window["examples"] / elapsed, 3),
+                                   "data_wait_share": round(window["wait"] / elapsed, 5)})
+                        window = {"start": now, "wait": 0.0, "examples": 0}
                     if self.evaluate_fn is not None and (
                             (config.eval_every > 0 and step % config.eval_every == 0)
                             or step == self.total_steps):
-                        best = self._evaluate(step, epoch, best, result)
+                        # rank 0 evaluates the whole dev split alone (the same numbers as one
+                        # process); the others wait for it
+                        if world.main:
+                            best = self._evaluate(step, epoch, best, result)
+                        if world.distributed:
+                            import torch.distributed as dist
+                            dist.barrier()
                     if config.checkpoint_every > 0 and step % config.checkpoint_every == 0 \
                             and step < self.total_steps:
-                        self._save_checkpoint(step, epoch, batch_in_epoch, best,
-                                              seconds_before + time.perf_counter() - started)
+                        if world.main:
+                            self._save_checkpoint(step, epoch, batch_in_epoch, best,
+                                                  seconds_before + time.perf_counter() - started)
                         last_checkpoint = step
             finally:
                 if isinstance(prefetcher, Prefetcher):
@@ -576,6 +663,17 @@ class Trainer:
             result.data_wait_share = wait_seconds / session_seconds
             result.startup_wait_share = startup_wait / session_seconds
         return result
+
+    def _tensorboard_writer(self, resumed_step: int | None):
+        """A SummaryWriter on ``<out>/tb``. A fresh run starts an empty directory; a resumed one
+        purges the steps after its checkpoint that the killed run had logged (they are redone),
+        so the event files read back as one run."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        if resumed_step is None:
+            shutil.rmtree(self.tb_dir, ignore_errors=True)
+            return SummaryWriter(str(self.tb_dir))
+        return SummaryWriter(str(self.tb_dir), purge_step=resumed_step + 1)
 
     def _epoch_batches(self, epoch: int, start_batch: int):
         """The epoch's batches from ``start_batch`` on, read ahead of the training step.
@@ -619,6 +717,23 @@ class Trainer:
 
     def cleanup_checkpoints(self) -> None:
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
+
+#: metrics.jsonl keys written as TensorBoard scalars, by tag (loss terms go under ``loss/``).
+TENSORBOARD_TAGS = {"lr": "train/lr", "grad_norm": "train/grad_norm",
+                    "examples_per_s": "train/examples_per_s", "data_wait_share": "train/loader_wait_share"}
+
+
+def tensorboard_scalars(record: dict) -> dict[str, float]:
+    """The TensorBoard scalars of one metrics.jsonl record: ``loss/<term>`` and ``loss/total``,
+    ``train/lr``, ``train/grad_norm``, ``train/examples_per_s``, ``train/loader_wait_share``
+    per logged step; ``dev/<metric>`` for each numeric dev metric of an evaluation."""
+    if "eval" in record:
+        return {f"dev/{name}": float(value) for name, value in record["eval"].items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    scalars = {f"loss/{name}": float(record[name]) for name in (*LOSS_NAMES, "total") if name in record}
+    scalars.update({tag: float(record[key]) for key, tag in TENSORBOARD_TAGS.items() if key in record})
+    return scalars
 
 
 @torch.no_grad()
