@@ -71,13 +71,15 @@ def assets(tmp_path_factory, minilm_dir):
 
 
 def stage1_config(**overrides):
-    return recipe("intermediate", epochs=10, max_steps=20, batch_size=32, log_every=1,
-                  checkpoint_every=0, device="cpu", prefetch=0, progress=False, **overrides)
+    return recipe("intermediate", **{**dict(epochs=10, max_steps=20, batch_size=32, log_every=1,
+                                            checkpoint_every=0, device="cpu", prefetch=0,
+                                            progress=False), **overrides})
 
 
 def stage2_config(**overrides):
-    return recipe("prediction", epochs=10, max_steps=20, batch_size=32, log_every=1, eval_every=10,
-                  checkpoint_every=0, device="cpu", prefetch=0, progress=False, **overrides)
+    return recipe("prediction", **{**dict(epochs=10, max_steps=20, batch_size=32, log_every=1,
+                                          eval_every=10, checkpoint_every=0, device="cpu", prefetch=0,
+                                          progress=False), **overrides})
 
 
 def spec(assets: Path) -> StudentSpec:
