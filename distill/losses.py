@@ -13,7 +13,7 @@ Two families (docs/ALGORITHM.md §2):
 
 Padding. Every tensor arrives padded to the batch's longest example, with the teacher's
 padding positions already zero (that is how the cache reader pads ragged rows, and how
-:func:`pipeline.cache.teacher_outputs.zero_padding` treats live outputs). The attention loss has two
+:func:`pipeline.common.encoder_outputs.zero_padding` treats live outputs). The attention loss has two
 modes: ``reference`` reproduces the reference implementation's averaging -- scores at padded
 query/key positions (and any score <= -100, the reference's test for its additive mask) are
 zeroed in both student and teacher, then the squared error is averaged over *every* element
@@ -22,7 +22,7 @@ averages over the real query/key pairs only. Hidden-state and embedding MSEs are
 over real tokens (× width) only.
 
 The attention tensors are whatever the cache's ``attention_target`` says: pre-softmax scores
-(TinyBERT) or attention log-probabilities (:mod:`pipeline.cache.teacher_outputs`); the same MSE
+(TinyBERT) or attention log-probabilities (:mod:`pipeline.common.encoder_outputs`); the same MSE
 and the same modes apply to both. In ``reference`` mode a log-probability at or below -100 (a
 probability under 1e-43) is zeroed like such a score.
 """

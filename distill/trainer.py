@@ -6,7 +6,7 @@ The loop never sees where the teacher's tensors come from. It draws Batch dicts
 * :class:`CachedTeacher` passes the cache reader's tensors through (task distillation reads
   the Parquet cache only: no teacher forward);
 * :class:`OnlineTeacher` runs the teacher live with
-  :func:`pipeline.cache.teacher_outputs.forward_internals` + ``zero_padding`` -- the very functions
+  :func:`pipeline.common.encoder_outputs.forward_internals` + ``zero_padding`` -- the very functions
   the cache writer used -- so the parity test of cache against online is one flag.
 
 The student's own internals come from the same ``forward_internals`` (the score-capture hooks
@@ -51,7 +51,7 @@ from distill.distributed import (DistillStep, World, current_world, global_value
                                  rank_seed, slice_batch)
 from distill.losses import (ATTENTION_MODES, PROJECTION_MODES, HiddenProjections, hinton_kd,
                             intermediate_losses, regression_loss, soft_cross_entropy)
-from pipeline.cache.teacher_outputs import forward_internals, zero_padding
+from pipeline.common.encoder_outputs import forward_internals, zero_padding
 
 LOSS_NAMES = ("embedding", "attention", "hidden", "prediction")
 PREDICTION_LOSSES = ("soft_ce", "kd")
@@ -80,7 +80,7 @@ class TrainConfig:
     hidden_weight: float = 1.0
     prediction_weight: float = 0.0
     attention_mode: str = "reference"
-    attention_target: str = "scores"     # or "log_probs" (pipeline.cache.teacher_outputs)
+    attention_target: str = "scores"     # or "log_probs" (pipeline.common.encoder_outputs)
     projection_mode: str = "shared"
     prediction_loss: str = "soft_ce"     # regression tasks always use MSE to the teacher
     temperature: float = 1.0

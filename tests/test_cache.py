@@ -18,7 +18,7 @@ from pipeline.cache.reader import open_cache
 from pipeline.errors import InputError
 from pipeline.cache.writer import CacheSpec, build_cache, shard_ranges, write_shard_output
 from pipeline.common.examples import count_examples, read_example_range
-from pipeline.cache.teacher_outputs import forward_internals, zero_padding
+from pipeline.common.encoder_outputs import forward_internals, zero_padding
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from distill.data import TokenizedExamples, collate, tokenize_rows
 from distill.student import StudentSpec, build_student, export_student
 from distill.trainer import NonFiniteLoss, OnlineTeacher, CachedTeacher, Trainer, recipe
 from pipeline.cache.layer_map import cached_layers, layer_map
-from pipeline.cache.teacher_outputs import forward_internals
+from pipeline.common.encoder_outputs import forward_internals
 
 WORDS = "good bad movie plot actor great boring fun story scene long short film music".split()
 

@@ -22,7 +22,7 @@ from distill.run import distill_from_cache
 from distill.student import StudentSpec, build_student
 from distill.trainer import recipe
 from pipeline.cache.layer_map import cached_layers, layer_map
-from pipeline.cache.teacher_outputs import forward_internals
+from pipeline.common.encoder_outputs import forward_internals
 from pipeline.cache.writer import CacheSpec, build_cache, write_shard_output
 from pipeline.common.encoders import FAMILIES, family_of
 from pipeline.errors import InputError

@@ -99,7 +99,7 @@ def test_hash_cache_persists_and_skips_rehash(tmp_path, text_file, monkeypatch):
     first.save()
     import pipeline.stage as stage
 
-    monkeypatch.setattr(stage, "sha256_file", lambda path: pytest.fail("re-hashed an unchanged file"))
+    monkeypatch.setattr(stage.hashing, "sha256_file", lambda path: pytest.fail("re-hashed an unchanged file"))
     assert FileHasher(cache).describe(text_file)["sha256"] == digest
 
 

@@ -2,9 +2,10 @@
 
 * :mod:`pipeline.cache.layer_map` decides which teacher layers a student learns from, and so
   which layers the cache must hold;
-* :mod:`pipeline.cache.teacher_outputs` captures the teacher's internals (hidden states and
-  pre-softmax attention scores or attention log-probabilities, through the encoder family's
-  adapter in :mod:`pipeline.common.encoders`) from a live forward pass;
+* :mod:`pipeline.common.encoder_outputs` (shared with the trainer, which runs it on the
+  student) captures an encoder's internals (hidden states and pre-softmax attention scores or
+  attention log-probabilities, through the family's adapter in :mod:`pipeline.common.encoders`)
+  from a live forward pass;
 * :mod:`pipeline.cache.writer` runs the teacher over an example source and writes the shards;
 * :mod:`pipeline.cache.reader` streams training batches back out of them;
 * :mod:`pipeline.cache.inspect_cache` summarises and verifies a cache (``tinykd inspect``).

@@ -366,10 +366,10 @@ def complete_batch(batch: dict, parts: TeacherParts | None) -> dict:
     ``layer0`` (the trainer wants hidden layer 0), ``inputs[l]`` (attention layer ``l``'s input,
     a [B, T, H] tensor, or the string ``"embeddings"`` for layer 0) and ``rows[l]`` (a [B] bool:
     the rows whose scores are recomputed; the others carry their stored scores). Padding is
-    zeroed exactly as :func:`pipeline.cache.teacher_outputs.zero_padding` does for a live
+    zeroed exactly as :func:`pipeline.common.encoder_outputs.zero_padding` does for a live
     teacher, so the result is the Batch of docs/DESIGN.md.
     """
-    from pipeline.cache.teacher_outputs import zero_padding
+    from pipeline.common.encoder_outputs import zero_padding
 
     derive = batch.pop(DERIVE_KEY, None)
     if not derive:

@@ -3,7 +3,7 @@
 The cache (:mod:`pipeline.cache.writer`) stores one ragged row per example. The trainer
 wants the ``Batch`` of docs/DESIGN.md: ``[B, T]`` token tensors with an attention mask and
 the teacher tensors padded to the batch's longest example, padding positions zero (exactly
-what :func:`pipeline.cache.teacher_outputs.zero_padding` does to live teacher outputs).
+what :func:`pipeline.common.encoder_outputs.zero_padding` does to live teacher outputs).
 
 **Streaming, with a bounded shuffle.** The reader never loads the cache: it permutes the row
 groups of all shards (the unit Parquet decompresses), reads them in *windows* of about

@@ -48,7 +48,7 @@ shards, plenty for any number of workers.
 source order. The teacher runs in eval mode under ``torch.inference_mode()``, optionally under
 CUDA autocast. Padding changes nothing but floating-point noise: the padded keys are masked
 in the softmax and the scores are read from the layers' projections by the encoder family's
-adapter (:mod:`pipeline.cache.teacher_outputs`, :mod:`pipeline.common.encoders`, no patched
+adapter (:mod:`pipeline.common.encoder_outputs`, :mod:`pipeline.common.encoders`, no patched
 transformers). ``attention_target`` (recorded in the manifest) says whether the attention
 columns hold pre-softmax scores or attention log-probabilities.
 """
@@ -124,7 +124,7 @@ class CacheSpec:
     max_seq_length: int = 128
     with_logits: bool = True
     layout: str = DEFAULT_LAYOUT
-    #: ``scores`` (pre-softmax, TinyBERT) or ``log_probs`` (pipeline.cache.teacher_outputs)
+    #: ``scores`` (pre-softmax, TinyBERT) or ``log_probs`` (pipeline.common.encoder_outputs)
     attention_target: str = "scores"
 
     def __post_init__(self):
@@ -250,7 +250,7 @@ class ForwardRunner:
     def run(self, input_ids, token_type_ids, pad_token_id: int) -> list[dict[str, np.ndarray | None]]:
         import torch
 
-        from pipeline.cache.teacher_outputs import forward_internals
+        from pipeline.common.encoder_outputs import forward_internals
 
         ids, types, mask = pad_batch(input_ids, token_type_ids, pad_token_id)
         lengths = [len(x) for x in input_ids]
