@@ -13,6 +13,7 @@ imports torch, transformers or datasets (stages import them inside ``build()``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -56,6 +57,15 @@ class pipeline(luigi.Config):  # noqa: N801 - Luigi names config sections after 
                     "for teacher-cache shards read from the store, so that the second epoch does "
                     "not download again (least recently used shards go first). 0: stream every "
                     "epoch from the store (ranged reads of the needed columns).",
+    )
+    devices = luigi.Parameter(
+        default="auto",
+        significant=False,
+        description="The device pool of the compute stages (pipeline.common.devices): auto (every "
+                    "visible CUDA device; without CUDA the CPU, not leased), cuda:0,cuda:1,... "
+                    "(these GPUs), or cpu / cpu,cpu (one / two CPU slots). A stage with device = "
+                    "auto leases the device(s) it runs on for as long as it runs, so --workers k "
+                    "on k GPUs runs k stages on k devices; a stage that finds none free waits.",
     )
     partial_sync_seconds = luigi.FloatParameter(
         default=60.0,
@@ -173,6 +183,12 @@ class StageTask(luigi.Task):
     #: With a URL workdir, downstream stages read this output straight from the store (the
     #: teacher cache: tens of GB, streamed by its reader) instead of a fetched local copy.
     stream_from_store: ClassVar[bool] = False
+    #: Whether the stage computes on a device of ``[pipeline] devices`` (with ``device = auto``
+    #: it leases one, or ``devices_wanted()``, while it builds).
+    leases_devices: ClassVar[bool] = False
+    #: The devices leased for the build in progress ([] when none is leased), and their slots.
+    leased_devices: list[str] = []
+    leased_slots: list[str] = []
 
     # --- declared by subclasses -------------------------------------------------------------
     def stage_inputs(self) -> dict[str, str | Path]:
@@ -186,6 +202,63 @@ class StageTask(luigi.Task):
 
     def build(self, out: StageBuild) -> None:
         raise NotImplementedError
+
+    def preflight(self) -> None:
+        """Check settings that need no upstream output before anything is built or written
+        (bad ones raise :class:`~pipeline.errors.InputError`); a stage overrides it."""
+        if self.leases_devices:
+            self.device_pool()
+
+    def devices_wanted(self, pool: list[str]) -> int:
+        """How many devices of ``pool`` this stage leases (one; a multi-rank stage more)."""
+        return 1
+
+    # --- devices ------------------------------------------------------------------------------
+    def device_pool(self) -> list[str]:
+        """``[pipeline] devices`` parsed against this machine ([] : the unleased CPU)."""
+        from pipeline.common.devices import parse_pool
+
+        spec = pipeline().devices
+        needs_cuda = spec.strip() in ("", "auto") or "cuda" in spec
+        if needs_cuda:
+            from pipeline.common.devices import cuda_device_count
+
+            return parse_pool(spec, cuda_device_count())
+        return parse_pool(spec, 0)
+
+    def leases(self) -> bool:
+        """Whether this build leases devices: a compute stage left at ``device = auto`` (an
+        explicit device is the user's choice and is used as given, without a lease)."""
+        return self.leases_devices and str(getattr(self, "device", "auto")) in ("", "auto")
+
+    @contextlib.contextmanager
+    def device_lease(self):
+        """Hold this build's device lease (the leased device names; [] when none)."""
+        if not self.leases():
+            yield []
+            return
+        from pipeline.common.devices import DeviceLease
+
+        pool = self.device_pool()
+
+        def waiting(holders):
+            LOG.info("%s: waiting for %d free device(s) of %s (held: %s)", self.task_id,
+                     self.devices_wanted(pool), ",".join(pool),
+                     ", ".join(f"{h['device']} by pid {h.get('pid')}" for h in holders) or "none")
+
+        lease = DeviceLease(workdir(), pool, self.devices_wanted(pool), on_wait=waiting)
+        devices = lease.acquire()
+        self.leased_slots = lease.slots
+        try:
+            if devices:
+                LOG.info("%s: leased %s (slots %s)", self.task_id, ",".join(devices), ",".join(lease.slots))
+            yield devices
+        finally:
+            lease.release()
+
+    def build_device(self) -> str:
+        """The device ``build()`` computes on: the leased one, else the configured ``device``."""
+        return self.leased_devices[0] if self.leased_devices else str(getattr(self, "device", "auto"))
 
     # --- derived ----------------------------------------------------------------------------
     def upstream_tasks(self) -> dict[str, "StageTask"]:
@@ -276,10 +349,15 @@ class StageTask(luigi.Task):
 
     def run(self) -> None:
         hasher = shared_hasher(workdir())
+        self.preflight()   # bad settings fail here: nothing built, nothing written
         try:
             with build_stage(workdir(), self.stage_key(), resumable=self.resumable, hasher=hasher,
                              store=workdir_store(),
-                             partial_sync_seconds=pipeline().partial_sync_seconds) as out:
+                             partial_sync_seconds=pipeline().partial_sync_seconds) as out, \
+                    self.device_lease() as devices:
+                self.leased_devices = devices
+                if devices:   # run history (pipeline.stage.RUN_HISTORY_INFO_KEYS), not content
+                    out.info["device_lease"] = {"devices": devices, "slots": self.leased_slots}
                 self.verify_upstream()
                 if "num_threads" in self.param_kwargs and self.uses_torch:   # its thread count, for build()
                     from pipeline.common.device import torch_threads

@@ -122,7 +122,26 @@ def _trainer_parameters(stage: str):
         log_every = luigi.IntParameter(default=50, significant=False,
                                        description="Steps between metrics.jsonl loss lines.")
         device = luigi.Parameter(default="auto", significant=False,
-                                 description="auto (CUDA when available, else CPU), cpu, cuda, ...")
+                                 description="auto (the device(s) leased from [pipeline] devices; "
+                                             "CUDA when available, else CPU), cpu, cuda, ...")
+        nproc = luigi.Parameter(
+            default="1", significant=False,
+            description="Data-parallel ranks (torch.distributed, launched by torch's elastic "
+                        "launcher): 1 = one process; auto = one per device leased from [pipeline] "
+                        "devices. Each rank trains on its part of every global batch (batch_size "
+                        "stays the global size and must split evenly), so the result does not "
+                        "depend on it beyond floating-point reduction order (and dropout masks).")
+        dist_backend = luigi.ChoiceParameter(
+            default="auto", choices=["auto", "gloo", "nccl"], significant=False,
+            description="nproc > 1: the process-group backend; auto = NCCL on CUDA, gloo on CPU.")
+        rdzv_port = luigi.IntParameter(
+            default=0, significant=False,
+            description="nproc > 1: the rendezvous port on 127.0.0.1 (0: a free one, chosen at launch).")
+        dist_timeout_s = luigi.IntParameter(
+            default=1800, significant=False,
+            description="nproc > 1: seconds a rank waits in a collective (rank 0's dev evaluation "
+                        "included) before it fails, so a dead peer fails the stage instead of "
+                        "hanging it.")
         num_workers = luigi.IntParameter(
             default=-1, significant=False,
             description="DataLoader worker processes reading the cache (order-preserving); "
@@ -141,6 +160,7 @@ def _trainer_parameters(stage: str):
             values = {name: getattr(self, name) for name in names
                       if hasattr(self, name) and name not in ("num_workers", "eval_every")}
             values["eval_every"] = getattr(self, "eval_every", 0)
+            values["device"] = self.build_device()
             workers = self.num_workers
             if workers < 0:
                 import torch
@@ -250,6 +270,65 @@ class AugmentationSettings:
 
 class _DistillStage(StageTask):
     resumable = True
+    leases_devices = True
+
+    def devices_wanted(self, pool: list[str]) -> int:
+        from pipeline.common.devices import devices_needed
+
+        return devices_needed(self.nproc, pool)
+
+    def rank_devices(self) -> list[str]:
+        """One device per rank: the leased devices, else ``nproc`` times the configured
+        device (the unleased CPU)."""
+        if self.leased_devices:
+            return list(self.leased_devices)
+        count = 1 if str(self.nproc) == "auto" else int(self.nproc)
+        device = self.device if self.device not in ("", "auto") else "cpu"
+        return [device] * count
+
+    def preflight(self) -> None:
+        """nproc against the pool, the batch against the ranks, the backend against the devices,
+        the rendezvous port: one InputError before anything is built."""
+        from distill.launch import check_port, check_ranks, choose_backend
+        from pipeline.common.devices import devices_needed
+        from pipeline.errors import InputError
+
+        pool = self.device_pool()
+        leased = self.leases() and bool(pool)
+        count = devices_needed(self.nproc, pool if leased else [])
+        if count > 1 and not leased and self.device not in ("", "auto", "cpu"):
+            raise InputError(f"nproc = {self.nproc} with device = {self.device}: several ranks run "
+                             "on leased devices (device = auto and [pipeline] devices) or on the CPU")
+        check_ranks(count, self.batch_size)
+        if count > 1:
+            choose_backend(self.dist_backend, pool[:count] if leased else ["cpu"] * count)
+            if self.rdzv_port:
+                check_port(self.rdzv_port)
+
+    def train(self, out: StageBuild, cache_dir, config, student_spec=None, **kwargs) -> dict:
+        """``distill_from_cache`` in this process (one rank), or on every rank under torch's
+        elastic launcher (:mod:`distill.launch`); the summary either way."""
+        import json
+
+        from distill.run import distill_from_cache
+
+        devices = self.rank_devices()
+        out.info["nproc"] = len(devices)
+        if len(devices) == 1:
+            return distill_from_cache(cache_dir, out.path, config, student_spec, **kwargs)
+        import os
+
+        from distill.launch import JOB_NAME, choose_backend, run_ranks, write_job
+
+        threads = self.num_threads or max(1, (os.cpu_count() or 1) // len(devices))
+        job = write_job(out.path / JOB_NAME, cache_dir, out.path, config, student_spec, devices=devices,
+                        backend=choose_backend(self.dist_backend, devices),
+                        timeout_s=self.dist_timeout_s, num_threads=threads, **kwargs)
+        try:
+            run_ranks(job, len(devices), self.rdzv_port)
+        finally:
+            job.unlink(missing_ok=True)
+        return json.loads((out.path / "metrics.json").read_text())
 
     def cache_task(self) -> TeacherCache:
         return self.requires()["cache"]
@@ -281,7 +360,7 @@ class _DistillStage(StageTask):
         out.rows["examples"] = summary["examples"]
         out.info.update({k: summary[k] for k in ("stage", "task", "best", "final_losses", "layer_map",
                                                  "data_wait_share", "train_seconds", "student_parameters",
-                                                 "resumed_from")})
+                                                 "resumed_from", "examples_per_s") if k in summary})
 
 
 class _IntermediateStage(StudentParameters, _DistillStage):
@@ -291,15 +370,13 @@ class _IntermediateStage(StudentParameters, _DistillStage):
         return self.student_inputs()
 
     def build(self, out: StageBuild) -> None:
-        from distill.run import distill_from_cache
-
         strategy, explicit, depth = self.trainer_layer_map(self.cache_task())
         spec = self.student_spec(depth, _mapped_layers(self.cache_task(), strategy, explicit, depth))
         with out.timed("distill"):
-            summary = distill_from_cache(self.upstream_dir("cache"), out.path, self.train_config(), spec,
-                                         layer_strategy=strategy, explicit_layers=explicit,
-                                         online=self.online_teacher, originals_only=self.originals_only,
-                                         **self.store_reading())
+            summary = self.train(out, self.upstream_dir("cache"), self.train_config(), spec,
+                                 layer_strategy=strategy, explicit_layers=explicit,
+                                 online=self.online_teacher, originals_only=self.originals_only,
+                                 **self.store_reading())
         self.record(out, summary)
 
 
@@ -366,16 +443,14 @@ class DistillPrediction(AugmentationSettings, _trainer_parameters("prediction"),
         return params
 
     def build(self, out: StageBuild) -> None:
-        from distill.run import distill_from_cache
-
         strategy, explicit, _ = self.requires()["stage1"].trainer_layer_map(self.cache_task())
         with out.timed("distill"):
-            summary = distill_from_cache(self.upstream_dir("cache"), out.path, self.train_config(),
-                                         stage1_dir=self.upstream_dir("stage1"),
-                                         prepared_dir=self.upstream_dir("data"), layer_strategy=strategy,
-                                         explicit_layers=explicit, online=self.online_teacher,
-                                         originals_only=self.originals_only,
-                                         eval_batch_size=self.eval_batch_size, **self.store_reading())
+            summary = self.train(out, self.upstream_dir("cache"), self.train_config(),
+                                 stage1_dir=self.upstream_dir("stage1"),
+                                 prepared_dir=self.upstream_dir("data"), layer_strategy=strategy,
+                                 explicit_layers=explicit, online=self.online_teacher,
+                                 originals_only=self.originals_only,
+                                 eval_batch_size=self.eval_batch_size, **self.store_reading())
         self.record(out, summary)
         if summary["best"]:
             out.info["dev_metrics"] = summary["best"]["metrics"]

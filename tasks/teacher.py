@@ -46,6 +46,7 @@ class FineTuneTeacher(StageTask):
     """The task's teacher, saved with ``save_pretrained`` (fine-tuned when its head is new)."""
 
     stage_name = "teacher"
+    leases_devices = True   # fine-tuning runs on one leased device (one process; no DDP)
     stage_version = "2"   # 2: the fresh head is seeded (reproducible teacher)
 
     teacher = luigi.Parameter(
@@ -112,7 +113,7 @@ class FineTuneTeacher(StageTask):
                 epochs=self.epochs, learning_rate=self.learning_rate, batch_size=self.batch_size,
                 warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
                 max_seq_length=self.max_seq_length, eval_every=self.eval_every, seed=self.seed,
-                device=self.device, progress=self.progress)
+                device=self.build_device(), progress=self.progress)
         out.info.update(info)
 
 
@@ -334,6 +335,7 @@ class TeacherCacheShard(TeacherCacheParams, StageTask):
     """One shard of the teacher cache: examples [i·shard_size, (i+1)·shard_size) of the source."""
 
     stage_name = "teacher_cache_shard"
+    leases_devices = True   # the teacher's forward runs on one leased device
     stage_version = "3"   # 2: rows carry aug_index; 3: cache format 2 (compact layout, int8)
     # Gigabytes of Parquet with page CRCs (verified by pipeline.cache.reader on every read);
     # TeacherCache re-hashes each shard once, before linking it (assemble_cache).
@@ -366,7 +368,7 @@ class TeacherCacheShard(TeacherCacheParams, StageTask):
             info = write_shard_output(
                 self.example_source(), start, stop, self.shard_index, self.teacher_source(), out.path,
                 spec, tokenizer=self.tokenizer or None, batch_size=self.forward_batch_size,
-                device=self.device, autocast=self.autocast, row_group_bytes=self.row_group_mb << 20,
+                device=self.build_device(), autocast=self.autocast, row_group_bytes=self.row_group_mb << 20,
                 compression_level=self.compression_level, byte_stream_split=self.byte_stream_split,
                 task_info=self.task_info(),
                 progress=self.progress)

@@ -30,7 +30,7 @@ project imports them.
 from pipeline.stage.hashing import (FileHasher, sha256_file)
 from pipeline.stage.fingerprint import (CONTRACT_VERSION, FINGERPRINT_LENGTH, canonical_json, StageKey)
 from pipeline.stage.manifest import (MANIFEST_CHECKSUM_KEY, MANIFEST_NAME, RECORDED_LIBRARIES,
-                                     RUN_HISTORY_FIELDS, RUN_HISTORY_FILES, RUN_HISTORY_INFO_KEYS,
+                                     RUN_HISTORY_DIRS, RUN_HISTORY_FIELDS, RUN_HISTORY_FILES, RUN_HISTORY_INFO_KEYS,
                                      library_versions, load_manifest, manifest_bytes, manifest_checksum,
                                      manifest_content, StageBuild, without_run_history)
 from pipeline.stage.partial import (PARTIAL_SUFFIX, partial_dir, remove_stale_temporaries,
@@ -50,7 +50,7 @@ from pipeline.stage.garbage import (UNLOCKED_PARTIAL_GRACE_SECONDS, delete_entry
 
 __all__ = [
     "FileHasher", "sha256_file", "CONTRACT_VERSION", "FINGERPRINT_LENGTH", "canonical_json", "StageKey",
-    "MANIFEST_CHECKSUM_KEY", "MANIFEST_NAME", "RECORDED_LIBRARIES", "RUN_HISTORY_FIELDS",
+    "MANIFEST_CHECKSUM_KEY", "MANIFEST_NAME", "RECORDED_LIBRARIES", "RUN_HISTORY_DIRS", "RUN_HISTORY_FIELDS",
     "RUN_HISTORY_FILES", "RUN_HISTORY_INFO_KEYS", "library_versions", "load_manifest", "manifest_bytes",
     "manifest_checksum", "manifest_content", "StageBuild", "without_run_history", "PARTIAL_SUFFIX",
     "partial_dir", "remove_stale_temporaries", "StageAlreadyComplete", "temporary_name",

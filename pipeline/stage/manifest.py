@@ -47,11 +47,18 @@ RUN_HISTORY_FIELDS = ("timings", "host", "libraries", "manifest_sha256")
 
 RUN_HISTORY_INFO_KEYS = ("worker_pid", "shards_resumed", "resumed_from", "train_seconds",
                          "data_wait_share", "startup_wait_share", "mlm_forward_seconds",
-                         "seconds", "data_wait_s", "step_s", "torch_threads")
+                         "seconds", "data_wait_s", "step_s", "torch_threads",
+                         # where and how wide a training stage ran: its device lease and rank
+                         # count (the result does not depend on them), and its throughput
+                         "device_lease", "nproc", "examples_per_s")
 
 #: Files whose content holds such fields (the distillation stages' logs: per-step wait and
 #: step times, the run's timings); compared field by field without them.
 RUN_HISTORY_FILES = ("metrics.json", "metrics.jsonl")
+#: Directories of a stage output that hold run history only: the training stages' TensorBoard
+#: event files (``tb/``: wall-clock stamps, host names in the file names, the values of
+#: metrics.jsonl). Their checksums are not content.
+RUN_HISTORY_DIRS = ("tb",)
 
 
 def library_versions() -> dict[str, str]:
@@ -147,11 +154,13 @@ def without_run_history(value: Any) -> Any:
 def manifest_content(manifest: Mapping[str, Any]) -> dict:
     """What a manifest says about the output's content: equal for a fresh, a resumed and a
     concurrent build of one fingerprint. Drops the run-history sections and keys, and the
-    checksums of :data:`RUN_HISTORY_FILES` (compare those files with :func:`without_run_history`)."""
+    checksums of :data:`RUN_HISTORY_FILES` (compare those files with :func:`without_run_history`)
+    and of the files under :data:`RUN_HISTORY_DIRS`."""
     content = {k: v for k, v in manifest.items() if k not in RUN_HISTORY_FIELDS}
     content["info"] = without_run_history(content.get("info", {}))
     content["files"] = {rel: entry for rel, entry in content.get("files", {}).items()
-                        if Path(rel).name not in RUN_HISTORY_FILES}
+                        if Path(rel).name not in RUN_HISTORY_FILES
+                        and Path(rel).parts[0] not in RUN_HISTORY_DIRS}
     return content
 
 
