@@ -43,7 +43,7 @@ import luigi
 
 from pipeline.errors import InputError, check_plain_name
 from pipeline.stage import StageBuild
-from tasks.base import PROJECT_ROOT, StageTask, workdir
+from tasks.base import PROJECT_ROOT, StageTask, workdir, workdir_store
 from tasks.distill import DistillIntermediate, DistillPrediction
 from tasks.prepare import PrepareData
 from tasks.teacher import FineTuneTeacher, TeacherCache
@@ -178,6 +178,14 @@ class Ablations(StageTask):
                             "students below learned from a degenerate teacher.")
         with out.timed("report"):
             report = write_report(results, out.path, f"{task} ablations", teacher_metric, notes)
+        if workdir_store() is None:   # local outputs only: a store would mean downloading each run
+            from pipeline.ablations.report import gather_tensorboard
+
+            runs = {}
+            for (name, seed), variant in self.variant_tasks().items():
+                runs[f"{name}/seed{seed}/stage1"] = variant.requires()["stage1"].output_dir()
+                runs[f"{name}/seed{seed}/stage2"] = variant.output_dir()
+            gather_tensorboard(runs, out.path / "tb")   # how many: run history, not recorded
         rows = {row["variant"]: row for row in report.pop("rows")}
         paths = report
         full = results[0]

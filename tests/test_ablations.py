@@ -197,6 +197,17 @@ def test_seeds_run_every_variant_per_seed_and_a_new_seed_runs_only_its_trainer_s
     assert interval["low"] <= interval["delta"] + 1e-4 and interval["delta"] <= interval["high"] + 1e-4
     rows = list(csv.DictReader((ablations.output_dir() / "ablations.csv").open()))
     assert rows[1]["seeds"] == "42 43" and rows[1]["within_noise"] in ("yes", "no")
+    # one TensorBoard run per variant, seed and stage: one --logdir view compares them by name
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    multiplexer = EventMultiplexer().AddRunsFromDirectory(str(ablations.output_dir() / "tb"))
+    multiplexer.Reload()
+    assert sorted(multiplexer.Runs()) == sorted(f"{variant}/seed{seed}/stage{stage}"
+                                                for variant in ("full", "no_attention")
+                                                for seed in (42, 43) for stage in (1, 2))
+    assert [e.step for e in multiplexer.Scalars("no_attention/seed43/stage2", "dev/primary")] == \
+        [json.loads(l)["step"] for l in (tasks["no_attention", 43].output_dir() / "metrics.jsonl")
+         .read_text().splitlines() if '"eval"' in l]
 
     # A third seed: only that seed's trainer stages (one per stage and variant) and the report.
     before = {stage: stage_dirs(isolated_workdir, stage)

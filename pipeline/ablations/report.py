@@ -452,3 +452,24 @@ def _plot(rows: list[dict], path: Path, title: str, teacher_metric: float | None
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def gather_tensorboard(runs: Mapping[str, Path], tb_dir: Path) -> int:
+    """Copy each run's TensorBoard event files (``<output>/tb``) to ``tb_dir/<name>``.
+
+    ``runs`` maps a run name (``<variant>/seed<k>/stage2``…) to a training stage's output;
+    the grid's own ``tb/`` then holds one TensorBoard run per variant and seed, so
+    ``tensorboard --logdir <ablations output>/tb`` (or the whole workdir) compares them by
+    name. Event files are small (a few scalars per logged step); an output without ``tb/``
+    (written before TensorBoard logs existed) is skipped. Returns the files copied.
+    """
+    import shutil
+
+    copied = 0
+    for name, output in runs.items():
+        for event_file in sorted((Path(output) / "tb").glob("events.out.tfevents.*")):
+            target = Path(tb_dir) / name
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(event_file, target / event_file.name)
+            copied += 1
+    return copied
