@@ -111,6 +111,7 @@ def assert_same_losses(a: list[dict], b: list[dict]) -> None:
             assert abs(x[name] - y[name]) <= 1e-5 * max(abs(x[name]), 1e-8), (x["step"], name, x[name], y[name])
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_one_rank_student(assets, tmp_path):
     """Stage 1 and stage 2, 20 steps each of global batch 32: 2 ranks x 16 rows give the losses
     of 1 rank x 32 at every step, the same dev evaluations, and students transformers loads."""
@@ -138,6 +139,29 @@ def test_two_ranks_train_the_one_rank_student(assets, tmp_path):
         assert classify("a good movie")[0]["label"] in ("negative", "positive")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["online_teacher", "general"])
+def test_two_ranks_with_the_online_teacher_and_in_general_distillation(assets, tmp_path, kind):
+    """The live teacher (each rank runs it on its rows) and general distillation (a bare
+    encoder's cache, no logits): 2 ranks log the losses of 1 rank."""
+    cache = assets / "cache"
+    if kind == "general":
+        cache = tmp_path / "general-cache"
+        hidden, attention = cached_layers(layer_map(4, 2))
+        build_cache(assets / "train.parquet", assets / "teacher", cache,
+                    CacheSpec(hidden, attention, "float32", max_seq_length=32, with_logits=False),
+                    shard_size=16, task_info=SST2)
+    online = kind == "online_teacher"
+    config = stage1_config(max_steps=8)
+    one, two = tmp_path / "one", tmp_path / "two"
+    distill_from_cache(cache, one, config, spec(assets), online=online)
+    job = write_job(tmp_path / ".two.job.json", cache, two, config, spec(assets), backend="gloo",
+                    timeout_s=60, num_threads=1, online=online)
+    run_ranks(job, 2)
+    assert_same_losses(step_losses(one), step_losses(two))
+    assert json.loads((two / "metrics.json").read_text())["online_teacher"] is online
+
+
 def rank_pids(job: Path) -> dict[int, int]:
     """``rank -> pid`` of the live rank processes of ``job`` (read from /proc)."""
     found = {}
@@ -156,6 +180,7 @@ def rank_pids(job: Path) -> dict[int, int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
 def test_killed_rank_fails_in_one_line_and_the_rerun_resumes(assets, tmp_path, first, second):
     """SIGKILL of one rank after the mid-epoch checkpoint at step 3: one line naming the rank,
