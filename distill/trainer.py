@@ -28,6 +28,18 @@ warning naming it, and training starts over, rather than failing every rerun.
 
 **Failure.** A non-finite loss stops the run naming the step and the loss terms; the last
 checkpoint (written only after finite steps) stays in place for inspection or a retry.
+
+**Several ranks.** Inside a torch.distributed process group (:mod:`distill.launch`) the loop
+is data-parallel (:mod:`distill.distributed`): every rank reads the same global batch, keeps
+its rows, and steps a DistributedDataParallel copy; the logged losses are the global batch's.
+Rank 0 alone writes checkpoints (the same format: a 2-rank checkpoint resumes on 1 rank and
+the other way round), ``metrics.jsonl`` and TensorBoard, and evaluates on dev while the others
+wait at a barrier.
+
+**TensorBoard.** Rank 0 writes every ``metrics.jsonl`` record as scalars into ``<out>/tb``
+(:func:`tensorboard_scalars`: ``loss/<term>``, ``train/lr``, ``train/grad_norm``,
+``train/examples_per_s``, ``train/loader_wait_share``, ``dev/<metric>``). A resumed run purges
+the steps the killed one logged after its checkpoint, so the files read back as one run.
 """
 from __future__ import annotations
 
@@ -553,7 +565,7 @@ class Trainer:
             # .grad None (as in one process), so AdamW skips it on every rank alike.
             self._ddp = DistributedDataParallel(
                 DistillStep(self), device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True, broadcast_buffers=False)
+                find_unused_parameters=True)
         if world.main and self.tensorboard:
             self._tb = self._tensorboard_writer(resumed_step=step if state is not None else None)
         result = TrainResult(steps=step, best=best, resumed_from=step if state is not None else None,
