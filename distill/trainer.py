@@ -594,14 +594,18 @@ class Trainer:
                     waited = time.perf_counter() - step_start
                     wait_seconds += waited
                     window["wait"] += waited
-                    window["examples"] += int(batch["input_ids"].shape[0])
+                    window["examples"] += int(batch.get("batch_rows", batch["input_ids"].shape[0]))
                     if first_of_epoch:   # the reader plans the epoch before its first batch
                         startup_wait += waited
                         first_of_epoch = False
                     if self._ddp is not None:
                         # this rank's rows of the global batch; its terms weighted by its share
                         # of each term's count, times the ranks DDP's gradient average divides by
-                        batch, owned = slice_batch(batch, world)
+                        if "rank_rows" in batch:   # the reader collated this rank's rows only
+                            owned = batch.pop("rank_rows")
+                            batch.pop("batch_rows")
+                        else:
+                            batch, owned = slice_batch(batch, world)
                         batch = self.teacher(to_device(batch, self.device))
                         losses = self._ddp(batch)
                         shares = loss_shares(batch, owned, losses, config.attention_mode)
@@ -696,17 +700,20 @@ class Trainer:
         """
         config = self.config
         pin_memory = self.device.type == "cuda"
+        # a source that can collate one rank's rows (the cache reader) does; others are sliced
+        rank = ({"rank": (self.world.rank, self.world.size)}
+                if self.world.distributed and getattr(self.source, "slices_ranks", False) else {})
         if config.num_workers > 0 and hasattr(self.source, "dataset"):
             from torch.utils.data import DataLoader
             dataset = self.source.dataset(config.batch_size, seed=config.seed, epoch=epoch,
-                                          start_batch=start_batch)
+                                          start_batch=start_batch, **rank)
             # its own generator: the loader draws worker seeds from it, not from the global RNG
             # that drives dropout (else workers would change the training run)
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
             return iter(DataLoader(dataset, batch_size=None, num_workers=config.num_workers,
                                    pin_memory=pin_memory, prefetch_factor=max(2, config.prefetch),
                                    generator=generator))
-        iterator = self.source.batches(config.batch_size, config.seed, epoch, start_batch=start_batch)
+        iterator = self.source.batches(config.batch_size, config.seed, epoch, start_batch=start_batch, **rank)
         if self.read_ahead:
             return Prefetcher(iterator, config.prefetch, pin_memory=pin_memory)
         return iter(iterator)

@@ -162,6 +162,46 @@ def test_two_ranks_with_the_online_teacher_and_in_general_distillation(assets, t
     assert json.loads((two / "metrics.json").read_text())["online_teacher"] is online
 
 
+def assert_same_batch(a, b) -> None:
+    assert set(a) == set(b)
+    for key, value in a.items():
+        if isinstance(value, dict):
+            assert_same_batch(value, b[key])
+        elif isinstance(value, torch.Tensor):
+            assert value.shape == b[key].shape and torch.allclose(value, b[key], rtol=1e-6, atol=1e-6), key
+        else:
+            assert value == b[key], key
+
+
+@pytest.mark.parametrize("batch_size, ranks", [(24, 3), (21, 2)])
+def test_a_rank_reads_its_rows_of_the_whole_batch(assets, batch_size, ranks):
+    """The reader's rank=(r, k) gives each rank exactly its block of every batch of the plan,
+    padded to the whole batch's width: the rows a sliced whole batch holds, once the teacher
+    tensors the cache left out are recomputed (a block may need fewer of them than its batch).
+    64 rows in batches of 24 end with 16 (uneven over 3 ranks); in batches of 21 with one row
+    (rank 1 owns none)."""
+    from distill.distributed import World, slice_batch
+    from distill.trainer import CachedTeacher
+    from pipeline.cache.reader import open_cache
+
+    hidden, attention = cached_layers(layer_map(4, 2))
+    reader = open_cache(assets / "cache", hidden, attention)
+    complete = CachedTeacher(reader.parts(torch.device("cpu")))
+    whole = list(reader.batches(batch_size, seed=3, epoch=1))
+    owned_total = 0
+    for rank in range(ranks):
+        mine = list(reader.batches(batch_size, seed=3, epoch=1, rank=(rank, ranks)))
+        assert len(mine) == len(whole)
+        for full, part in zip(whole, mine):
+            expected, owned = slice_batch(complete(full), World(rank, ranks))
+            assert part.pop("rank_rows") == owned and part.pop("batch_rows") == len(full["ids"])
+            assert_same_batch(expected, complete(part))
+            owned_total += owned
+    assert owned_total == 64
+    if batch_size == 21:
+        assert len(whole[-1]["ids"]) == 1
+
+
 def rank_pids(job: Path) -> dict[int, int]:
     """``rank -> pid`` of the live rank processes of ``job`` (read from /proc)."""
     found = {}

@@ -22,6 +22,13 @@ materialise every k-th batch of the same plan, so ``num_workers`` does not chang
 (``to_numpy(zero_copy_only=True)``) and torch tensors without another (``torch.from_numpy``);
 the one copy left is the padding itself, which also widens fp16/bf16 to fp32.
 
+**One rank's rows.** ``rank=(r, k)`` (data-parallel training, :mod:`distill.distributed`)
+yields the same batches of the same plan, each cut to rank ``r``'s contiguous block of its rows
+(the first ``n % k`` ranks one row more) but padded to the *whole* batch's width, so the rows
+are exactly those of the whole batch; only their collation (the padding copies) is this
+rank's share. A batch then carries ``rank_rows`` (rows this rank owns; a rank with none gets
+the batch's first row to compute with, and 0) and ``batch_rows`` (the whole batch's).
+
 **Originals only.** ``originals_only=True`` trains on the rows with ``aug_index == 0`` (the
 examples before augmentation) of the same shards: the "without augmentation" ablation re-reads
 the augmented cache instead of running the teacher again. The selection is made once, at
@@ -146,6 +153,9 @@ class CacheReader:
     ``log_probs``); a cache holding the other is refused (None = any).
     ``cache_dir`` may be a store URL; ``local_cache`` then keeps shards on local disk once read.
     """
+
+    #: ``batches(..., rank=(r, k))`` collates one rank's rows (see the module docstring).
+    slices_ranks = True
 
     def __init__(self, cache_dir: Path | str, hidden_layers: Sequence[int] | None = None,
                  attention_layers: Sequence[int] | None = None, dtype: str | None = None,
@@ -485,11 +495,13 @@ class CacheReader:
                 shuffle: bool = True, drop_last: bool = False,
                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                 bucket_batches: int = DEFAULT_BUCKET_BATCHES,
-                worker: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Any]]:
+                worker: tuple[int, int] = (0, 1),
+                rank: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
         """Yield the epoch's batches from ``start_batch`` on (see the module docstring).
 
         ``worker=(w, k)`` yields only global batches ``j`` with ``j % k == w`` (DataLoader
-        workers; merged round-robin they give the single-process order).
+        workers; merged round-robin they give the single-process order). ``rank=(r, k)``
+        yields rank ``r``'s rows of each batch at the whole batch's width.
         """
         worker_id, num_workers = worker
         rng = np.random.default_rng([seed, epoch])
@@ -535,7 +547,14 @@ class CacheReader:
             for t in sorted(needed - {0}):
                 tables[t] = _Loaded(self._read(window[t - 1], self.columns))
             for j in wanted:
-                yield self._collate([(tables[sources[i]], rows[i]) for i in plan[j]])
+                if rank is None:
+                    yield self._collate([(tables[sources[i]], rows[i]) for i in plan[j]])
+                    continue
+                chosen, owned = rank_block(plan[j], *rank)
+                batch = self._collate([(tables[sources[i]], rows[i]) for i in chosen],
+                                      width=int(all_lengths[plan[j]].max()))
+                batch.update(rank_rows=owned, batch_rows=len(plan[j]))
+                yield batch
             emitted += len(plan)
             # Carry the leftover rows' data (not their row groups) into the next window.
             if len(rest):
@@ -546,17 +565,17 @@ class CacheReader:
                 carry = None
             carry_lengths = all_lengths[rest]
 
-    def _collate(self, refs: list[tuple[_Loaded, int]]) -> dict[str, Any]:
+    def _collate(self, refs: list[tuple[_Loaded, int]], width: int | None = None) -> dict[str, Any]:
         # Arrow buffers are read-only; torch warns on wrapping them, but we only read them.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return self._collate_rows(refs)
+            return self._collate_rows(refs, width)
 
-    def _collate_rows(self, refs: list[tuple[_Loaded, int]]) -> dict[str, Any]:
+    def _collate_rows(self, refs: list[tuple[_Loaded, int]], width: int | None = None) -> dict[str, Any]:
         import torch
 
         lengths = [int(t.length[r]) for t, r in refs]
-        batch, width = len(refs), max(lengths)
+        batch, width = len(refs), max(lengths) if width is None else width
         input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
         token_types = torch.zeros((batch, width), dtype=torch.long)
         mask = torch.zeros((batch, width), dtype=torch.long)
@@ -633,6 +652,17 @@ class CacheReader:
 
     def dataset(self, batch_size: int, seed: int = 0, epoch: int = 0, **kwargs) -> "CacheBatchDataset":
         return CacheBatchDataset(self, batch_size, seed=seed, epoch=epoch, **kwargs)
+
+
+def rank_block(rows: np.ndarray, rank: int, size: int) -> tuple[np.ndarray, int]:
+    """Rank ``rank``'s contiguous block of a batch's ``rows`` (the first ``len % size`` ranks
+    one more) and how many it owns; an empty block computes with the first row and owns 0."""
+    base, extra = divmod(len(rows), size)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (1 if rank < extra else 0)
+    if stop == start:
+        return rows[:1], 0
+    return rows[start:stop], stop - start
 
 
 def _take(table: _Loaded, row: int, columns: Sequence[str]) -> pa.Table:
