@@ -194,8 +194,12 @@ def run_job(job: dict[str, Any]) -> dict:
                                                  kwargs["local_cache"]["max_bytes"])
     owns_group = not dist.is_initialized()
     if owns_group:
-        dist.init_process_group(backend, timeout=timedelta(seconds=int(job.get("timeout_s", DEFAULT_TIMEOUT_S))),
-                                device_id=torch.device(device) if device.startswith("cuda") else None)
+        import inspect
+
+        options = {"timeout": timedelta(seconds=int(job.get("timeout_s", DEFAULT_TIMEOUT_S)))}
+        if device.startswith("cuda") and "device_id" in inspect.signature(dist.init_process_group).parameters:
+            options["device_id"] = torch.device(device)   # binds NCCL's communicator (torch >= 2.3)
+        dist.init_process_group(backend, **options)
     try:
         return distill_from_cache(job["cache_dir"], job["out_dir"], config, spec, **kwargs)
     finally:
