@@ -267,6 +267,36 @@ def test_killed_rank_fails_in_one_line_and_the_rerun_resumes(assets, tmp_path, f
     assert_same_losses(step_losses(reference), step_losses(out))
 
 
+@pytest.mark.slow
+def test_ranks_die_with_the_process_that_launched_them(assets, tmp_path):
+    """A Luigi worker SIGKILLed while its ranks train leaves none of them running (and so no
+    one holding its device lease)."""
+    import subprocess
+    import sys
+
+    job = write_job(tmp_path / ".orphans.job.json", assets / "cache", tmp_path / "out",
+                    stage1_config(max_steps=100000, epochs=100000), spec(assets), backend="gloo",
+                    timeout_s=60, num_threads=1)
+    launcher = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                                 "from distill.launch import run_ranks; run_ranks(Path(sys.argv[1]), 2)",
+                                 str(job)], cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.time() + 120
+        while len(rank_pids(job)) < 2 or not (tmp_path / "out" / "metrics.jsonl").exists():
+            assert time.time() < deadline and launcher.poll() is None, "the ranks did not start"
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=10)
+        deadline = time.time() + 10
+        while rank_pids(job) and time.time() < deadline:
+            time.sleep(0.05)
+        assert rank_pids(job) == {}
+    finally:
+        launcher.kill()
+        for pid in rank_pids(job).values():
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_bad_launch_settings_are_refused_before_training(tmp_path):
     """Batch that the ranks cannot split, NCCL on the CPU, a rendezvous port in use: one
     InputError each, naming the setting."""
