@@ -113,7 +113,7 @@ class FineTuneTeacher(StageTask):
                 epochs=self.epochs, learning_rate=self.learning_rate, batch_size=self.batch_size,
                 warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
                 max_seq_length=self.max_seq_length, eval_every=self.eval_every, seed=self.seed,
-                device=self.build_device(), progress=self.progress)
+                device=self.build_device(), progress=self.progress, tb_dir=out.path / "tb")
         out.info.update(info)
 
 

@@ -56,8 +56,19 @@ def test_finetune_learns_the_task_and_keeps_the_best(minilm_dir, tmp_path):
     train, dev = _split(tmp_path / "train.parquet", 64), _split(tmp_path / "dev.parquet", 24, offset=3)
     info = prepare_teacher(minilm_dir, train, dev, tmp_path / "model", {"task": "SST-2", "task_type": "classification",
                            "label_names": ["negative", "positive"], "num_labels": 2},
-                           epochs=2, learning_rate=1e-4, batch_size=16, eval_every=4, seed=0)
+                           epochs=2, learning_rate=1e-4, batch_size=16, eval_every=4, seed=0,
+                           tb_dir=tmp_path / "tb")
     assert info["skipped_finetune"] is False and info["head_trained_before"] is False
+    # its TensorBoard run: every step's loss, every evaluation's dev metrics
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={SCALARS: 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/total")] == list(range(1, info["steps"] + 1))
+    assert {"train/lr", "train/grad_norm", "train/examples_per_s", "train/loader_wait_share"} <= \
+        set(events.Tags()["scalars"])
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("dev/accuracy")] == \
+        [(h["step"], round(h["accuracy"], 6)) for h in info["history"]]
     accuracies = [h["accuracy"] for h in info["history"]]
     assert info["dev"]["accuracy"] == max(accuracies) >= 0.9, accuracies
     assert info["dev"]["step"] in [h["step"] for h in info["history"]]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -233,13 +234,18 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
              epochs: float = 3.0, learning_rate: float = 2e-5, batch_size: int = 32,
              warmup_ratio: float = 0.1, weight_decay: float = 0.01, max_seq_length: int = 128,
              eval_every: int = 0, seed: int = 42, device: str = "auto", progress: bool = False,
-             metric: str | None = None) -> dict:
+             metric: str | None = None, tb_dir: Path | None = None) -> dict:
     """Fine-tune ``model`` on ``train``; evaluate on ``dev``; save the best to ``out_dir``.
 
     AdamW with linear warm-up over ``warmup_ratio`` of the steps then linear decay. Dev
     evaluation: every ``eval_every`` steps and after the last step when ``eval_every > 0`` (not
     at epoch ends); at each epoch's end and after the last step when it is 0. The checkpoint
     with the best primary metric is kept (``save_pretrained`` model and tokenizer).
+
+    ``tb_dir``: TensorBoard event files there, per step ``loss/total``, ``train/lr``,
+    ``train/grad_norm``, ``train/examples_per_s``, ``train/loader_wait_share`` (the share of the
+    step spent padding its batch) and per evaluation ``dev/<metric>`` -- the tags the
+    distillation stages use, so one TensorBoard view shows teacher and students.
     """
     import math
 
@@ -270,12 +276,24 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
     generator = torch.Generator().manual_seed(seed)
     history, best = [], None
     step = 0
+    writer = None
+    if tb_dir is not None:
+        import shutil
+
+        from torch.utils.tensorboard import SummaryWriter
+
+        shutil.rmtree(tb_dir, ignore_errors=True)   # the stage is not resumable: one fresh run
+        writer = SummaryWriter(str(tb_dir))
 
     def checkpoint() -> None:
         nonlocal best
         metrics = evaluate(model, tokenizer, dev, task, task_type, max_seq_length, 2 * batch_size, device_,
                            metric)
         history.append({"step": step, **metrics})
+        if writer is not None:
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    writer.add_scalar(f"dev/{name}", float(value), step)
         LOG.info("teacher fine-tune step %d: dev %s = %.4f", step, metrics["primary_metric"], metrics["primary"])
         if best is None or metrics["primary"] > best["primary"]:
             best = {"step": step, **metrics}
@@ -292,18 +310,28 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
     while step < total_steps:
         order = torch.randperm(len(ids), generator=generator).tolist()
         for start in range(0, len(order), batch_size):
+            began = time.perf_counter()
             batch = order[start:start + batch_size]
             input_ids, token_types, mask = pad_batch([ids[i] for i in batch], [types[i] for i in batch],
                                                      tokenizer.pad_token_id or 0)
             target = torch.tensor([labels[i] for i in batch], dtype=label_dtype)
+            padded = time.perf_counter()
             loss = model(**model_inputs(model, input_ids.to(device_), token_types.to(device_),
                                         mask.to(device_)), labels=target.to(device_)).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if writer is not None:
+                seconds = max(time.perf_counter() - began, 1e-9)
+                for tag, value in (("loss/total", float(loss.detach())), ("train/lr", lr),
+                                   ("train/grad_norm", float(grad_norm)),
+                                   ("train/examples_per_s", len(batch) / seconds),
+                                   ("train/loader_wait_share", (padded - began) / seconds)):
+                    writer.add_scalar(tag, value, step)
             if bar is not None:
                 bar.set_postfix_str(f"loss={float(loss.detach()):.4f}" + (
                     f" best dev {best['primary_metric']}={best['primary']:.4f}" if best else ""),
@@ -316,6 +344,8 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
                 break
     if bar is not None:
         bar.close()
+    if writer is not None:
+        writer.close()
     return {"best": best, "history": history, "steps": total_steps, "train_examples": len(ids)}
 
 
