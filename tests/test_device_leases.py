@@ -131,6 +131,13 @@ def test_a_two_rank_stage_through_luigi(configured, isolated_workdir):
     assert manifest["rows"]["steps"] == 4
     assert not (stage.output_dir() / ".launch-job.json").exists()
     assert list((stage.output_dir() / "tb").glob("events.out.tfevents.*"))
+    # where and how wide it ran is run history: not what the output's content is compared by
+    from pipeline.stage import manifest_content
+
+    content = manifest_content(manifest)
+    assert "device_lease" not in content["info"] and "nproc" not in content["info"]
+    assert any(rel.startswith("tb/") for rel in manifest["files"])
+    assert not any(rel.startswith("tb/") for rel in content["files"])
     # nproc is not significant: the 1-rank task is the same output
     luigi.task_register.Register.clear_instance_cache()
     assert distill_tasks.DistillIntermediate(device="auto", nproc="1").complete()
