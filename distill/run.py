@@ -41,6 +41,7 @@ from distill.student import (StudentSpec, build_student, export_student, read_di
 from distill.trainer import (CachedTeacher, OnlineTeacher, Trainer, TrainConfig, _atomic_torch_save,
                              resolve_device)
 from pipeline.common.encoders import family_of, use_eager_attention
+from pipeline.common.loading import load_pretrained
 from pipeline.errors import InputError
 from pipeline.cache.layer_map import cached_layers, layer_map
 from pipeline.store import LocalObjectCache, is_url, redact
@@ -193,7 +194,8 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
     if online:
         from transformers import AutoModel, AutoModelForSequenceClassification
         cls = AutoModelForSequenceClassification if config.uses_prediction else AutoModel
-        teacher_model = cls.from_pretrained(teacher_path).to(resolve_device(config.device))
+        teacher_model = load_pretrained(cls, teacher_path, partial=not config.uses_prediction)[0]
+        teacher_model = teacher_model.to(resolve_device(config.device))
         if attention_needed and not family_of(teacher_model).exposes_scores:
             use_eager_attention(teacher_model)
         provider = OnlineTeacher(teacher_model, hidden_needed, attention_needed,

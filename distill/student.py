@@ -26,6 +26,7 @@ dropout; its students are therefore built without attention-probability dropout.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -34,8 +35,10 @@ import torch
 
 from pipeline.common.encoders import AUTO_FAMILY, StudentShape, family_named, family_of
 from pipeline.errors import InputError
-from pipeline.teacher.finetune import quiet_loading
+from pipeline.common.loading import load_pretrained
+from pipeline.teacher.finetune import head_description, load_bare_encoder
 
+LOG = logging.getLogger("tinykd.distill")
 STUDENT_INITS = ("config", "checkpoint", "teacher_layers")
 #: Written next to the exported student: what it was distilled for (checked by stage 2).
 DISTILL_INFO_NAME = "tinykd_distill.json"
@@ -113,11 +116,17 @@ def build_student(spec: StudentSpec, teacher_config, num_labels: int, task_type:
         if not (path / "config.json").exists():
             raise InputError("student checkpoint has no config.json (expected a save_pretrained "
                              "directory)", path)
-        student = AutoModelForSequenceClassification.from_pretrained(
-            path, ignore_mismatched_sizes=True, **labels)
+        student, report = load_pretrained(AutoModelForSequenceClassification, path, new_head=True,
+                                          ignore_mismatched_sizes=True, **labels)
         family_of(student, path)
+        if report.head_is_new:
+            LOG.info("%s: student encoder loaded; new %s, trained by the prediction stage", path,
+                     head_description(student.config.num_labels, task_type))
     elif spec.init == "teacher_layers":
         student = _from_teacher_layers(spec, family, labels)
+        LOG.info("student: layers %s of %s; new %s, trained by the prediction stage",
+                 list(spec.teacher_layers), spec.checkpoint,
+                 head_description(student.config.num_labels, task_type))
     else:
         raise ValueError(f"unknown student init {spec.init!r}; choose one of {STUDENT_INITS}")
     check_compatible(student.config, teacher_config, where=spec.checkpoint or None)
@@ -126,12 +135,9 @@ def build_student(spec: StudentSpec, teacher_config, num_labels: int, task_type:
 
 def _from_teacher_layers(spec: StudentSpec, family, labels: dict):
     """Copy the teacher's base model, keeping only the chosen layers (1-based)."""
-    from transformers import AutoModel
-
     if not spec.checkpoint:
         raise ValueError("teacher_layers init needs the teacher directory as `checkpoint`")
-    with quiet_loading():
-        teacher = AutoModel.from_pretrained(spec.checkpoint)
+    teacher = load_bare_encoder(spec.checkpoint)
     chosen = list(spec.teacher_layers)
     if not chosen or any(not 1 <= l <= teacher.config.num_hidden_layers for l in chosen):
         raise ValueError(f"teacher_layers {chosen} must be non-empty and within "
@@ -148,8 +154,8 @@ def _from_teacher_layers(spec: StudentSpec, family, labels: dict):
         # random draws must not move the student's seeded initialisation
         from transformers import AutoModelForSequenceClassification
 
-        with torch.random.fork_rng(), quiet_loading():
-            classifier = AutoModelForSequenceClassification.from_pretrained(spec.checkpoint)
+        with torch.random.fork_rng():
+            classifier, _ = load_pretrained(AutoModelForSequenceClassification, spec.checkpoint)
         for name in family.head_modules:
             getattr(student, name).load_state_dict(getattr(classifier, name).state_dict())
     return student

@@ -189,6 +189,37 @@ class _ShortFormatter(logging.Formatter):
         return f"{record.levelname}: {message}"
 
 
+class _SchedulingDigest(logging.Filter):
+    """The console's view of scheduling: one line instead of Luigi's one per task.
+
+    Luigi logs ``Informed scheduler that task <id> has status PENDING`` for every task of the
+    DAG (and again for the dependencies of every dynamic requirement), with the task ids that
+    name parameters by position. The run log keeps them; the console gets, at ``Done
+    scheduling tasks``, ``scheduled N tasks: K to run, M up to date``. Attached to the console
+    handler only, and only without ``--verbose``.
+    """
+
+    _STATUS = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status\s+(\w+)")
+
+    def __init__(self):
+        super().__init__()
+        self.status: dict[str, str] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if "Informed scheduler that task" in message:
+            found = self._STATUS.search(record.getMessage())
+            if found:
+                self.status.setdefault(found.group(1), found.group(2))
+            return False
+        if message.startswith("Done scheduling tasks") and self.status:
+            to_run = sum(1 for s in self.status.values() if s == "PENDING")
+            record.msg, record.args = ("scheduled %d tasks: %d to run, %d up to date",
+                                       (len(self.status), to_run, len(self.status) - to_run))
+            self.status = {}
+        return True
+
+
 class RunLog:
     """Where a ``tinykd run`` sends Luigi's log: the full log (tracebacks included) to a file,
     short lines to the console (unless verbose), and each failed task's error to a side file
@@ -205,6 +236,7 @@ class RunLog:
         self.console_handler = logging.StreamHandler(sys.stderr)
         if not verbose:
             self.console_handler.setFormatter(_ShortFormatter(self.path))
+            self.console_handler.addFilter(_SchedulingDigest())
         else:
             self.console_handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         self.collector = _FailureCollector(self.errors_path)

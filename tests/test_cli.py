@@ -63,8 +63,12 @@ def test_run_reports_the_outcome_and_ends_with_luigis_summary(tmp_path, capsys):
     text = tmp_path / "in.txt"
     text.write_text("a\n")
     assert main(["run", "Consumer", "--path", str(text), "--module", "tests.test_stage", "--no-lock"]) == 0
-    out = capsys.readouterr().out.rstrip()
+    captured = capsys.readouterr()
+    out = captured.out.rstrip()
     assert out.endswith("===== Luigi Execution Summary =====") and "2 ran successfully" in out
+    # the console has one scheduling line, not Luigi's one per task (those stay in the run log)
+    assert "INFO: scheduled 2 tasks: 2 to run, 0 up to date" in captured.err
+    assert "Informed scheduler" not in captured.err
     _clear()
     # A failing task is a failing command (Luigi's scheduling still "succeeded").
     assert main(["run", "Consumer", "--path", str(text), "--scale", "3", "--fail-halfway",

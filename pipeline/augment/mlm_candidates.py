@@ -41,6 +41,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
+from pipeline.common.loading import load_pretrained
 from pipeline.errors import InputError
 
 #: ``mlm_precision`` values: fp32 (the reference arithmetic), bf16 (CUDA, or a CPU with native
@@ -70,12 +71,11 @@ def load_masked_lm(name_or_path: str, device: str = "auto"):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     try:
-        model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
+        # a pre-training checkpoint's next-sentence head and pooler are left out on purpose
+        model, report = load_pretrained(AutoModelForMaskedLM, name_or_path, new_head=True, partial=True)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load a masked-language model: {exc}", name_or_path) from None
-    prefix = model.base_model_prefix
-    head_missing = sorted(k for k in info.get("missing_keys", ())
-                          if not k.startswith(prefix + ".") and "position_ids" not in k)
+    head_missing = report.new_head_keys
     if head_missing:
         raise InputError(
             "this checkpoint has no trained masked-LM head (missing from the checkpoint: "

@@ -66,6 +66,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.common.device import resolve_device
+from pipeline.common.loading import load_pretrained
 from pipeline.common.examples import count_examples, read_example_range
 from pipeline.common.tokenize import (check_tokenizer_matches_teacher, length_sorted_batches, pad_batch,
                                       tokenize_examples, tokenizer_vocab_sha256)
@@ -513,7 +514,8 @@ def load_cache_teacher(teacher: str | Path, with_logits: bool, tokenizer: str | 
         model, head_trained, _ = load_sequence_classifier(teacher, num_labels)
     else:
         try:
-            model = AutoModel.from_pretrained(teacher)
+            # hidden states only: a fine-tuned teacher's classifier is left out on purpose
+            model = load_pretrained(AutoModel, teacher, partial=True)[0]
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot load the teacher ({exc})", teacher) from None
     check_tokenizer_matches_teacher(tok, model, teacher, tokenizer_source)

@@ -24,7 +24,6 @@ wide, bert-base-uncased vocabulary), fine-tuned here.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import time
@@ -32,6 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.common.loading import load_pretrained
 from pipeline.errors import InputError
 
 LOG = logging.getLogger("tinykd.teacher")
@@ -109,36 +109,28 @@ def load_sequence_classifier(teacher: str | Path, num_labels: int | None = None,
         label_check = "not checked: the task's labels are unknown"
     if task_type == "regression":
         kwargs["problem_type"] = "regression"
-    model, loading = AutoModelForSequenceClassification.from_pretrained(
-        teacher, output_loading_info=True, **kwargs)
-    head_keys = [k for k in loading["missing_keys"] if not k.startswith(f"{model.base_model_prefix}.")]
-    head_trained = not head_keys and getattr(model.config, HEAD_TRAINED_ATTR, True)
+    # A bare encoder has no head: a new one is the plan (the caller says who trains it).
+    model, report = load_pretrained(AutoModelForSequenceClassification, teacher, new_head=True, **kwargs)
+    head_trained = not report.head_is_new and getattr(model.config, HEAD_TRAINED_ATTR, True)
     return model, bool(head_trained), label_check
 
 
-@contextlib.contextmanager
-def quiet_loading():
-    """Keep transformers' load report out of the run's log where its complaint is expected:
-    a fine-tuned teacher's classifier is "unexpected" in a bare encoder."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
 def load_bare_encoder(checkpoint: str | Path):
-    """The encoder of ``checkpoint`` without its task head (``AutoModel``), loaded quietly."""
+    """The encoder of ``checkpoint`` without its task head (``AutoModel``): a fine-tuned
+    classifier's head is left out on purpose, anything else the load reports is warned about."""
     from transformers import AutoModel
 
     try:
-        with quiet_loading():
-            return AutoModel.from_pretrained(str(checkpoint))
+        return load_pretrained(AutoModel, checkpoint, partial=True)[0]
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load the encoder ({exc})", checkpoint) from None
+
+
+def head_description(num_labels: int, task_type: str) -> str:
+    """``classification head: 2 labels`` / ``regression head: 1 output``, for console lines."""
+    if task_type == "regression":
+        return "regression head: 1 output"
+    return f"classification head: {num_labels} labels"
 
 
 def warn_if_untrained_head(teacher: str | Path, head_trained: bool) -> bool:
@@ -400,6 +392,8 @@ def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_d
                            task_info.get("metric"))
         info.update(dev=metrics, head_trained=head_trained)
     else:
+        if not head_trained:
+            LOG.info("%s: new %s, trained by this stage", teacher, head_description(num_labels, task_type))
         result = finetune(model, tokenizer, train, dev, out_dir, task=task_info.get("task"),
                           task_type=task_type, metric=task_info.get("metric"), **kwargs)
         info.update(dev=result["best"], history=result["history"], steps=result["steps"],
