@@ -397,3 +397,55 @@ def complete_batch(batch: dict, parts: TeacherParts | None) -> dict:
     batch["teacher_hidden"] = {**batch["teacher_hidden"], **new_hidden}
     batch["teacher_scores"] = {**batch["teacher_scores"], **new_scores}
     return batch
+
+
+def row_group_problems(file, table, index: int, plan: CompactPlan, attention_layers: Sequence[int],
+                       hidden_size: int, num_heads: int, dtype: str) -> list[str]:
+    """What is wrong with one row group of a cache shard (``tinykd inspect --verify``): every
+    stored list must hold the values its row's length implies, and a null may stand only where
+    the compact plan allows one (a row stores either a layer's scores or its input)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lengths = table.column("length").to_numpy().astype(np.int64)
+    hidden, heads = hidden_size, num_heads
+    expected = {"input_ids": lengths, "token_type_ids": lengths}
+    per_token = lengths * hidden
+    per_query = heads * lengths
+    for layer in plan.stored_hidden:
+        expected[hidden_column(layer)] = per_token
+    for layer in attention_layers:
+        source = plan.score_sources.get(layer)
+        if source in (None, "row"):
+            expected[attention_column(layer)] = heads * lengths * lengths
+        if source == "row":
+            expected[input_column(layer)] = per_token
+    if dtype == "int8":
+        for column in list(expected):
+            if column.startswith(("hidden_", "attn_")):
+                expected[scale_column(column)] = (per_query if column.startswith("attn_")
+                                                  and not column.startswith("attn_input_") else lengths)
+    problems = []
+    for column, sizes in expected.items():
+        if column not in table.column_names:
+            problems.append(f"{file}: row group {index} has no column {column}")
+            continue
+        array = table.column(column).combine_chunks()
+        actual = (pc.binary_length(array) if pa.types.is_binary(array.type)
+                  else array.value_lengths()).to_numpy(zero_copy_only=False)
+        present = ~np.isnan(actual) if actual.dtype.kind == "f" else np.ones(len(actual), bool)
+        bad = np.nonzero(present & (np.nan_to_num(actual) != sizes))[0]
+        if len(bad):
+            problems.append(f"{file}: row group {index} column {column}: {len(bad)} row(s) with "
+                            f"the wrong number of values (first: row {int(bad[0])})")
+    for layer, source in plan.score_sources.items():
+        if source != "row":
+            continue
+        stored = table.column(attention_column(layer)).is_valid().to_numpy(zero_copy_only=False)
+        given = table.column(input_column(layer)).is_valid().to_numpy(zero_copy_only=False)
+        bad = np.nonzero(stored == given)[0]
+        if len(bad):
+            problems.append(f"{file}: row group {index} layer {layer}: {len(bad)} row(s) hold both "
+                            f"or neither of the scores and the layer input (first: row {int(bad[0])})")
+    return problems
+

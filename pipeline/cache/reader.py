@@ -57,7 +57,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.compact import (DERIVE_KEY, CompactPlan, attention_column, check_format, dequantise_into,
-                                    hidden_column, input_column, scale_column)
+                                    hidden_column, row_group_problems, scale_column)
 from pipeline.errors import InputError
 from pipeline.stage import MANIFEST_NAME, sha256_file
 from pipeline.store import LocalObjectCache, is_url, open_store, redact
@@ -428,60 +428,15 @@ class CacheReader:
             try:
                 parquet = self._open(number)
                 for index in range(parquet.metadata.num_row_groups):
-                    problems += self._check_row_group(file, parquet.read_row_group(index), index)
+                    problems += row_group_problems(file, parquet.read_row_group(index), index, self.plan,
+                                                   self.info["attention_layers"], self.hidden_size,
+                                                   self.num_heads, self.dtype)
             except (OSError, pa.ArrowException, InputError) as exc:
                 problems.append(f"{file}: cannot decode ({exc})")
         return problems
 
     def _sha256(self, rel: str) -> str:
         return self.store.sha256(rel) if self.remote else sha256_file(self.cache_dir / rel)
-
-    def _check_row_group(self, file: Path, table: pa.Table, index: int) -> list[str]:
-        """Every stored list holds the values its row's length implies; a null only where the
-        compact plan allows one (a row stores either a layer's scores or its input)."""
-        import pyarrow.compute as pc
-
-        lengths = table.column("length").to_numpy().astype(np.int64)
-        hidden, heads = self.hidden_size, self.num_heads
-        expected = {"input_ids": lengths, "token_type_ids": lengths}
-        per_token = lengths * hidden
-        per_query = heads * lengths
-        for layer in self.plan.stored_hidden:
-            expected[hidden_column(layer)] = per_token
-        for layer in self.info["attention_layers"]:
-            source = self.plan.score_sources.get(layer)
-            if source in (None, "row"):
-                expected[attention_column(layer)] = heads * lengths * lengths
-            if source == "row":
-                expected[input_column(layer)] = per_token
-        if self.dtype == "int8":
-            for column in list(expected):
-                if column.startswith(("hidden_", "attn_")):
-                    expected[scale_column(column)] = (per_query if column.startswith("attn_")
-                                                      and not column.startswith("attn_input_") else lengths)
-        problems = []
-        for column, sizes in expected.items():
-            if column not in table.column_names:
-                problems.append(f"{file}: row group {index} has no column {column}")
-                continue
-            array = table.column(column).combine_chunks()
-            actual = (pc.binary_length(array) if pa.types.is_binary(array.type)
-                      else array.value_lengths()).to_numpy(zero_copy_only=False)
-            present = ~np.isnan(actual) if actual.dtype.kind == "f" else np.ones(len(actual), bool)
-            bad = np.nonzero(present & (np.nan_to_num(actual) != sizes))[0]
-            if len(bad):
-                problems.append(f"{file}: row group {index} column {column}: {len(bad)} row(s) with "
-                                f"the wrong number of values (first: row {int(bad[0])})")
-        for layer, source in self.plan.score_sources.items():
-            if source != "row":
-                continue
-            stored = table.column(attention_column(layer)).is_valid().to_numpy(zero_copy_only=False)
-            given = table.column(input_column(layer)).is_valid().to_numpy(zero_copy_only=False)
-            bad = np.nonzero(stored == given)[0]
-            if len(bad):
-                problems.append(f"{file}: row group {index} layer {layer}: {len(bad)} row(s) hold both "
-                                f"or neither of the scores and the layer input (first: row {int(bad[0])})")
-        return problems
 
     # --- reading ---------------------------------------------------------------------------
     def _read(self, rg: _RowGroup, columns: Sequence[str]) -> pa.Table:
