@@ -78,7 +78,7 @@ class Ablations(StageTask):
         """The seeds every variant runs with (one clear error for a bad ``seeds`` value)."""
         from pipeline.ablations.statistics import parse_seeds
 
-        return parse_seeds(self.seeds, DistillPrediction().seed, "[Ablations] seeds")
+        return parse_seeds(self.seeds, self.upstream(DistillPrediction).seed, "[Ablations] seeds")
 
     def stage_params(self) -> dict[str, Any]:
         # "3" and "[42, 43, 44]" run the same seeds: one output
@@ -111,24 +111,27 @@ class Ablations(StageTask):
         """
         if getattr(self, "_variant_tasks", None) is None:
             seeds = self.seed_list()   # checked before the grid: both fail before anything runs
-            configured = {"stage1": DistillIntermediate().seed, "stage2": DistillPrediction().seed}
+            configured = {"stage1": self.upstream(DistillIntermediate).seed,
+                          "stage2": self.upstream(DistillPrediction).seed}
             tasks = {}
             for variant in self.grid_variants():
                 stage1, stage2 = variant.stage_parameters()
-                augment = _own_augmentation(variant.augment_parameters())
+                augment = _own_augmentation(variant.augment_parameters(), self.profile)
                 if augment:
                     stage2["augment"] = augment
                 for seed in seeds:
                     seeded1 = stage1 if seed == configured["stage1"] else {**stage1, "seed": seed}
                     seeded2 = stage2 if seed == configured["stage2"] else {**stage2, "seed": seed}
-                    tasks[variant.name, seed] = DistillPrediction(**seeded2, stage1=seeded1)
-            _check_cache_holds_the_maps({name: task for (name, _), task in tasks.items()}, self.grid_path())
+                    tasks[variant.name, seed] = self.upstream(DistillPrediction, **seeded2, stage1=seeded1)
+            _check_cache_holds_the_maps({name: task for (name, _), task in tasks.items()}, self.grid_path(),
+                                        self.profile)
             self._variant_tasks = tasks
         return self._variant_tasks
 
     def requires(self):
-        required: dict[str, luigi.Task] = {"data": PrepareData(), "teacher": FineTuneTeacher(),
-                                           "cache": TeacherCache()}
+        required: dict[str, luigi.Task] = {"data": self.upstream(PrepareData),
+                                           "teacher": self.upstream(FineTuneTeacher),
+                                           "cache": self.upstream(TeacherCache)}
         required.update({f"variant-{name}-seed{seed}": task
                          for (name, seed), task in self.variant_tasks().items()})
         return required
@@ -215,12 +218,12 @@ class Ablations(StageTask):
                         teacher_degenerate=summary["teacher_degenerate"])
 
 
-def _own_augmentation(settings: dict[str, Any]) -> dict[str, Any]:
+def _own_augmentation(settings: dict[str, Any], profile: str = "") -> dict[str, Any]:
     """A variant's Augment overrides, or ``{}`` when they equal the configured augmentation
     (then it reads the main cache: one task, not two tasks that would build the same output)."""
     from tasks.augment import Augment
 
-    if not settings or Augment(**settings).task_id == Augment().task_id:
+    if not settings or Augment(**settings, profile=profile).task_id == Augment(profile=profile).task_id:
         return {}
     return dict(settings)
 
@@ -285,9 +288,9 @@ def _interval(row: dict, prefix: str) -> dict | None:
             "high": row[f"{prefix}delta_high"], "within_noise": row[f"{prefix}within_noise"] == "yes"}
 
 
-def _check_cache_holds_the_maps(variants: dict[str, DistillPrediction], grid: Path) -> None:
+def _check_cache_holds_the_maps(variants: dict[str, DistillPrediction], grid: Path, profile: str = "") -> None:
     """Refuse, before anything trains, a variant whose layer map the configured cache lacks."""
-    cache = TeacherCache()
+    cache = TeacherCache(profile=profile)
     if cache.hidden_layers or cache.attention_layers:
         return  # explicit layer lists: the trainer's own check names what is missing
     available = {cache.layer_map, *[m.strip() for m in cache.extra_layer_maps.split(",") if m.strip()]}

@@ -321,12 +321,16 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
 
 def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_dir: Path,
                     task_info: dict, *, mode: str = "auto", max_train_examples: int = 0,
-                    **finetune_kwargs) -> dict:
+                    select_path: Path | None = None, **finetune_kwargs) -> dict:
     """The teacher stage: fine-tune ``teacher`` (or keep it) and save it to ``out_dir``.
 
     ``mode``: ``auto`` fine-tunes when the head is untrained and keeps a trained head as it
     is; ``always`` fine-tunes; ``never`` keeps the head (warning loudly when it is random).
     Returns the manifest ``info``: dev metrics, label mapping, ``skipped_finetune``.
+
+    ``select_path`` (the held-out train rows, ``selection = holdout``): the fine-tune keeps its
+    best checkpoint on those rows instead of dev (``info["holdout"]``); dev is evaluated once,
+    on the kept teacher.
     """
     from transformers import AutoTokenizer
 
@@ -369,6 +373,18 @@ def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_d
                            kwargs.get("max_seq_length", 128), 2 * kwargs.get("batch_size", 32), device,
                            task_info.get("metric"))
         info.update(dev=metrics, head_trained=head_trained)
+    elif select_path is not None:
+        result = finetune(model, tokenizer, train, _read_examples(select_path), out_dir,
+                          task=task_info.get("task"), task_type=task_type,
+                          metric=task_info.get("metric"), **kwargs)
+        best, _, _ = load_sequence_classifier(out_dir, num_labels, label_names, task_type)
+        device = resolve_device(kwargs.get("device", "auto"))
+        metrics = evaluate(best.to(device), tokenizer, dev, task_info.get("task"), task_type,
+                           kwargs.get("max_seq_length", 128), 2 * kwargs.get("batch_size", 32), device,
+                           task_info.get("metric"))
+        info.update(dev={"step": result["best"]["step"], **metrics}, holdout=result["best"],
+                    selection="holdout", history=result["history"], steps=result["steps"],
+                    train_examples=result["train_examples"], head_trained=True)
     else:
         result = finetune(model, tokenizer, train, dev, out_dir, task=task_info.get("task"),
                           task_type=task_type, metric=task_info.get("metric"), **kwargs)
