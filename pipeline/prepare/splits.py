@@ -605,8 +605,9 @@ def _load_glue(source: Mapping[str, Any], problems: RowProblems):
     if task.text_b is not None:
         columns["text_b"] = task.text_b
     raw = {}
-    for split, path in source_inputs(source).items():
-        raw[split] = read_delimited(path, split, columns, problems, has_header=task.has_header,
+    inputs = source_inputs(source)
+    for split in SPLITS:
+        raw[split] = read_delimited(inputs[split], split, columns, problems, has_header=task.has_header,
                                     num_columns=task.num_columns)
     return spec, raw, {"kind": "glue", "task": task.name}
 
@@ -1003,8 +1004,9 @@ def prepare(source: Mapping[str, Any], out_dir: Path | str, *, skip_bad_rows: bo
             if path is None:
                 raise InputError(f"GLUE {task.name} {name} dev file not found", submission_files(
                     task, source["glue_dir"])[f"extra_dev:{name}"])
-            rows = read_delimited(path, "dev", {"text_a": task.text_a, "text_b": task.text_b,
-                                                "label": task.label}, problems)
+            columns = {"text_a": task.text_a, "text_b": task.text_b, "label": task.label}
+            rows = read_delimited(path, "dev", {k: v for k, v in columns.items() if v is not None}, problems,
+                                  has_header=task.has_header, num_columns=task.num_columns)
             extra_dev[name] = normalise("dev", rows, spec, problems)
         for name, _ in task.test_files + task.optional_test_files:
             if f"test:{name}" in files:
