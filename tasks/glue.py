@@ -201,7 +201,7 @@ class GLUE(StageTask):
         metrics = GLUE_METRICS[name]
         return TaskData(name, selection, sorted(stage2), columns, metrics,
                         checks=self._checks(name, run, students), compute=self._compute(name, run),
-                        submission=submission)
+                        submission=submission, selection_metric=data_info.get("metric", ""))
 
     def _checks(self, name: str, run: dict, students: dict) -> list[dict]:
         """Pre-flight problems known to break reproductions (docs/ALGORITHM.md §5)."""

@@ -61,6 +61,8 @@ class TaskData:
     compute: dict[str, Any] = field(default_factory=dict)
     submission: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: the metric stage 2 selected by (PrepareData's ``metric``): best on dev >= kept holds in it
+    selection_metric: str = ""
 
 
 def _score(metric: str, logits: np.ndarray, labels: np.ndarray) -> float:
@@ -91,7 +93,8 @@ def column_rows(task: TaskData, resamples: int) -> list[dict]:
             t_low, t_high = interval(metric, [data.teacher], data.labels, resamples)
             s_low, s_high = interval(metric, data.students, data.labels, resamples)
             row = {"task": task.task, "column": data.column, "metric": metric, "headline": headline,
-                   "selection": task.selection, "seeds": len(per_seed), "dev_examples": len(data.labels),
+                   "selection": task.selection, "selection_metric": metric == task.selection_metric,
+                   "seeds": len(per_seed), "dev_examples": len(data.labels),
                    "teacher": teacher, "teacher_low": t_low, "teacher_high": t_high,
                    "student": mean, "student_std": std, "student_low": s_low, "student_high": s_high,
                    "student_runs": per_seed,
