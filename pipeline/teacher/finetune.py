@@ -233,8 +233,9 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
              epochs: float = 3.0, learning_rate: float = 2e-5, batch_size: int = 32,
              warmup_ratio: float = 0.1, weight_decay: float = 0.01, max_seq_length: int = 128,
              eval_every: int = 0, seed: int = 42, device: str = "auto", progress: bool = False,
-             metric: str | None = None) -> dict:
-    """Fine-tune ``model`` on ``train``; evaluate on ``dev``; save the best to ``out_dir``.
+             metric: str | None = None, eval_name: str = "dev") -> dict:
+    """Fine-tune ``model`` on ``train``; evaluate on ``dev`` (``eval_name``: what it is, for the
+    log: dev, or the held-out train rows); save the best to ``out_dir``.
 
     AdamW with linear warm-up over ``warmup_ratio`` of the steps then linear decay. Dev
     evaluation: every ``eval_every`` steps and after the last step when ``eval_every > 0`` (not
@@ -276,7 +277,8 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
         metrics = evaluate(model, tokenizer, dev, task, task_type, max_seq_length, 2 * batch_size, device_,
                            metric)
         history.append({"step": step, **metrics})
-        LOG.info("teacher fine-tune step %d: dev %s = %.4f", step, metrics["primary_metric"], metrics["primary"])
+        LOG.info("teacher fine-tune step %d: %s %s = %.4f", step, eval_name, metrics["primary_metric"],
+                 metrics["primary"])
         if best is None or metrics["primary"] > best["primary"]:
             best = {"step": step, **metrics}
             setattr(model.config, HEAD_TRAINED_ATTR, True)
@@ -376,7 +378,7 @@ def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_d
     elif select_path is not None:
         result = finetune(model, tokenizer, train, _read_examples(select_path), out_dir,
                           task=task_info.get("task"), task_type=task_type,
-                          metric=task_info.get("metric"), **kwargs)
+                          metric=task_info.get("metric"), eval_name="held-out", **kwargs)
         best, _, _ = load_sequence_classifier(out_dir, num_labels, label_names, task_type)
         device = resolve_device(kwargs.get("device", "auto"))
         metrics = evaluate(best.to(device), tokenizer, dev, task_info.get("task"), task_type,
