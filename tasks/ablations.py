@@ -173,6 +173,12 @@ class Ablations(StageTask):
             f"{'that one cache' if one_cache else 'its teacher cache (below)'}.",
         ]
         notes += _cache_notes(caches, augmentations)
+        held_out = data["info"].get("holdout")
+        if held_out:   # selection = holdout (absent under selection = dev: those reports stay as they were)
+            notes.append(f"Student selection: the best stage-2 evaluation on {held_out['rows']} held-out "
+                         f"train rows ({100 * held_out['fraction']:g} %, stratified by "
+                         f"{held_out['stratified_by']}, never augmented or cached); the dev scores below "
+                         "are that student's, and the last evaluation's.")
         check = teacher.get("baseline_check") or {}
         if check.get("degenerate"):
             notes.insert(0, f"**WARNING: the teacher is no better than the majority class** (dev "
@@ -188,7 +194,10 @@ class Ablations(StageTask):
             "task": task, "metric": full.metric_name, "teacher": teacher_metric,
             "teacher_dev": teacher_dev, "student": full.metric, "student_std": full.metric_std,
             "student_last": full.last_metric, "seeds": self.seed_list(),
-            "headline": "best stage-2 dev evaluation (mean over seeds); student_last: the last evaluation",
+            "headline": ("dev score of the stage-2 evaluation best on the held-out train rows (mean over "
+                         "seeds); student_last: the last evaluation" if held_out else
+                         "best stage-2 dev evaluation (mean over seeds); student_last: the last evaluation"),
+            **({"selection": "holdout"} if held_out else {}),
             "bootstrap": {"resamples": RESAMPLES, "seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE,
                           "statistic": "mean over seeds of the variant's metric minus full's, paired "
                                        "over dev examples (same indices for every seed and both)"},

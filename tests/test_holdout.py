@@ -80,3 +80,62 @@ def test_prepared_holdout_leaves_train_and_dev_fingerprints_of_selection_dev(tmp
                      tmp_path / "out", selection="holdout", holdout_fraction=0.1)
     assert result["rows"]["holdout"] == 4 and result["rows"]["train"] == 36 and result["info"]["test"] == {}
     luigi.task_register.Register.clear_instance_cache()
+
+
+@pytest.mark.slow
+def test_ablation_grid_with_held_out_selection(tmp_path, monkeypatch, minilm_dir, isolated_workdir):
+    """The grid runs under selection = holdout: every variant's stage 2 picks on the held-out
+    rows, the report says so, and the dev scores are the kept students' dev evaluations."""
+    import json
+
+    from distill.predictions import BEST_ON_DEV_PREDICTIONS, BEST_PREDICTIONS, read_predictions
+    from tasks.ablations import Ablations
+    from tests.test_ablations import GRID, build, configure
+    from tests.test_distill_tasks import one_torch_thread  # noqa: F401
+    from tests.test_distill_tasks import tiny_task
+
+    (tmp_path / "grid.toml").write_text(GRID)
+    task = tiny_task(tmp_path, minilm_dir, train_rows=40, dev_rows=10).replace(
+        "[FineTuneTeacher]", "selection = holdout\nholdout_fraction = 0.2\n[FineTuneTeacher]")
+    configure(tmp_path, monkeypatch, task + f"""
+[TeacherCache]
+examples = train
+student_layers = 2
+max_seq_length = 32
+[DistillIntermediate]
+student_hidden_size = 32
+student_intermediate_size = 64
+student_heads = 4
+max_steps = 3
+batch_size = 8
+device = cpu
+[DistillPrediction]
+max_steps = 6
+batch_size = 8
+eval_every = 2
+device = cpu
+[Ablations]
+grid = {tmp_path / 'grid.toml'}
+variants = ["no_attention"]
+""")
+    ablations = Ablations()
+    result = build(ablations)
+    assert result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY"), result.summary_text
+    md = (ablations.output_dir() / "ablations.md").read_text()
+    assert "Student selection: the best stage-2 evaluation on 8 held-out train rows" in md
+    summary = json.loads((ablations.output_dir() / "summary.json").read_text())
+    assert summary["selection"] == "holdout"
+    for task in ablations.variant_tasks().values():
+        info = task.manifest()["info"]
+        assert info["selection"] == "holdout" and info["holdout_metrics"]["examples"] == 8
+        kept = read_predictions(task.output_dir() / BEST_PREDICTIONS)
+        on_dev = read_predictions(task.output_dir() / BEST_ON_DEV_PREDICTIONS)
+        assert len(kept.ids) == 10 and kept.step == info["dev_best_step"]
+        assert kept.metrics["primary"] == pytest.approx(info["dev_metrics"]["primary"])
+        assert on_dev.metrics["primary"] >= kept.metrics["primary"] and on_dev.step == info["best_on_dev"]["step"]
+        log = [json.loads(line) for line in (task.output_dir() / "metrics.jsonl").read_text().splitlines()]
+        evals = [r["eval"] for r in log if "eval" in r]
+        # the kept step is the best held-out evaluation (the first of equals), not the best dev one
+        best = max(range(len(evals)), key=lambda i: (evals[i]["primary"], -i))
+        assert [r["step"] for r in log if "eval" in r][best] == kept.step
+        assert max(e["dev"]["primary"] for e in evals) == pytest.approx(on_dev.metrics["primary"])
