@@ -17,11 +17,12 @@ from distill.trainer import predict_logits
 
 
 def load_dev(prepared_dir: Path | str, tokenizer, max_seq_length: int, task_type: str,
-             limit: int = 0) -> TokenizedExamples:
-    """The prepared dev split, tokenised (first ``limit`` rows when > 0)."""
+             limit: int = 0, split: str = "dev") -> TokenizedExamples:
+    """The prepared dev split (or ``split``: ``holdout``, ``extra_dev/<name>``), tokenised
+    (first ``limit`` rows when > 0)."""
     from pipeline.prepare.splits import read_split
 
-    table = read_split(prepared_dir, "dev")
+    table = read_split(prepared_dir, split)
     if limit > 0:
         table = table.slice(0, limit)
     rows = table.select(["id", "text_a", "text_b", "label"]).to_pylist()

@@ -25,6 +25,10 @@ import numpy as np
 #: File names inside a stage-2 output.
 BEST_PREDICTIONS = "dev_predictions_best.parquet"
 LAST_PREDICTIONS = "dev_predictions_last.parquet"
+#: selection = holdout only: the dev predictions of the evaluation that scored best *on dev*
+#: (not the kept student's: that is BEST_PREDICTIONS), so that one run shows what selecting on
+#: dev would have reported (the flattery of the reference's rule)
+BEST_ON_DEV_PREDICTIONS = "dev_predictions_best_on_dev.parquet"
 _METADATA_KEY = b"tinykd.evaluation"
 
 

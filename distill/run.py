@@ -14,6 +14,11 @@ needs, heads, tokenizer, task), builds or loads the student, trains it with
   dev split): the per-example dev logits of the best evaluation (the exported student's) and
   of the last one (:mod:`distill.predictions`), so that statistics over dev examples are
   recomputed without retraining.
+* with ``selection = holdout`` (the prepared data holds ``holdout.parquet``): every evaluation
+  scores the held-out train rows, which pick the kept student, and dev; the best and last
+  files hold *dev* predictions of the kept and the last student, and
+  ``dev_predictions_best_on_dev.parquet`` those of the evaluation that scored best on dev
+  (what the reference's rule would have reported), so both scores come from one run.
 * ``projections.pt`` (intermediate stage): the learned hidden-state projections.
 * ``metrics.jsonl`` (per logged step: each loss, lr, gradient norm, data wait; per evaluation:
   the dev metrics) and ``metrics.json`` (summary: best, final, throughput, data-wait share).
@@ -35,7 +40,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-from distill.predictions import BEST_PREDICTIONS, LAST_PREDICTIONS, read_predictions, write_predictions
+from distill.predictions import (BEST_ON_DEV_PREDICTIONS, BEST_PREDICTIONS, LAST_PREDICTIONS,
+                                 read_predictions, write_predictions)
 from distill.student import (StudentSpec, build_student, export_student, read_distill_info,
                              student_shape, vocab_sha256)
 from distill.trainer import (CachedTeacher, OnlineTeacher, Trainer, TrainConfig, _atomic_torch_save,
@@ -116,6 +122,37 @@ def _save_predictions(evaluator, path: Path, step: int, metrics: dict) -> None:
     """Save the evaluation ``evaluator`` just ran (its per-example logits) as ``path``."""
     logits, labels = evaluator.last
     write_predictions(path, evaluator.ids, labels, logits, step, metrics)
+
+
+class HeldOutSelection:
+    """The evaluation of ``selection = holdout``: the held-out train rows decide (``primary``),
+    dev is scored beside them (``metrics["dev"]``) and never picks anything.
+
+    It also keeps the dev predictions of the evaluation that scored best on dev
+    (:data:`~distill.predictions.BEST_ON_DEV_PREDICTIONS`): the score the reference's rule
+    would report, measured in the same run. A resumed run reads the best so far back from
+    that file (evaluations are replayed exactly, so it is rewritten only by a better one).
+    """
+
+    def __init__(self, selector, dev, best_on_dev_path: Path):
+        self.selector, self.dev, self.path = selector, dev, best_on_dev_path
+        self.best_on_dev = read_predictions(best_on_dev_path) if best_on_dev_path.is_file() else None
+        self.trainer = None   # set once the trainer exists: the step being evaluated
+
+    @property
+    def best_on_dev_record(self) -> dict | None:
+        if self.best_on_dev is None:
+            return None
+        return {"step": self.best_on_dev.step, "metrics": self.best_on_dev.metrics}
+
+    def __call__(self, student) -> dict:
+        metrics = self.selector(student)
+        dev = self.dev(student)
+        if self.best_on_dev is None or dev["primary"] > self.best_on_dev.metrics["primary"]:
+            step = getattr(self.trainer, "evaluating_step", 0)
+            _save_predictions(self.dev, self.path, step, dev)
+            self.best_on_dev = read_predictions(self.path)
+        return {**metrics, "selection": "holdout", "dev": dev}
 
 
 def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: TrainConfig,
@@ -212,11 +249,17 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
                     # the built student's own shape: a checkpoint student's spec holds only defaults
                     "student": student_shape(student.config),
                     "student_init": {**student_spec.as_dict(), **student_shape(student.config)}}
-    evaluator = None
+    evaluator = selection = None
     if prepared_dir is not None and config.uses_prediction:
         dev = load_dev(prepared_dir, tokenizer, int(info.get("max_seq_length", 128)), task_type, dev_limit)
         evaluator = Evaluator(dev, task, task_type, eval_batch_size, resolve_device(config.device),
                               metric=info.get("metric"))
+        if (Path(prepared_dir) / "holdout.parquet").is_file():   # selection = holdout
+            held_out = load_dev(prepared_dir, tokenizer, int(info.get("max_seq_length", 128)), task_type,
+                                split="holdout")
+            selection = HeldOutSelection(
+                Evaluator(held_out, task, task_type, eval_batch_size, resolve_device(config.device),
+                          metric=info.get("metric")), evaluator, out_dir / BEST_ON_DEV_PREDICTIONS)
     final_dir = out_dir / "student"
     if world.main:
         shutil.rmtree(out_dir / "best_student", ignore_errors=True)   # layout before format 2
@@ -226,11 +269,15 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
         # publishes it. (Moving it there after training left a window in which a kill made
         # the resumed run publish the last step's weights under metrics naming the best.)
         _export_atomic(model, tokenizer, final_dir, {**distill_info, "best": best})
-        _save_predictions(evaluator, out_dir / BEST_PREDICTIONS, best["step"], best["metrics"])
+        # with held-out selection the dev evaluation of this same call is the kept student's
+        _save_predictions(evaluator, out_dir / BEST_PREDICTIONS, best["step"],
+                          best["metrics"]["dev"] if selection is not None else best["metrics"])
 
     trainer = Trainer(config, student, reader, provider, out_dir, list(zip(range(1, len(mapped) + 1), mapped)),
                       int(info.get("hidden_size", teacher_config.hidden_size)), task_type,
-                      evaluate=evaluator, on_best=keep_best, world=world)
+                      evaluate=selection or evaluator, on_best=keep_best, world=world)
+    if selection is not None:
+        selection.trainer = trainer
     result = trainer.train()
     if not world.main:
         return {}
@@ -244,7 +291,8 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
     if evaluator is not None:
         # The final step always evaluates in this process (checkpoints are written before
         # it), so ``evaluator.last`` is the last evaluation's, also after a resume.
-        _save_predictions(evaluator, out_dir / LAST_PREDICTIONS, result.steps, result.final_eval)
+        _save_predictions(evaluator, out_dir / LAST_PREDICTIONS, result.steps,
+                          result.final_eval["dev"] if selection is not None else result.final_eval)
         if read_predictions(out_dir / BEST_PREDICTIONS).step != result.best["step"]:
             raise RuntimeError(f"{out_dir / BEST_PREDICTIONS} does not hold the best evaluation's "
                                f"predictions (step {result.best['step']}); remove {out_dir} to retrain")
@@ -256,6 +304,8 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
         "epochs": config.epochs, "examples": reader.num_examples, "online_teacher": online,
         "originals_only": originals_only,
         "best": result.best, "final_eval": result.final_eval,
+        **({"selection": "holdout", "best_on_dev": selection.best_on_dev_record}
+           if selection is not None else {}),
         "final_losses": result.step_losses[-1] if result.step_losses else None,
         "resumed_from": result.resumed_from, "train_seconds": round(result.seconds, 3),
         "data_wait_share": round(result.data_wait_share, 5),

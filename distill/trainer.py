@@ -719,6 +719,7 @@ class Trainer:
         return iter(iterator)
 
     def _evaluate(self, step: int, epoch: int, best: dict | None, result: TrainResult) -> dict | None:
+        self.evaluating_step = step   # for an evaluate function that records its own files
         self.student.eval()
         try:
             metrics = self.evaluate_fn(self.student)

@@ -78,7 +78,7 @@ class Ablations(StageTask):
         """The seeds every variant runs with (one clear error for a bad ``seeds`` value)."""
         from pipeline.ablations.statistics import parse_seeds
 
-        return parse_seeds(self.seeds, DistillPrediction().seed, "[Ablations] seeds")
+        return parse_seeds(self.seeds, self.upstream(DistillPrediction).seed, "[Ablations] seeds")
 
     def stage_params(self) -> dict[str, Any]:
         # "3" and "[42, 43, 44]" run the same seeds: one output
@@ -111,24 +111,27 @@ class Ablations(StageTask):
         """
         if getattr(self, "_variant_tasks", None) is None:
             seeds = self.seed_list()   # checked before the grid: both fail before anything runs
-            configured = {"stage1": DistillIntermediate().seed, "stage2": DistillPrediction().seed}
+            configured = {"stage1": self.upstream(DistillIntermediate).seed,
+                          "stage2": self.upstream(DistillPrediction).seed}
             tasks = {}
             for variant in self.grid_variants():
                 stage1, stage2 = variant.stage_parameters()
-                augment = _own_augmentation(variant.augment_parameters())
+                augment = _own_augmentation(variant.augment_parameters(), self.profile)
                 if augment:
                     stage2["augment"] = augment
                 for seed in seeds:
                     seeded1 = stage1 if seed == configured["stage1"] else {**stage1, "seed": seed}
                     seeded2 = stage2 if seed == configured["stage2"] else {**stage2, "seed": seed}
-                    tasks[variant.name, seed] = DistillPrediction(**seeded2, stage1=seeded1)
-            _check_cache_holds_the_maps({name: task for (name, _), task in tasks.items()}, self.grid_path())
+                    tasks[variant.name, seed] = self.upstream(DistillPrediction, **seeded2, stage1=seeded1)
+            _check_cache_holds_the_maps({name: task for (name, _), task in tasks.items()}, self.grid_path(),
+                                        self.profile)
             self._variant_tasks = tasks
         return self._variant_tasks
 
     def requires(self):
-        required: dict[str, luigi.Task] = {"data": PrepareData(), "teacher": FineTuneTeacher(),
-                                           "cache": TeacherCache()}
+        required: dict[str, luigi.Task] = {"data": self.upstream(PrepareData),
+                                           "teacher": self.upstream(FineTuneTeacher),
+                                           "cache": self.upstream(TeacherCache)}
         required.update({f"variant-{name}-seed{seed}": task
                          for (name, seed), task in self.variant_tasks().items()})
         return required
@@ -170,6 +173,12 @@ class Ablations(StageTask):
             f"{'that one cache' if one_cache else 'its teacher cache (below)'}.",
         ]
         notes += _cache_notes(caches, augmentations)
+        held_out = data["info"].get("holdout")
+        if held_out:   # selection = holdout (absent under selection = dev: those reports stay as they were)
+            notes.append(f"Student selection: the best stage-2 evaluation on {held_out['rows']} held-out "
+                         f"train rows ({100 * held_out['fraction']:g} %, stratified by "
+                         f"{held_out['stratified_by']}, never augmented or cached); the dev scores below "
+                         "are that student's, and the last evaluation's.")
         check = teacher.get("baseline_check") or {}
         if check.get("degenerate"):
             notes.insert(0, f"**WARNING: the teacher is no better than the majority class** (dev "
@@ -193,7 +202,10 @@ class Ablations(StageTask):
             "task": task, "metric": full.metric_name, "teacher": teacher_metric,
             "teacher_dev": teacher_dev, "student": full.metric, "student_std": full.metric_std,
             "student_last": full.last_metric, "seeds": self.seed_list(),
-            "headline": "best stage-2 dev evaluation (mean over seeds); student_last: the last evaluation",
+            "headline": ("dev score of the stage-2 evaluation best on the held-out train rows (mean over "
+                         "seeds); student_last: the last evaluation" if held_out else
+                         "best stage-2 dev evaluation (mean over seeds); student_last: the last evaluation"),
+            **({"selection": "holdout"} if held_out else {}),
             "bootstrap": {"resamples": RESAMPLES, "seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE,
                           "statistic": "mean over seeds of the variant's metric minus full's, paired "
                                        "over dev examples (same indices for every seed and both)"},
@@ -223,12 +235,12 @@ class Ablations(StageTask):
                         teacher_degenerate=summary["teacher_degenerate"])
 
 
-def _own_augmentation(settings: dict[str, Any]) -> dict[str, Any]:
+def _own_augmentation(settings: dict[str, Any], profile: str = "") -> dict[str, Any]:
     """A variant's Augment overrides, or ``{}`` when they equal the configured augmentation
     (then it reads the main cache: one task, not two tasks that would build the same output)."""
     from tasks.augment import Augment
 
-    if not settings or Augment(**settings).task_id == Augment().task_id:
+    if not settings or Augment(**settings, profile=profile).task_id == Augment(profile=profile).task_id:
         return {}
     return dict(settings)
 
@@ -293,9 +305,9 @@ def _interval(row: dict, prefix: str) -> dict | None:
             "high": row[f"{prefix}delta_high"], "within_noise": row[f"{prefix}within_noise"] == "yes"}
 
 
-def _check_cache_holds_the_maps(variants: dict[str, DistillPrediction], grid: Path) -> None:
+def _check_cache_holds_the_maps(variants: dict[str, DistillPrediction], grid: Path, profile: str = "") -> None:
     """Refuse, before anything trains, a variant whose layer map the configured cache lacks."""
-    cache = TeacherCache()
+    cache = TeacherCache(profile=profile)
     if cache.hidden_layers or cache.attention_layers:
         return  # explicit layer lists: the trainer's own check names what is missing
     available = {cache.layer_map, *[m.strip() for m in cache.extra_layer_maps.split(",") if m.strip()]}

@@ -81,7 +81,7 @@ class WordVectors(StageTask):
                  "glove_learning_rate", "glove_seed")
 
     def requires(self):
-        return {"data": PrepareData()} if self.vectors_source == "trained" else {}
+        return {"data": self.upstream(PrepareData)} if self.vectors_source == "trained" else {}
 
     def stage_params(self) -> dict[str, Any]:
         params = super().stage_params()
@@ -205,9 +205,9 @@ class Candidates(CandidateParameters, StageTask):
     resumable = True
 
     def requires(self):
-        required: dict[str, StageTask] = {"data": PrepareData()}
+        required: dict[str, StageTask] = {"data": self.upstream(PrepareData)}
         if self.mode != "mlm":
-            required["vectors"] = WordVectors()
+            required["vectors"] = self.upstream(WordVectors)
         return required
 
     def stage_params(self) -> dict[str, Any]:
@@ -282,7 +282,8 @@ class Augment(CandidateParameters, StageTask):
         description="Seed; each example's randomness derives from (seed, example id, side).")
 
     def requires(self):
-        return {"data": PrepareData(), "candidates": Candidates(**self.candidate_parameters())}
+        return {"data": self.upstream(PrepareData),
+                "candidates": self.upstream(Candidates, **self.candidate_parameters())}
 
     def stage_params(self) -> dict[str, Any]:
         # The candidate parameters reach this stage's key through the Candidates fingerprint.

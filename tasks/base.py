@@ -164,8 +164,70 @@ def shared_hasher(root: Path) -> FileHasher:
     return _HASHERS[root]
 
 
+# --- profiles: per-task configuration inside one Luigi run ---------------------------------
+#
+# Luigi resolves a parameter from the command line, then its configuration (one global
+# parser), then the default. The GLUE harness runs nine tasks' DAGs in one run, each with its
+# own profile (configs/glue/<task>.cfg), so a stage can carry ``profile``: the file layered over
+# the global configuration while *its* parameters are resolved. Every stage passes its profile
+# on to the upstream stages it makes (``self.upstream(...)``), so a whole DAG reads one profile.
+# The profile itself is not identity: the parameter values it gives are (a DAG built with
+# ``--config P`` and the same DAG with ``profile = P`` have the same fingerprints).
+
+_PROFILE_PARSERS: dict[tuple, Any] = {}
+
+
+def resolve_profile(profile: str) -> Path:
+    """A profile path as given, else relative to the project root; an InputError if absent."""
+    from pipeline.errors import InputError
+
+    for candidate in (Path(profile).expanduser(), PROJECT_ROOT / profile):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise InputError("profile not found (a configuration file layered over luigi.cfg)", profile)
+
+
+def profile_parser(profile: str):
+    """The global configuration's files with ``profile`` read last (one parser per profile)."""
+    from luigi.configuration import LuigiConfigParser
+
+    path = str(resolve_profile(profile))
+    key = (tuple(LuigiConfigParser._config_paths), path)
+    if key not in _PROFILE_PARSERS:
+        parser = LuigiConfigParser()
+        parser.read(list(LuigiConfigParser._config_paths) + [path])
+        _PROFILE_PARSERS[key] = parser
+    return _PROFILE_PARSERS[key]
+
+
 class StageTask(luigi.Task):
     """A Luigi task whose output directory is named by its content fingerprint."""
+
+    profile = luigi.Parameter(
+        default="", significant=True,
+        description="A configuration file layered over luigi.cfg (and --config) while this stage's "
+                    "parameters are resolved, passed on to its upstream stages: how the GLUE "
+                    "harness gives each task its own profile in one run. Empty: none. Significant "
+                    "for Luigi (two tasks' stages are two tasks), never in the fingerprint: the "
+                    "values it gives are.")
+
+    @classmethod
+    def get_param_values(cls, params, args, kwargs):
+        profile = kwargs.get("profile") or ""
+        if not profile:
+            return super().get_param_values(params, args, kwargs)
+        from luigi.configuration import LuigiConfigParser
+
+        saved = LuigiConfigParser._instance
+        LuigiConfigParser._instance = profile_parser(profile)
+        try:
+            return super().get_param_values(params, args, kwargs)
+        finally:
+            LuigiConfigParser._instance = saved
+
+    def upstream(self, cls, **kwargs):
+        """An upstream stage of this DAG: ``cls(**kwargs)`` under this stage's profile."""
+        return cls(profile=self.profile, **kwargs)
 
     #: Directory name of the stage under the workdir.
     stage_name: ClassVar[str]
@@ -196,9 +258,9 @@ class StageTask(luigi.Task):
         return {}
 
     def stage_params(self) -> dict[str, Any]:
-        """Significant parameters, by Luigi's own ``significant=`` flag."""
+        """Significant parameters, by Luigi's own ``significant=`` flag (the profile aside)."""
         return {name: self.param_kwargs[name]
-                for name, param in self.get_params() if param.significant}
+                for name, param in self.get_params() if param.significant and name != "profile"}
 
     def build(self, out: StageBuild) -> None:
         raise NotImplementedError

@@ -265,7 +265,7 @@ class AugmentationSettings:
         return params
 
     def teacher_cache(self) -> TeacherCache:
-        return TeacherCache(augment=self.augment) if self.augment else TeacherCache()
+        return self.upstream(TeacherCache, augment=self.augment) if self.augment else self.upstream(TeacherCache)
 
 
 class _DistillStage(StageTask):
@@ -387,7 +387,7 @@ class DistillGeneral(_trainer_parameters("intermediate"), _IntermediateStage):
     stage_version = "2"   # 2: equal-width projections start as the identity
 
     def requires(self):
-        required = {"cache": GeneralTeacherCache()}
+        required = {"cache": self.upstream(GeneralTeacherCache)}
         if self.student_init == "general":
             from pipeline.errors import InputError
             raise InputError("DistillGeneral cannot start from itself (student_init=general)")
@@ -403,7 +403,7 @@ class DistillIntermediate(AugmentationSettings, _trainer_parameters("intermediat
     def requires(self):
         required: dict[str, luigi.Task] = {"cache": self.teacher_cache()}
         if self.student_init == "general":
-            required["general"] = DistillGeneral()
+            required["general"] = self.upstream(DistillGeneral)
         return required
 
 
@@ -432,8 +432,8 @@ class DistillPrediction(AugmentationSettings, _trainer_parameters("prediction"),
                              f"stage 2 on {dict(self.augment)}: set augment once, on stage 2")
         if self.augment:
             stage1["augment"] = self.augment
-        return {"cache": self.teacher_cache(), "data": PrepareData(),
-                "stage1": DistillIntermediate(**stage1)}
+        return {"cache": self.teacher_cache(), "data": self.upstream(PrepareData),
+                "stage1": self.upstream(DistillIntermediate, **stage1)}
 
     def stage_params(self) -> dict[str, Any]:
         # The upstream stage-1 fingerprint already says which student this stage starts from;
@@ -452,7 +452,16 @@ class DistillPrediction(AugmentationSettings, _trainer_parameters("prediction"),
                                  originals_only=self.originals_only,
                                  eval_batch_size=self.eval_batch_size, **self.store_reading())
         self.record(out, summary)
-        if summary["best"]:
+        if summary["best"] and summary.get("selection") == "holdout":
+            # held-out train rows picked the student; dev was only scored (its dev metrics are
+            # the kept student's); best_on_dev: what selecting on dev would have reported
+            held_out = {k: v for k, v in summary["best"]["metrics"].items() if k not in ("dev", "selection")}
+            out.info.update(selection="holdout", holdout_metrics=held_out,
+                            dev_metrics=summary["best"]["metrics"]["dev"],
+                            dev_best_step=summary["best"]["step"],
+                            last_dev_metrics=summary["final_eval"]["dev"],
+                            best_on_dev=summary["best_on_dev"])
+        elif summary["best"]:
             out.info["dev_metrics"] = summary["best"]["metrics"]
             out.info["dev_best_step"] = summary["best"]["step"]
             # the end of training's evaluation: beside the best one, it shows what picking the

@@ -144,7 +144,24 @@ class PrepareData(StageTask):
                     "dev sample are not comparable with published ones).")
     subset_seed = luigi.IntParameter(
         default=0, significant=True,
-        description="Seed of the train/dev sampling (max_*_examples).")
+        description="Seed of the train/dev sampling (max_*_examples) and of the held-out split.")
+    selection = luigi.ChoiceParameter(
+        default="dev", choices=["dev", "holdout"], significant=True,
+        description="What picks the best teacher and student checkpoints: 'dev' (the reference's "
+                    "rule: the best of many dev evaluations, then reported on that same dev set, "
+                    "which flatters it) or 'holdout' (holdout_fraction of the train rows, "
+                    "stratified, removed from train before augmentation: dev is only reported). "
+                    "The shipped profiles use holdout.")
+    holdout_fraction = luigi.FloatParameter(
+        default=0.05, significant=True,
+        description="selection=holdout: the share of train rows held out, in (0, 0.5]; stratified "
+                    "by label (regression: by 5 equal-count score bins), seeded by subset_seed.")
+    submission = luigi.BoolParameter(
+        default=False, significant=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="source=glue: also prepare what a GLUE submission and the GLUE table need: "
+                    "the task's unlabelled test files that are present (test/<name>.parquet; "
+                    "MNLI: matched, mismatched and AX) and its further dev sets (MNLI's "
+                    "mismatched dev: extra_dev/MNLI-mm.parquet). Off: neither is read.")
 
     def source_spec(self) -> dict[str, Any]:
         """The parameters as the source mapping :func:`pipeline.prepare.splits.prepare` takes."""
@@ -157,7 +174,7 @@ class PrepareData(StageTask):
             if not self.task:
                 raise InputError("source=glue needs PrepareData's task (e.g. SST-2, MRPC)")
             return {"kind": "glue", "glue_dir": _resolved(glue_dir), "task": self.task,
-                    "metric": self.metric}
+                    "metric": self.metric, "submission": self.submission}
         label_names = self.label_names if isinstance(self.label_names, str) else list(self.label_names)
         common = {"columns": dict(self.columns), "label_names": label_names,
                   "task_type": self.task_type, "task": self.task, "metric": self.metric}
@@ -173,6 +190,17 @@ class PrepareData(StageTask):
         params = super().stage_params()
         if not self.metric:
             params.pop("metric")   # the default: fingerprints from before the parameter stay valid
+        # Likewise for the defaults of the selection parameters: selection = dev and no
+        # submission files write exactly what the stage wrote before they existed.
+        if self.selection == "dev":
+            params.pop("selection")
+            params.pop("holdout_fraction")
+        else:
+            from pipeline.prepare.splits import check_holdout_fraction
+
+            check_holdout_fraction(self.holdout_fraction)   # at scheduling: before anything runs
+        if not self.submission:
+            params.pop("submission")
         if self.source == "hf" and _is_local(self.hf_name):
             params["hf_name"] = "<local, hashed>"   # its content is in stage_inputs
         return params
@@ -188,7 +216,8 @@ class PrepareData(StageTask):
         with out.timed("prepare"):
             result = prepare(self.source_spec(), out.path, skip_bad_rows=self.skip_bad_rows,
                              max_train_examples=self.max_train_examples,
-                             max_dev_examples=self.max_dev_examples, subset_seed=self.subset_seed)
+                             max_dev_examples=self.max_dev_examples, subset_seed=self.subset_seed,
+                             selection=self.selection, holdout_fraction=self.holdout_fraction)
         out.rows.update(result["rows"])
         out.info.update(result["info"])
 

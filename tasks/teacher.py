@@ -96,7 +96,7 @@ class FineTuneTeacher(StageTask):
         return {"teacher": source} if _local(source) else {}
 
     def requires(self):
-        return {"data": PrepareData()}
+        return {"data": self.upstream(PrepareData)}
 
     def model_dir(self) -> Path:
         return self.readable_dir() / "model"
@@ -106,10 +106,15 @@ class FineTuneTeacher(StageTask):
         from pipeline.teacher.finetune import prepare_teacher
 
         data = self.upstream_dir("data")
+        info_of_data = task_info(data)
+        # selection = holdout: the fine-tune keeps its best checkpoint on the held-out train
+        # rows (the students' selection set too), never on dev
+        select = data / "holdout.parquet" if info_of_data.get("selection") == "holdout" else None
         with out.timed("teacher"):
             info = prepare_teacher(
                 self.teacher_source(), data / "train.parquet", data / "dev.parquet", out.path / "model",
-                task_info(data), mode=self.finetune, max_train_examples=self.max_train_examples,
+                info_of_data, mode=self.finetune, max_train_examples=self.max_train_examples,
+                select_path=select,
                 epochs=self.epochs, learning_rate=self.learning_rate, batch_size=self.batch_size,
                 warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
                 max_seq_length=self.max_seq_length, eval_every=self.eval_every, seed=self.seed,
@@ -214,11 +219,12 @@ class TeacherCacheParams(luigi.Task):
         augment = self.augment_settings()
         if self.examples == "corpus":
             return {}
-        required: dict[str, luigi.Task] = {"data": PrepareData(), "teacher": FineTuneTeacher()}
+        required: dict[str, luigi.Task] = {"data": self.upstream(PrepareData),
+                                            "teacher": self.upstream(FineTuneTeacher)}
         if self.examples == "augmented":
             from tasks.augment import Augment
 
-            required["examples"] = Augment(**augment)
+            required["examples"] = self.upstream(Augment, **augment)
         return required
 
     def augment_settings(self) -> dict[str, Any]:
@@ -237,7 +243,7 @@ class TeacherCacheParams(luigi.Task):
 
     def teacher_source(self) -> str:
         if self.examples != "corpus":
-            return str(FineTuneTeacher().model_dir())
+            return str(self.upstream(FineTuneTeacher).model_dir())
         if self.teacher:
             return str(Path(self.teacher).expanduser().resolve()) if _local(self.teacher) else self.teacher
         from pipeline.teacher.finetune import default_teacher_dir
@@ -299,7 +305,7 @@ class TeacherCacheParams(luigi.Task):
         """The teacher's depth, known before the fine-tuned teacher exists (fine-tuning keeps it)."""
         if self.examples == "corpus":
             return _teacher_num_layers(self.teacher_source())
-        return _teacher_num_layers(FineTuneTeacher().teacher_source())
+        return _teacher_num_layers(self.upstream(FineTuneTeacher).teacher_source())
 
     def task_info(self) -> dict:
         if self.examples == "corpus":
@@ -389,7 +395,7 @@ class TeacherCache(TeacherCacheParams, StageTask):
 
     def shard_tasks(self, num_examples: int) -> list[TeacherCacheShard]:
         count = -(-num_examples // self.shard_size)
-        return [TeacherCacheShard(shard_index=i, **self.cache_params()) for i in range(count)]
+        return [self.upstream(TeacherCacheShard, shard_index=i, **self.cache_params()) for i in range(count)]
 
     def requires(self):
         # Decided once per instance: Luigi re-reads requires() just before run(), and by then

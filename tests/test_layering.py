@@ -2,7 +2,8 @@
 
 ``pipeline/`` holds one package per stage in data order, over a bottom layer (the stage
 contract and the error type) and ``pipeline.common`` (pieces several stages share);
-``distill/`` (the trainer) comes after the cache and before the ablation report. A module may
+``distill/`` (the trainer) comes after the cache and before the ablation report, and the
+GLUE table (``pipeline.glue``) after that. A module may
 import its own package, any package ranked below it, and the bottom layer. Only ``tasks/``
 imports Luigi. Every ``import`` statement counts, including those inside functions (the
 project defers heavy imports into functions, and a deferred import is still a dependency).
@@ -26,6 +27,7 @@ LAYER_RANK = {
     "pipeline.cache": 4,
     "distill": 5,
     "pipeline.ablations": 6,
+    "pipeline.glue": 7,   # the GLUE table reuses the ablation statistics
 }
 BOTTOM = {"pipeline.stage", "pipeline.errors", "pipeline.locks", "pipeline.store"}
 

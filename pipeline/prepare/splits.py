@@ -42,6 +42,7 @@ import csv
 import json
 import logging
 import math
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -89,6 +90,17 @@ class GlueTask:
     hf_config: str = ""
     hf_columns: tuple[tuple[str, str], ...] = ()
     hf_dev_split: str = "validation"
+    #: The unlabelled test files of the GLUE download: ``(submission name, file under the task's
+    #: directory)``; the submission name is the file the GLUE server takes (``SST-2.tsv``).
+    #: Optional ones (AX, the diagnostic set, beside the tasks) are read when present.
+    test_files: tuple[tuple[str, str], ...] = ()
+    optional_test_files: tuple[tuple[str, str], ...] = ()
+    #: Columns of the test files (each has a header; CoLA's test file has one, its train file not).
+    test_index: str = "index"
+    test_text_a: str = "sentence"
+    test_text_b: str | None = None
+    #: Further labelled dev sets, evaluated and reported beside the main one: ``(name, file)``.
+    extra_dev_files: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_pair(self) -> bool:
@@ -116,27 +128,46 @@ _ENTAILMENT = ("entailment", "not_entailment")
 #: The GLUE tasks, keyed by their directory name in the GLUE download.
 GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in (
     # CoLA has no header: source code, label, original annotation ("*" or empty), sentence.
+    # Its test file has one: index, sentence.
     GlueTask("CoLA", text_a=3, text_b=None, label=1, label_names=_BINARY, has_header=False,
-             num_columns=4, hf_config="cola", hf_columns=_hf_cols("sentence", None)),
+             num_columns=4, hf_config="cola", hf_columns=_hf_cols("sentence", None),
+             test_files=(("CoLA", "test.tsv"),)),
     GlueTask("SST-2", "sentence", None, "label", _BINARY,
-             hf_config="sst2", hf_columns=_hf_cols("sentence", None)),
-    # MRPC starts with a UTF-8 byte-order mark and has literal '"' inside its strings.
+             hf_config="sst2", hf_columns=_hf_cols("sentence", None),
+             test_files=(("SST-2", "test.tsv"),)),
+    # MRPC starts with a UTF-8 byte-order mark and has literal '"' inside its strings; its test
+    # file: index, #1 ID, #2 ID, #1 String, #2 String.
     GlueTask("MRPC", "#1 String", "#2 String", "Quality", _BINARY,
-             hf_config="mrpc", hf_columns=_hf_cols("sentence1", "sentence2")),
+             hf_config="mrpc", hf_columns=_hf_cols("sentence1", "sentence2"),
+             test_files=(("MRPC", "test.tsv"),), test_text_a="#1 String", test_text_b="#2 String"),
+    # STS-B test: index, genre, filename, year, old_index, source1, source2, sentence1, sentence2.
     GlueTask("STS-B", "sentence1", "sentence2", "score", None, label_range=(0.0, 5.0),
-             hf_config="stsb", hf_columns=_hf_cols("sentence1", "sentence2")),
+             hf_config="stsb", hf_columns=_hf_cols("sentence1", "sentence2"),
+             test_files=(("STS-B", "test.tsv"),), test_text_a="sentence1", test_text_b="sentence2"),
+    # QQP test: id, question1, question2.
     GlueTask("QQP", "question1", "question2", "is_duplicate", _BINARY,
-             hf_config="qqp", hf_columns=_hf_cols("question1", "question2")),
+             hf_config="qqp", hf_columns=_hf_cols("question1", "question2"),
+             test_files=(("QQP", "test.tsv"),), test_index="id", test_text_a="question1",
+             test_text_b="question2"),
+    # MNLI: matched and mismatched dev and test sets; AX (the diagnostic set, predicted by the
+    # MNLI model) is <glue_dir>/diagnostic/diagnostic.tsv: index, sentence1, sentence2.
     GlueTask("MNLI", "sentence1", "sentence2", "gold_label",
              ("contradiction", "entailment", "neutral"), dev_file="dev_matched.tsv",
              hf_config="mnli", hf_columns=_hf_cols("premise", "hypothesis"),
-             hf_dev_split="validation_matched"),
+             hf_dev_split="validation_matched",
+             test_files=(("MNLI-m", "test_matched.tsv"), ("MNLI-mm", "test_mismatched.tsv")),
+             optional_test_files=(("AX", "../diagnostic/diagnostic.tsv"),),
+             test_text_a="sentence1", test_text_b="sentence2",
+             extra_dev_files=(("MNLI-mm", "dev_mismatched.tsv"),)),
     GlueTask("QNLI", "question", "sentence", "label", _ENTAILMENT,
-             hf_config="qnli", hf_columns=_hf_cols("question", "sentence")),
+             hf_config="qnli", hf_columns=_hf_cols("question", "sentence"),
+             test_files=(("QNLI", "test.tsv"),), test_text_a="question", test_text_b="sentence"),
     GlueTask("RTE", "sentence1", "sentence2", "label", _ENTAILMENT,
-             hf_config="rte", hf_columns=_hf_cols("sentence1", "sentence2")),
+             hf_config="rte", hf_columns=_hf_cols("sentence1", "sentence2"),
+             test_files=(("RTE", "test.tsv"),), test_text_a="sentence1", test_text_b="sentence2"),
     GlueTask("WNLI", "sentence1", "sentence2", "label", _BINARY,
-             hf_config="wnli", hf_columns=_hf_cols("sentence1", "sentence2")),
+             hf_config="wnli", hf_columns=_hf_cols("sentence1", "sentence2"),
+             test_files=(("WNLI", "test.tsv"),), test_text_a="sentence1", test_text_b="sentence2"),
 )}
 #: Hub names of the GLUE benchmark dataset (their configurations are GlueTask.hf_config).
 GLUE_HUB_NAMES = ("nyu-mll/glue", "glue")
@@ -528,6 +559,10 @@ def source_inputs(source: Mapping[str, Any]) -> dict[str, Path]:
             if not path.is_file():
                 raise InputError(f"GLUE {task.name} {split} file not found (expected "
                                  f"<glue_dir>/{task.name}/{path.name})", path)
+        if source.get("submission"):
+            # Only files that exist: a download without test files keeps its fingerprint.
+            inputs.update({label: path for label, path in submission_files(task, glue_dir).items()
+                           if path.is_file()})
         return inputs
     if kind == "hf":
         inputs = {}
@@ -570,8 +605,9 @@ def _load_glue(source: Mapping[str, Any], problems: RowProblems):
     if task.text_b is not None:
         columns["text_b"] = task.text_b
     raw = {}
-    for split, path in source_inputs(source).items():
-        raw[split] = read_delimited(path, split, columns, problems, has_header=task.has_header,
+    inputs = source_inputs(source)
+    for split in SPLITS:
+        raw[split] = read_delimited(inputs[split], split, columns, problems, has_header=task.has_header,
                                     num_columns=task.num_columns)
     return spec, raw, {"kind": "glue", "task": task.name}
 
@@ -758,6 +794,147 @@ def _resolve_label_names(spec: TaskSpec, raw_train: Sequence[RawRow],
 
 
 # --------------------------------------------------------------------------------------------
+# Extra files for the GLUE harness: further dev sets, unlabelled test sets
+# --------------------------------------------------------------------------------------------
+
+#: ``[PrepareData] submission = true`` also writes these (``<name>`` is the GLUE server's file name).
+EXTRA_DEV_DIR = "extra_dev"   # extra_dev/<name>.parquet: the dev.parquet layout
+TEST_DIR = "test"             # test/<name>.parquet: index (as written), text_a, text_b
+
+
+def submission_files(task: GlueTask, glue_dir: Path | str) -> dict[str, Path]:
+    """Input label -> path of every extra dev and test file a GLUE task may have."""
+    base = Path(glue_dir) / task.name
+    files = {f"extra_dev:{name}": base / file for name, file in task.extra_dev_files}
+    files.update({f"test:{name}": base / file for name, file in task.test_files + task.optional_test_files})
+    return {label: Path(os.path.normpath(path)) for label, path in files.items()}
+
+
+def _test_columns(task: GlueTask) -> dict[str, str]:
+    # the index travels in the ``label`` slot of a RawRow: test rows have no label
+    columns = {"text_a": task.test_text_a, "label": task.test_index}
+    if task.test_text_b is not None:
+        columns["text_b"] = task.test_text_b
+    return columns
+
+
+def read_test_file(task: GlueTask, path: Path) -> SplitTable:
+    """One unlabelled GLUE test file as a table of ``index`` (in ``ids``), texts; every row must
+    be usable (a submission needs a prediction for each), so the first bad row raises."""
+    problems = RowProblems(skip=False)
+    rows = read_delimited(path, "dev", _test_columns(task), problems, has_header=True)
+    table = SplitTable([], [], [], [])
+    for row in rows:
+        text_a, problem = _text_value(row.text_a, "text_a")
+        text_b = None
+        if problem is None and task.is_pair:
+            text_b, problem = _text_value(row.text_b, "text_b")
+        index = str(row.label or "").strip()
+        if problem is None and not index:
+            problem = f"empty {task.test_index!r} column"
+        if problem is not None:
+            raise InputError(f"GLUE {task.name} test file: {problem}", path, row.line)
+        table.ids.append(index)
+        table.text_a.append(text_a)
+        table.text_b.append(text_b)
+    if len(set(table.ids)) != len(table.ids):
+        raise InputError(f"GLUE {task.name} test file: repeated {task.test_index!r} values", path)
+    if not len(table):
+        raise InputError(f"GLUE {task.name} test file has no rows", path)
+    return table
+
+
+def check_glue_layout(glue_dir: Path | str, name: str, submission: bool = True) -> dict[str, Path]:
+    """Check, without reading whole files, that ``glue_dir`` holds task ``name``: its train and
+    dev files (and, with ``submission``, each present test file's header has the task's test
+    columns). One :class:`InputError` naming the task and the file; the files found otherwise."""
+    task = find_glue_task(name)
+    if task is None or task.name != name:
+        raise InputError(f"unknown GLUE task {name!r}; known: {', '.join(GLUE_TASKS)}")
+    source = {"kind": "glue", "glue_dir": str(glue_dir), "task": name, "submission": submission}
+    files = source_inputs(source)
+    for label, path in files.items():
+        if not label.startswith("test:"):
+            continue
+        with open(path, "rb") as handle:
+            header = handle.readline().decode("utf-8", "replace").removeprefix("\ufeff")
+        header = [column.strip() for column in header.rstrip("\r\n").split("\t")]
+        missing = [column for column in _test_columns(task).values() if column not in header]
+        if missing:
+            raise InputError(f"GLUE {name} test file has no column(s) {missing} (a {name} test file "
+                             f"has {list(_test_columns(task).values())}); columns: {header}", path, 1)
+    return files
+
+
+def write_test(path: Path, table: SplitTable) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.table({"index": pa.array(table.ids, pa.string()), "text_a": pa.array(table.text_a, pa.string()),
+                      "text_b": pa.array(table.text_b, pa.string())})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(arrow, path, compression=PARQUET_COMPRESSION, write_page_checksum=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out train rows: model selection that never looks at dev
+# --------------------------------------------------------------------------------------------
+
+#: ``selection`` values: pick checkpoints on dev (the reference's rule) or on held-out train rows.
+SELECTIONS = ("dev", "holdout")
+HOLDOUT_SPLIT = "holdout"
+#: Regression targets are stratified by this many equal-count score bins.
+REGRESSION_BINS = 5
+
+
+def check_holdout_fraction(fraction: float) -> None:
+    if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 0.5):
+        raise InputError(f"[PrepareData] holdout_fraction must be in (0, 0.5], got {fraction!r}")
+
+
+def holdout_split(table: SplitTable, fraction: float, seed: int, spec: TaskSpec,
+                  where: str | Path | None = None) -> tuple[SplitTable, SplitTable, dict]:
+    """Split ``table`` (train) into (train, held-out): ``fraction`` of each stratum, drawn with
+    a generator seeded by ``seed``, both kept in source order, ids unchanged.
+
+    Strata: the class of a classification task; for regression, :data:`REGRESSION_BINS`
+    equal-count bins of the sorted scores (ties broken by row order). Every stratum of at
+    least two rows gives at least one row and keeps at least one; a class with fewer than two
+    train rows cannot be both trained on and held out, which is an error naming the class.
+    """
+    check_holdout_fraction(fraction)
+    n = len(table)
+    if spec.task_type == CLASSIFICATION:
+        strata: dict[Any, list[int]] = {}
+        for i, label in enumerate(table.labels):
+            strata.setdefault(int(label), []).append(i)
+        names = spec.label_names or ()
+        for label, rows in sorted(strata.items()):
+            if len(rows) < 2:
+                raise InputError(f"held-out split: class {names[label] if label < len(names) else label!r} "
+                                 f"has {len(rows)} train row(s); holding rows out would leave it "
+                                 "missing from the held-out set or from train (more data, or "
+                                 "selection = dev)", where)
+        stratified_by = "label"
+    else:
+        order = sorted(range(n), key=lambda i: (table.labels[i], i))
+        bins = min(REGRESSION_BINS, max(1, n // 2))
+        strata = {b: sorted(order[b * n // bins:(b + 1) * n // bins]) for b in range(bins)}
+        stratified_by = f"{bins} equal-count score bins"
+    rng = random.Random(f"holdout:{seed}")
+    held: list[int] = []
+    for _, rows in sorted(strata.items()):
+        if len(rows) < 2:
+            continue
+        k = min(max(1, round(fraction * len(rows))), len(rows) - 1)
+        held.extend(rng.sample(rows, k))
+    held_set = set(held)
+    kept = [i for i in range(n) if i not in held_set]
+    info = {"fraction": fraction, "seed": seed, "rows": len(held_set), "stratified_by": stratified_by}
+    return table.take(kept), table.take(sorted(held_set)), info
+
+
+# --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
 
@@ -773,7 +950,8 @@ def subsample(table: SplitTable, limit: int, seed: int) -> SplitTable:
 
 
 def prepare(source: Mapping[str, Any], out_dir: Path | str, *, skip_bad_rows: bool = False,
-            max_train_examples: int = 0, max_dev_examples: int = 0, subset_seed: int = 0) -> dict:
+            max_train_examples: int = 0, max_dev_examples: int = 0, subset_seed: int = 0,
+            selection: str = "dev", holdout_fraction: float = 0.05) -> dict:
     """Validate a source's train and dev splits and write ``{train,dev}.parquet`` to ``out_dir``.
 
     ``source`` is a mapping with ``kind`` = ``"glue"`` (``glue_dir``, ``task``), ``"hf"``
@@ -781,7 +959,11 @@ def prepare(source: Mapping[str, Any], out_dir: Path | str, *, skip_bad_rows: bo
     ``splits`` {train, dev -> dataset split}, ``columns``, ``label_names``, ``task_type``) or
     ``"files"`` (``train``, ``dev`` paths, optional ``format``, ``columns``, ``label_names``,
     ``task_type``, ``task``). ``max_*_examples`` > 0 keep a seeded random sample of that many
-    rows (in source order). Nothing is written unless every split validates.
+    rows (in source order). ``selection = "holdout"`` then moves ``holdout_fraction`` of the
+    train rows (stratified, seeded by ``subset_seed``: :func:`holdout_split`) into
+    ``holdout.parquet``, before any later stage sees train. A GLUE source with ``submission``
+    also writes its extra dev sets (``extra_dev/<name>.parquet``) and its present test files
+    (``test/<name>.parquet``). Nothing is written unless every split validates.
 
     Returns ``{"rows": {split: n}, "info": {...}}`` for the stage manifest.
     """
@@ -790,6 +972,13 @@ def prepare(source: Mapping[str, Any], out_dir: Path | str, *, skip_bad_rows: bo
         raise InputError(f"unknown source kind {kind!r}; use one of {sorted(LOADERS)}")
     if kind != "glue":
         _require_task_name(source)   # before anything is loaded (a hub download, say)
+        if source.get("submission"):
+            raise InputError("[PrepareData] submission = true reads a GLUE directory's test files: "
+                             "it needs source = glue")
+    if selection not in SELECTIONS:
+        raise InputError(f"[PrepareData] selection must be one of {SELECTIONS}, got {selection!r}")
+    if selection == "holdout":
+        check_holdout_fraction(holdout_fraction)
     problems = RowProblems(skip_bad_rows)
     spec, raw, described = LOADERS[kind](source, problems)
     spec, inferred = _resolve_label_names(spec, raw["train"], source)
@@ -801,11 +990,37 @@ def prepare(source: Mapping[str, Any], out_dir: Path | str, *, skip_bad_rows: bo
     before = {split: len(table) for split, table in tables.items()}
     tables["train"] = subsample(tables["train"], max_train_examples, subset_seed)
     tables["dev"] = subsample(tables["dev"], max_dev_examples, subset_seed)
+    holdout_info = None
+    if selection == "holdout":
+        tables["train"], tables[HOLDOUT_SPLIT], holdout_info = holdout_split(
+            tables["train"], holdout_fraction, subset_seed, spec, source_inputs(source).get("train"))
+    extra_dev: dict[str, SplitTable] = {}
+    tests: dict[str, SplitTable] = {}
+    if source.get("submission"):
+        task = glue_task(source["task"])
+        files = source_inputs(source)
+        for name, _ in task.extra_dev_files:
+            path = files.get(f"extra_dev:{name}")
+            if path is None:
+                raise InputError(f"GLUE {task.name} {name} dev file not found", submission_files(
+                    task, source["glue_dir"])[f"extra_dev:{name}"])
+            columns = {"text_a": task.text_a, "text_b": task.text_b, "label": task.label}
+            rows = read_delimited(path, "dev", {k: v for k, v in columns.items() if v is not None}, problems,
+                                  has_header=task.has_header, num_columns=task.num_columns)
+            extra_dev[name] = normalise("dev", rows, spec, problems)
+        for name, _ in task.test_files + task.optional_test_files:
+            if f"test:{name}" in files:
+                tests[name] = read_test_file(task, files[f"test:{name}"])
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, table in tables.items():
         write_split(out_dir / f"{split}.parquet", table, spec)
+    for name, table in extra_dev.items():
+        (out_dir / EXTRA_DEV_DIR).mkdir(exist_ok=True)
+        write_split(out_dir / EXTRA_DEV_DIR / f"{name}.parquet", table, spec)
+    for name, table in tests.items():
+        write_test(out_dir / TEST_DIR / f"{name}.parquet", table)
 
     from pipeline.common.metrics import metric_names   # scipy: not on the no-op rerun's path
 
@@ -829,7 +1044,16 @@ def prepare(source: Mapping[str, Any], out_dir: Path | str, *, skip_bad_rows: bo
     if spec.task_type == CLASSIFICATION:
         info["label_counts"] = {split: [t.labels.count(i) for i in range(len(spec.label_names))]
                                 for split, t in tables.items()}
-    return {"rows": {split: len(t) for split, t in tables.items()}, "info": info}
+    if holdout_info is not None:   # absent with selection = dev: those manifests stay as they were
+        info["selection"] = selection
+        info["holdout"] = holdout_info
+    if source.get("submission"):
+        info["extra_dev"] = {name: len(t) for name, t in extra_dev.items()}
+        info["test"] = {name: len(t) for name, t in tests.items()}
+    rows = {split: len(t) for split, t in tables.items()}
+    rows.update({f"extra_dev:{name}": len(t) for name, t in extra_dev.items()})
+    rows.update({f"test:{name}": len(t) for name, t in tests.items()})
+    return {"rows": rows, "info": info}
 
 
 def write_split(path: Path, table: SplitTable, spec: TaskSpec) -> None:
@@ -855,13 +1079,14 @@ def write_split(path: Path, table: SplitTable, spec: TaskSpec) -> None:
 # --------------------------------------------------------------------------------------------
 
 def read_split(stage_dir: Path | str, split: str):
-    """The normalised ``split`` (``"train"`` or ``"dev"``) of a prepare_data output, as a pyarrow Table."""
+    """The normalised ``split`` (``"train"``, ``"dev"``, ``"holdout"`` or ``"extra_dev/<name>"``)
+    of a prepare_data output, as a pyarrow Table."""
     import pyarrow.parquet as pq
 
     import pyarrow as pa
 
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in SPLITS + (HOLDOUT_SPLIT,) and not split.startswith(f"{EXTRA_DEV_DIR}/"):
+        raise ValueError(f"split must be one of {SPLITS + (HOLDOUT_SPLIT,)} or extra_dev/<name>, got {split!r}")
     path = Path(stage_dir) / f"{split}.parquet"
     try:
         return pq.read_table(path, page_checksum_verification=True)

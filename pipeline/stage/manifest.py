@@ -18,6 +18,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -86,6 +87,7 @@ class StageBuild:
         self.info: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
         self._hasher = hasher
+        self._cpu_started = time.process_time()
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -118,12 +120,29 @@ class StageBuild:
                 "started": iso_time(started),
                 "finished": iso_time(finished),
                 "seconds": round(finished - started, 3),
+                # CPU seconds of this process (all its threads) while the stage built: with
+                # "seconds" and host.device, what the GLUE table's compute column reports
+                "cpu_seconds": round(time.process_time() - self._cpu_started, 3),
                 **self.timings,
             },
-            "host": {"platform": platform.platform(), "argv": sys.argv[:1]},
+            "host": {"platform": platform.platform(), "argv": sys.argv[:1], "device": compute_device(),
+                     "cpu_count": os.cpu_count()},
         }
         manifest[MANIFEST_CHECKSUM_KEY] = manifest_checksum(manifest)
         return manifest
+
+
+def compute_device() -> str:
+    """The accelerator this process used, for the run history: the CUDA device's name when
+    torch is loaded and CUDA was initialised (never imported here: a torch-free stage is a
+    CPU stage), else ``"cpu"``."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_initialized():
+            return f"cuda:{torch.cuda.get_device_name()}"
+    except Exception:   # a broken CUDA setup must not fail a finished build
+        pass
+    return "cpu"
 
 
 def manifest_checksum(manifest: Mapping[str, Any]) -> str:

@@ -226,8 +226,9 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
              epochs: float = 3.0, learning_rate: float = 2e-5, batch_size: int = 32,
              warmup_ratio: float = 0.1, weight_decay: float = 0.01, max_seq_length: int = 128,
              eval_every: int = 0, seed: int = 42, device: str = "auto", progress: bool = False,
-             metric: str | None = None, tb_dir: Path | None = None) -> dict:
-    """Fine-tune ``model`` on ``train``; evaluate on ``dev``; save the best to ``out_dir``.
+             metric: str | None = None, tb_dir: Path | None = None, eval_name: str = "dev") -> dict:
+    """Fine-tune ``model`` on ``train``; evaluate on ``dev`` (``eval_name``: what it is, for the
+    log: dev, or the held-out train rows); save the best to ``out_dir``.
 
     AdamW with linear warm-up over ``warmup_ratio`` of the steps then linear decay. Dev
     evaluation: every ``eval_every`` steps and after the last step when ``eval_every > 0`` (not
@@ -285,8 +286,9 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
         if writer is not None:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    writer.add_scalar(f"dev/{name}", float(value), step)
-        LOG.info("teacher fine-tune step %d: dev %s = %.4f", step, metrics["primary_metric"], metrics["primary"])
+                    writer.add_scalar(f"{eval_name}/{name}", float(value), step)
+        LOG.info("teacher fine-tune step %d: %s %s = %.4f", step, eval_name, metrics["primary_metric"],
+                 metrics["primary"])
         if best is None or metrics["primary"] > best["primary"]:
             best = {"step": step, **metrics}
             setattr(model.config, HEAD_TRAINED_ATTR, True)
@@ -343,12 +345,16 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
 
 def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_dir: Path,
                     task_info: dict, *, mode: str = "auto", max_train_examples: int = 0,
-                    **finetune_kwargs) -> dict:
+                    select_path: Path | None = None, **finetune_kwargs) -> dict:
     """The teacher stage: fine-tune ``teacher`` (or keep it) and save it to ``out_dir``.
 
     ``mode``: ``auto`` fine-tunes when the head is untrained and keeps a trained head as it
     is; ``always`` fine-tunes; ``never`` keeps the head (warning loudly when it is random).
     Returns the manifest ``info``: dev metrics, label mapping, ``skipped_finetune``.
+
+    ``select_path`` (the held-out train rows, ``selection = holdout``): the fine-tune keeps its
+    best checkpoint on those rows instead of dev (``info["holdout"]``); dev is evaluated once,
+    on the kept teacher.
     """
     from transformers import AutoTokenizer
 
@@ -381,6 +387,8 @@ def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_d
     kwargs = dict(finetune_kwargs)
     baseline = majority_baseline(train.column("label").to_pylist(), dev, task_info.get("task"),
                                  task_type, num_labels, task_info.get("metric"))
+    if not skip and not head_trained:
+        LOG.info("%s: new %s, trained by this stage", teacher, head_description(num_labels, task_type))
     if skip:
         warn_if_untrained_head(teacher, head_trained)
         setattr(model.config, HEAD_TRAINED_ATTR, head_trained)
@@ -391,9 +399,19 @@ def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_d
                            kwargs.get("max_seq_length", 128), 2 * kwargs.get("batch_size", 32), device,
                            task_info.get("metric"))
         info.update(dev=metrics, head_trained=head_trained)
+    elif select_path is not None:
+        result = finetune(model, tokenizer, train, _read_examples(select_path), out_dir,
+                          task=task_info.get("task"), task_type=task_type,
+                          metric=task_info.get("metric"), eval_name="held-out", **kwargs)
+        best, _, _ = load_sequence_classifier(out_dir, num_labels, label_names, task_type)
+        device = resolve_device(kwargs.get("device", "auto"))
+        metrics = evaluate(best.to(device), tokenizer, dev, task_info.get("task"), task_type,
+                           kwargs.get("max_seq_length", 128), 2 * kwargs.get("batch_size", 32), device,
+                           task_info.get("metric"))
+        info.update(dev={"step": result["best"]["step"], **metrics}, holdout=result["best"],
+                    selection="holdout", history=result["history"], steps=result["steps"],
+                    train_examples=result["train_examples"], head_trained=True)
     else:
-        if not head_trained:
-            LOG.info("%s: new %s, trained by this stage", teacher, head_description(num_labels, task_type))
         result = finetune(model, tokenizer, train, dev, out_dir, task=task_info.get("task"),
                           task_type=task_type, metric=task_info.get("metric"), **kwargs)
         info.update(dev=result["best"], history=result["history"], steps=result["steps"],
