@@ -4,6 +4,8 @@ log, or to the console with --verbose); Luigi's per-task lines name a task by fa
 fingerprint instead of by every parameter."""
 from __future__ import annotations
 
+import re
+
 import luigi
 
 from pipeline.errors import InputError
@@ -87,7 +89,7 @@ def test_luigis_per_task_lines_are_short_unless_verbose(tmp_path, capsys):
     luigi.task_register.Register.clear_instance_cache()
     assert main(["run", "Consumer", "--path", str(text), "--scale", "2", "--module", "tests.test_stage",
                  "--no-lock", "--verbose"]) == 0
-    assert "Consumer(path=" in capsys.readouterr().err
+    assert re.search(r"Consumer\([^)]*path=", capsys.readouterr().err)   # Luigi's own task repr
 
 
 def test_an_unparsable_configuration_value_is_one_line(tmp_path, capsys, monkeypatch):
