@@ -225,6 +225,16 @@ class StageTask(luigi.Task):
         finally:
             LuigiConfigParser._instance = saved
 
+    def __repr__(self) -> str:
+        """Luigi's ``Family(param=value, ...)``, without ``profile=`` when no profile is set:
+        the profile is a harness detail, and an empty first field made every log line longer."""
+        if self.profile:
+            return super().__repr__()
+        shown = [(name, param) for name, param in self.get_params()
+                 if param.significant and name != "profile"]
+        return "{}({})".format(self.get_task_family(), ", ".join(
+            f"{name}={param.serialize(self.param_kwargs[name])}" for name, param in shown))
+
     def upstream(self, cls, **kwargs):
         """An upstream stage of this DAG: ``cls(**kwargs)`` under this stage's profile."""
         return cls(profile=self.profile, **kwargs)

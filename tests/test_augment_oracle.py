@@ -36,13 +36,17 @@ WRITTEN = [
     "",
     "Zyzzyvas quixotically outmaneuvered flibbertigibbets yesterday.",
     "Paris is lovely in the springtime, said the gallant musketeer.",
+    # Plain content words, so that these sentences alone (no ../shared) exercise over 40 positions.
+    "A quiet harbour town wakes slowly under grey autumn skies.",
+    "The orchestra rehearsed the difficult symphony until midnight.",
+    "Her brother painted wooden boats and sold them at the market.",
 ]
 PAIRS = [("The cat sat on the mat.", "A dog slept under the wobbly table."),
          ("Revenue rose sharply in the third quarter.", "Profits declined despite higher sales.")]
 
 
 def real_sentences(limit: int = 30) -> list[str]:
-    """SST-2 train sentences when ../shared is present, else the written ones."""
+    """SST-2 train sentences when ../shared is present, then the written ones (enough alone)."""
     if not SST2.exists():
         return WRITTEN
     with open(SST2, encoding="utf-8") as handle:

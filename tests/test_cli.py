@@ -193,7 +193,7 @@ def test_every_worker_under_luigid_exits_0_when_the_dag_completed(tmp_path, isol
 
     def running(scale):
         import re
-        line = re.compile(rf"running\s+Source\((?:profile=[^,]*, )?path=[^,]*, scale={scale}\)")
+        line = re.compile(rf"running\s+Source\(path=[^,]*, scale={scale}\)")
         return [n for n, log in enumerate(logs) if line.search(log.read_text())]
 
     try:
