@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import InputError
-from tests.test_distill_tasks import one_torch_thread, tiny_task  # noqa: F401  (autouse fixture)
+from tests.test_distill_tasks import one_torch_thread  # noqa: F401  (autouse fixture)
+from tests.tiny_dag import tiny_stages, tiny_task
 
 GRID = """
 [variants.no_attention]
@@ -41,27 +42,14 @@ def configure(tmp_path, monkeypatch, text: str):
 def configured(tmp_path, monkeypatch, minilm_dir):
     """files -> packaged GloVe augmentation -> tiny 4-layer teacher -> cache (+top map) -> grid."""
     (tmp_path / "grid.toml").write_text(GRID)
-    text = tiny_task(tmp_path, minilm_dir, train_rows=24, dev_rows=10) + f"""
+    text = tiny_task(tmp_path, minilm_dir, train_rows=24, dev_rows=10) + """
 [Augment]
 mode = glove
 num_aug = 3
 aug_progress = false
-[TeacherCache]
-student_layers = 2
-extra_layer_maps = top
-max_seq_length = 32
-[DistillIntermediate]
-student_hidden_size = 32
-student_intermediate_size = 64
-student_heads = 4
-epochs = 1
-batch_size = 16
-device = cpu
-[DistillPrediction]
-epochs = 1
-batch_size = 16
-eval_every = 4
-device = cpu
+""" + tiny_stages(
+        TeacherCache={"examples": None, "extra_layer_maps": "top"},
+        DistillIntermediate={"batch_size": 16}, DistillPrediction={"batch_size": 16, "eval_every": 4}) + f"""
 [Ablations]
 grid = {tmp_path / 'grid.toml'}
 """

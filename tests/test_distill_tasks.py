@@ -3,15 +3,12 @@ trainer parameter reruns only the trainer stage."""
 from __future__ import annotations
 
 import json
-import random
 
 import luigi
 import pytest
 import torch
 
-from tests.test_cache import make_teacher
-
-WORDS = "good bad movie plot actor great boring fun story scene long short film music".split()
+from tests.tiny_dag import tiny_stages, tiny_task
 
 
 @pytest.fixture(autouse=True)
@@ -24,57 +21,14 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def write_tsv(path, n, seed):
-    rng = random.Random(seed)
-    lines = ["sentence\tlabel"] + [
-        f"{' '.join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))}\t{i % 2}" for i in range(n)]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def tiny_task(root, minilm_dir, train_rows: int, dev_rows: int) -> str:
-    """A tiny SST-2-like task in ``root`` (TSV files, a tiny random teacher with the real
-    vocabulary); returns the [PrepareData] and [FineTuneTeacher] sections that read it."""
-    make_teacher(root / "teacher", minilm_dir, hidden_size=48)
-    write_tsv(root / "train.tsv", train_rows, 0)
-    write_tsv(root / "dev.tsv", dev_rows, 1)
-    return f"""
-[PrepareData]
-source = files
-task = SST-2
-train_file = {root / 'train.tsv'}
-dev_file = {root / 'dev.tsv'}
-columns = {{"text_a": "sentence", "label": "label"}}
-[FineTuneTeacher]
-teacher = {root / 'teacher'}
-finetune = never
-"""
-
-
 @pytest.fixture
 def configured(tmp_path, monkeypatch, minilm_dir):
     """A luigi.cfg for a tiny SST-2-like task: files -> tiny teacher -> cache -> two stages."""
     from luigi.configuration import LuigiConfigParser
 
     config = tmp_path / "luigi.cfg"
-    config.write_text(tiny_task(tmp_path, minilm_dir, train_rows=32, dev_rows=12) + """
-[TeacherCache]
-examples = train
-student_layers = 2
-max_seq_length = 32
-[DistillIntermediate]
-student_hidden_size = 32
-student_intermediate_size = 64
-student_heads = 4
-epochs = 1
-batch_size = 8
-device = cpu
-checkpoint_every = 2
-[DistillPrediction]
-epochs = 2
-batch_size = 8
-eval_every = 3
-device = cpu
-""")
+    config.write_text(tiny_task(tmp_path, minilm_dir, train_rows=32, dev_rows=12) + tiny_stages(
+        DistillIntermediate={"checkpoint_every": 2}, DistillPrediction={"epochs": 2}))
     monkeypatch.setattr(LuigiConfigParser, "_config_paths", [str(config)])
     monkeypatch.setattr(LuigiConfigParser, "_instance", None)
     return tmp_path

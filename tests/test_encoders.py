@@ -239,7 +239,7 @@ def test_dag_with_a_modernbert_teacher_a_bert_mlm_and_log_probs(tmp_path, monkey
     from transformers import AutoConfig, AutoTokenizer, pipeline
 
     import tasks.distill as distill_tasks
-    from tests.test_distill_tasks import write_tsv
+    from tests.tiny_dag import write_tsv
 
     teacher = make_family("modernbert", tmp_path / "teacher", minilm_dir)
     write_tsv(tmp_path / "train.tsv", 12, 0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_distill_tasks import tiny_task
+from tests.tiny_dag import tiny_stages, tiny_task
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 
@@ -33,28 +33,9 @@ def test_without_cuda_it_stops_with_one_line(tmp_path):
 @pytest.mark.slow
 def test_cpu_dry_run_measures_everything_on_a_tiny_dag(tmp_path, minilm_dir):
     config = tmp_path / "tiny.cfg"
-    config.write_text(tiny_task(tmp_path, minilm_dir, train_rows=32, dev_rows=12) + """
-[TeacherCache]
-examples = train
-student_layers = 2
-max_seq_length = 32
-[DistillIntermediate]
-student_hidden_size = 32
-student_intermediate_size = 64
-student_heads = 4
-epochs = 1
-batch_size = 8
-device = cpu
-num_threads = 1
-progress = false
-[DistillPrediction]
-epochs = 1
-batch_size = 8
-eval_every = 2
-device = cpu
-num_threads = 1
-progress = false
-""")
+    quiet = {"num_threads": 1, "progress": "false"}
+    config.write_text(tiny_task(tmp_path, minilm_dir, train_rows=32, dev_rows=12) + tiny_stages(
+        DistillIntermediate=quiet, DistillPrediction={**quiet, "eval_every": 2}))
     done = run_script(["--cpu-dry-run", "--config", str(config), "--workdir", str(tmp_path / "work"),
                        "--steps", "4", "--cpu-reference", "0.5"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -92,28 +92,14 @@ def test_ablation_grid_with_held_out_selection(tmp_path, monkeypatch, minilm_dir
     from tasks.ablations import Ablations
     from tests.test_ablations import GRID, build, configure
     from tests.test_distill_tasks import one_torch_thread  # noqa: F401
-    from tests.test_distill_tasks import tiny_task
+    from tests.tiny_dag import tiny_stages, tiny_task
 
     (tmp_path / "grid.toml").write_text(GRID)
     task = tiny_task(tmp_path, minilm_dir, train_rows=40, dev_rows=10).replace(
         "[FineTuneTeacher]", "selection = holdout\nholdout_fraction = 0.2\n[FineTuneTeacher]")
-    configure(tmp_path, monkeypatch, task + f"""
-[TeacherCache]
-examples = train
-student_layers = 2
-max_seq_length = 32
-[DistillIntermediate]
-student_hidden_size = 32
-student_intermediate_size = 64
-student_heads = 4
-max_steps = 3
-batch_size = 8
-device = cpu
-[DistillPrediction]
-max_steps = 6
-batch_size = 8
-eval_every = 2
-device = cpu
+    by_steps = {"epochs": None, "max_steps": 3}
+    configure(tmp_path, monkeypatch, task + tiny_stages(
+        DistillIntermediate=by_steps, DistillPrediction={**by_steps, "max_steps": 6, "eval_every": 2}) + f"""
 [Ablations]
 grid = {tmp_path / 'grid.toml'}
 variants = ["no_attention"]

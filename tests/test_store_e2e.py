@@ -22,32 +22,12 @@ import pytest
 from pipeline.stage import store_output_problems
 from pipeline.store import open_store
 from tests.store_server import PROJECT_ROOT, TEST_SECRET, s3, start_luigid  # noqa: F401
-from tests.test_distill_tasks import tiny_task
+from tests.tiny_dag import tiny_stages, tiny_task
 
 RUNNING = re.compile(r"running\s+(\w+)\[([0-9a-f]{16})\]")
 
-CONFIG = """
-[TeacherCache]
-examples = train
-student_layers = 2
-max_seq_length = 32
-shard_size = 4
-num_threads = 1
-[DistillIntermediate]
-student_hidden_size = 32
-student_intermediate_size = 64
-student_heads = 4
-epochs = 1
-batch_size = 8
-device = cpu
-num_threads = 1
-[DistillPrediction]
-epochs = 1
-batch_size = 8
-eval_every = 3
-device = cpu
-num_threads = 1
-"""
+CONFIG = tiny_stages(TeacherCache={"shard_size": 4, "num_threads": 1},
+                     DistillIntermediate={"num_threads": 1}, DistillPrediction={"num_threads": 1})
 
 
 def _environment(s3, config: Path, scratch: Path) -> dict:  # noqa: F811
