@@ -638,9 +638,12 @@ class Trainer:
                     values.update(step=step, epoch=epoch, lr=lr, grad_norm=grad_norm)
                     result.step_losses.append(values)
                     if bar is not None:
+                        # the split the kept student is chosen on: held-out train rows or dev
+                        chosen_on = "held-out" if best and best["metrics"].get("selection") == "holdout" \
+                            else "dev"
                         bar.set_postfix_str(f"loss={values['total']:.4f}" + (
-                            f" best dev {best['metrics']['primary_metric']}={best['metrics']['primary']:.4f}"
-                            if best else ""), refresh=False)
+                            f" best {chosen_on} {best['metrics']['primary_metric']}="
+                            f"{best['metrics']['primary']:.4f}" if best else ""), refresh=False)
                         bar.update(1)
                     if config.log_every > 0 and (step % config.log_every == 0 or step == self.total_steps):
                         now = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -213,6 +214,15 @@ def test_distillation_shows_a_progress_bar_with_steps_loss_and_eta(tmp_path, ass
                        stage1_dir=tmp_path / "s1", prepared_dir=assets["root"] / "prepared")
     final = _last_bar(capsys.readouterr().err, "distill (prediction)")
     assert final.startswith("distill (prediction): 100%") and "best dev accuracy=" in final, final
+    # selection = holdout: the bar names the rows the kept student is chosen on, not dev
+    held = tmp_path / "prepared-holdout"
+    shutil.copytree(assets["root"] / "prepared", held)
+    shutil.copy(held / "dev.parquet", held / "holdout.parquet")
+    distill_from_cache(cache, tmp_path / "s2-holdout", recipe("prediction", batch_size=8, epochs=1, eval_every=2,
+                                                              device="cpu", progress=True),
+                       stage1_dir=tmp_path / "s1", prepared_dir=held)
+    final = _last_bar(capsys.readouterr().err, "distill (prediction)")
+    assert "best held-out accuracy=" in final and "best dev" not in final, final
 
 
 def test_a_kill_after_training_still_publishes_the_best_student(tmp_path, assets, monkeypatch):

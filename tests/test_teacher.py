@@ -84,6 +84,20 @@ def test_finetune_learns_the_task_and_keeps_the_best(minilm_dir, tmp_path):
     assert again["dev"]["accuracy"] == pytest.approx(info["dev"]["accuracy"])
 
 
+def test_the_progress_bar_names_the_rows_the_teacher_is_chosen_on(minilm_dir, tmp_path, capsys):
+    """With selection = holdout the fine-tune keeps the best checkpoint on the held-out train
+    rows; its bar said "best dev accuracy" all the same (the demo's first screen)."""
+    untrained = make_teacher(tmp_path / "clf", minilm_dir, layers=1, bare=True)
+    train, dev = _split(tmp_path / "train.parquet", 16), _split(tmp_path / "dev.parquet", 8, offset=3)
+    held_out = _split(tmp_path / "holdout.parquet", 8, offset=5)
+    task = {"task": "SST-2", "task_type": "classification", "label_names": ["0", "1"], "num_labels": 2}
+    prepare_teacher(untrained, train, dev, tmp_path / "model", task, epochs=1, batch_size=8,
+                    eval_every=1, progress=True, select_path=held_out)
+    err = capsys.readouterr().err.replace("\r", "\n")
+    bars = [line for line in err.splitlines() if line.startswith("fine-tune teacher: 100%")]
+    assert bars and "best held-out accuracy=" in bars[-1] and "best dev" not in err, err[-2000:]
+
+
 def test_a_teacher_no_better_than_the_majority_class_is_flagged(minilm_dir, tmp_path):
     """Issue 15 item 9: CoLA/RTE teachers that predict one class (Matthews 0.0) were distilled
     from without a word. Here dev holds one class only, so no teacher can beat the constant

@@ -328,7 +328,7 @@ def finetune(model, tokenizer, train, dev, out_dir: Path, *, task: str | None, t
                     writer.add_scalar(tag, value, step)
             if bar is not None:
                 bar.set_postfix_str(f"loss={float(loss.detach()):.4f}" + (
-                    f" best dev {best['primary_metric']}={best['primary']:.4f}" if best else ""),
+                    f" best {eval_name} {best['primary_metric']}={best['primary']:.4f}" if best else ""),
                     refresh=False)
                 bar.update(1)
             if (eval_every and step % eval_every == 0) or step == total_steps \
