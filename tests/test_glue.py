@@ -140,6 +140,11 @@ def test_glue_table_intervals_and_submission_files_for_every_task(glue_setup, is
     md = (out / "glue.md").read_text()
     assert "Pre-flight checks" in md.split("|")[0] and "held-out train rows" in md
     assert "| MNLI-mm | accuracy |" in md and "average (GLUE score" in md and "## Compute" in md
+    # paper figures not checked against the paper carry a dagger, the checked ones none
+    qqp, sst2 = (next(line for line in md.splitlines() if line.startswith(f"| {c} | {m} |"))
+                 for c, m in (("QQP", "f1"), ("SST-2", "accuracy")))
+    assert qqp.endswith("| 71.2† | 71.3† |") and sst2.endswith("| 93.4 | 92.6 |")
+    assert "† a paper figure entered from memory" in md
     assert (out / "glue.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list(csv.DictReader((out / "glue.csv").open()))) == len(rows)
     for task in ALL:
@@ -222,3 +227,15 @@ def test_unknown_task_missing_files_and_bad_test_columns_fail_before_anything_ru
     result = build(GLUE(tasks=["SST-2", "QNLI"]))
     assert result.status.name == "SCHEDULING_FAILED"
     assert not isolated_workdir.exists() or not [p for p in isolated_workdir.iterdir() if p.name != ".hash-cache.json"]
+
+
+def test_a_paper_row_that_does_not_average_to_its_average_has_unchecked_figures():
+    """The paper's average row is checked; a row of PAPER_TABLE1 whose figures do not average to
+    it holds a wrong figure, which must be among the ones marked unchecked (in glue.md)."""
+    from pipeline.glue.paper import PAPER_AVERAGE, PAPER_TABLE1, UNCHECKED_FIGURES
+
+    for index, model in ((1, "bert_base"), (2, "tinybert4")):
+        mean = np.mean([figures[index] for figures in PAPER_TABLE1.values()])
+        if round(mean, 1) != PAPER_AVERAGE[model]:
+            assert any(m == model for _, m in UNCHECKED_FIGURES), (model, mean)
+    assert {column for column, _ in UNCHECKED_FIGURES} <= set(PAPER_TABLE1)

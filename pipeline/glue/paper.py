@@ -27,6 +27,16 @@ PAPER_TABLE1: dict[str, tuple[str, float, float]] = {
 #: The paper's average row (the mean of the nine columns above).
 PAPER_AVERAGE = {"bert_base": 79.5, "tinybert4": 77.0}
 
+#: Figures of PAPER_TABLE1 not checked against a copy of the paper, as (column, model). The
+#: others are: SST-2, MRPC, CoLA and RTE of both rows and both averages (the project's
+#: background notes quote them), TinyBERT4's MNLI-m and MNLI-mm (also on Papers with Code).
+#: These were entered from memory of the table when the harness was written, and one of the
+#: BERT-base ones at least is off: that row's nine figures average 79.6, not the paper's 79.5.
+#: ``glue.md`` marks them with a dagger until someone checks them against the paper.
+UNCHECKED_FIGURES: frozenset[tuple[str, str]] = frozenset(
+    {(column, "bert_base") for column in ("MNLI-m", "MNLI-mm", "QQP", "QNLI", "STS-B")}
+    | {(column, "tinybert4") for column in ("QQP", "QNLI", "STS-B")})
+
 #: Every metric GLUE reports per task (the GLUE score averages them within a task).
 GLUE_METRICS: dict[str, tuple[str, ...]] = {
     "CoLA": ("mcc",), "SST-2": ("accuracy",), "MRPC": ("f1", "accuracy"),
