@@ -389,26 +389,26 @@ def prepare_teacher(teacher: str | Path, train_path: Path, dev_path: Path, out_d
                                  task_type, num_labels, task_info.get("metric"))
     if not skip and not head_trained:
         LOG.info("%s: new %s, trained by this stage", teacher, head_description(num_labels, task_type))
+
+    def dev_metrics(kept) -> dict:
+        """One evaluation of the kept teacher on dev (when dev did not choose it)."""
+        device = resolve_device(kwargs.get("device", "auto"))
+        return evaluate(kept.to(device), tokenizer, dev, task_info.get("task"), task_type,
+                        kwargs.get("max_seq_length", 128), 2 * kwargs.get("batch_size", 32), device,
+                        task_info.get("metric"))
+
     if skip:
         warn_if_untrained_head(teacher, head_trained)
         setattr(model.config, HEAD_TRAINED_ATTR, head_trained)
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-        device = resolve_device(kwargs.get("device", "auto"))
-        metrics = evaluate(model.to(device), tokenizer, dev, task_info.get("task"), task_type,
-                           kwargs.get("max_seq_length", 128), 2 * kwargs.get("batch_size", 32), device,
-                           task_info.get("metric"))
-        info.update(dev=metrics, head_trained=head_trained)
+        info.update(dev=dev_metrics(model), head_trained=head_trained)
     elif select_path is not None:
         result = finetune(model, tokenizer, train, _read_examples(select_path), out_dir,
                           task=task_info.get("task"), task_type=task_type,
                           metric=task_info.get("metric"), eval_name="held-out", **kwargs)
         best, _, _ = load_sequence_classifier(out_dir, num_labels, label_names, task_type)
-        device = resolve_device(kwargs.get("device", "auto"))
-        metrics = evaluate(best.to(device), tokenizer, dev, task_info.get("task"), task_type,
-                           kwargs.get("max_seq_length", 128), 2 * kwargs.get("batch_size", 32), device,
-                           task_info.get("metric"))
-        info.update(dev={"step": result["best"]["step"], **metrics}, holdout=result["best"],
+        info.update(dev={"step": result["best"]["step"], **dev_metrics(best)}, holdout=result["best"],
                     selection="holdout", history=result["history"], steps=result["steps"],
                     train_examples=result["train_examples"], head_trained=True)
     else:
