@@ -155,6 +155,15 @@ def _text_value(value: Any, field: str) -> tuple[str | None, str | None]:
     return value, None
 
 
+def _row_texts(row: RawRow, is_pair: bool) -> tuple[str | None, str | None, str | None]:
+    """``row``'s text_a and (for a pair task) text_b, validated: (text_a, text_b, problem)."""
+    text_a, problem = _text_value(row.text_a, "text_a")
+    text_b = None
+    if problem is None and is_pair:
+        text_b, problem = _text_value(row.text_b, "text_b")
+    return text_a, text_b, problem
+
+
 @dataclass
 class SplitTable:
     """Validated rows of one split, column by column."""
@@ -176,10 +185,7 @@ def normalise(split: str, rows: Iterable[RawRow], spec: TaskSpec, problems: RowP
     """Validate texts and labels of ``rows`` and convert them to the normalised columns."""
     table = SplitTable([], [], [], [])
     for row in rows:
-        text_a, problem = _text_value(row.text_a, "text_a")
-        text_b = None
-        if problem is None and spec.is_pair:
-            text_b, problem = _text_value(row.text_b, "text_b")
+        text_a, text_b, problem = _row_texts(row, spec.is_pair)
         label = None
         if problem is None:
             label, problem = spec.label_value(row.label)
@@ -476,10 +482,7 @@ def read_test_file(task: GlueTask, path: Path) -> SplitTable:
     rows = read_delimited(path, "dev", _test_columns(task), problems, has_header=True)
     table = SplitTable([], [], [], [])
     for row in rows:
-        text_a, problem = _text_value(row.text_a, "text_a")
-        text_b = None
-        if problem is None and task.is_pair:
-            text_b, problem = _text_value(row.text_b, "text_b")
+        text_a, text_b, problem = _row_texts(row, task.is_pair)
         index = str(row.label or "").strip()
         if problem is None and not index:
             problem = f"empty {task.test_index!r} column"
