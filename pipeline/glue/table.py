@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline.ablations.statistics import (CONFIDENCE, bootstrap_indices, mean_and_std, metric_value,
                                            paired_bootstrap, predicted, resampled_metric)
-from pipeline.glue.paper import GLUE_METRICS, PAPER_AVERAGE, PAPER_TABLE1, UNCHECKED_FIGURES, headline_metric
+from pipeline.glue.paper import PAPER_AVERAGE, PAPER_TABLE1, UNCHECKED_FIGURES, headline_metric
 
 POINTS = 100.0
 
