@@ -10,24 +10,25 @@ to ~400 MB of fp32 per batch of 256 copied to the GPU). So the work is split in 
 **Host side: gather, never pad.** A shuffle window's row groups are decoded by pyarrow and each
 column concatenated once into one flat numpy buffer (:class:`RowBlock`; a row is then a
 ``(start, size)`` pair into it). A batch is *gathered* from that buffer with no padding, no
-dequantising and no widening: the bytes of its rows, in batch order, per column. Its rows come
-sorted by length (the reader sorts each bucket of batches by length), so the rows of one length
-are consecutive and have slices of one size: each such *run* is a single numpy fancy index over
-a sliding-window view of the buffer (``view[starts]``), which copies whole slices at memcpy
-speed. The Python work is per (column, run), a handful per batch, never per row. The result is
-a :class:`PackedBatch`: about 43 KB per example at BERT-base width in int8, against ~1.5 MB
-padded fp32.
+dequantising and no widening: the bytes of its rows as stored. Its rows come sorted by length
+(the reader sorts each bucket of batches by length), so they fall into a few *runs*:
+consecutive rows of one length (and, in a compact cache's per-row columns, all present). The
+rows of a run have slices of one size, so a run is one numpy fancy index over a sliding-window
+view of the buffer (``view[starts]``), which copies whole slices at memcpy speed into one
+``[rows, values]`` array: the run's *piece*. The Python work is per (column, run), a handful per
+batch, never per row. The result is a :class:`PackedBatch`: about 41 KB per example at
+BERT-base width in int8 (``scripts/bench_loader.py``), against ~1.5 MB padded fp32.
 
 **Device side: one function expands.** :func:`expand` takes a packed batch to a device and
-builds the Batch there with vectorised torch: per (column, run), one strided copy into the
-zero-padded output (fp16/bf16 widen to fp32 in that copy; int8 is multiplied by its scales in
+builds the Batch there with vectorised torch: per (column, run), one strided copy of the piece
+into the zero-padded output (fp16/bf16 widen to fp32 in that copy; int8 is multiplied by its scales in
 the same kernel, ``torch.mul(..., out=...)``). The values are those of the old host collation,
 bit for bit (fp16/bf16/fp32: an exact widening; int8: the same fp32 product). On the CPU the
 very same function runs on the CPU. What cannot be known without a sync is computed on the
 host: the batch width, the runs, and which rows of a compact cache derive their scores (given
 to :func:`pipeline.cache.compact.complete_batch` as an index, not a mask to ``nonzero``).
 
-**Transfer.** :meth:`PackedBatch.into_arena` copies a batch's arrays into one contiguous byte
+**Transfer.** :meth:`PackedBatch.into_arena` copies a batch's pieces into one contiguous byte
 buffer (8-byte aligned regions), taken from an :class:`ArenaPool` of reused pinned buffers on
 CUDA: one non-blocking host-to-device copy per batch, and the buffer goes back to the pool
 behind a CUDA event, so it is never overwritten while a copy from it is in flight. A batch
@@ -43,6 +44,8 @@ available (``num_workers``) for machines where decoding outgrows one thread.
 """
 from __future__ import annotations
 
+import functools
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -116,6 +119,32 @@ class BatchLayout:
 # Host side: rows of a window, concatenated per column
 # --------------------------------------------------------------------------------------------
 
+#: Threads copying columns side by side (numpy releases the GIL in its copies); at most this
+#: many, one per core. On two cores 4 threads made the host side of a batch of 256 1.25x
+#: faster (scripts/bench_loader.py) and a batch of 32 slower: below :data:`THREADED_BYTES`
+#: of copying a batch's columns are copied in the calling thread.
+COPY_THREADS = 4
+THREADED_BYTES = 4 << 20
+_copiers: dict[int, Any] = {}
+
+
+def each_column(function: Callable, names: list[str], nbytes: int) -> list:
+    """``[function(name) for name in names]``, the columns copied on this process's threads
+    when there are ``nbytes`` or more to copy.
+
+    The pool belongs to the process that made it (a forked DataLoader worker makes its own:
+    an inherited pool has no threads behind it)."""
+    threads = min(COPY_THREADS, os.cpu_count() or 1)
+    if threads < 2 or len(names) < 2 or nbytes < THREADED_BYTES:
+        return [function(name) for name in names]
+    pool = _copiers.get(os.getpid())
+    if pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _copiers.clear()
+        pool = _copiers[os.getpid()] = ThreadPoolExecutor(threads, thread_name_prefix="tinykd-copy")
+    return list(pool.map(function, names))
+
 @dataclass
 class Ragged:
     """One column of a :class:`RowBlock`: every row's values in one flat buffer."""
@@ -137,28 +166,41 @@ def _ragged_from_arrow(array, dtype) -> Ragged:
     else:
         offsets = array.offsets.to_numpy()
         values = array.values.to_numpy(zero_copy_only=True)
-        if values.dtype != np.dtype(dtype):
-            values = values.view(dtype) if values.itemsize == np.dtype(dtype).itemsize else values.astype(dtype)
+        if values.dtype != np.dtype(dtype):   # bf16 bits: stored as uint16, same width
+            values = values.view(dtype)
     offsets = offsets.astype(np.int64)
     present = array.is_valid().to_numpy(zero_copy_only=False) if array.null_count else None
     return Ragged(values, offsets[:-1], np.diff(offsets), present)
+
+
+def runs_of(lengths: np.ndarray, present: np.ndarray | None = None) -> list[tuple[int, int, int]]:
+    """``(first row, end row, length)`` of each run of consecutive (present) rows of one length."""
+    positions = np.arange(len(lengths)) if present is None else np.flatnonzero(present)
+    if not len(positions):
+        return []
+    run_lengths = lengths[positions]
+    breaks = np.flatnonzero((np.diff(positions) != 1) | (np.diff(run_lengths) != 0)) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(positions)]])
+    return [(int(positions[a]), int(positions[b - 1]) + 1, int(run_lengths[a])) for a, b in zip(starts, ends)]
 
 
 @dataclass
 class RowBlock:
     """Rows to gather batches from: ids, labels, lengths, and every ragged column concatenated.
 
-    A window of the reader is one block (its row groups and the previous window's carry, in
-    that order); :meth:`gather` cuts a batch out of it.
+    A window of the reader is one block (the previous window's carry and its row groups, in
+    that order); :func:`gather_batch` cuts a batch out of it.
     """
 
     lengths: np.ndarray                          # int64 [rows]
     ids: np.ndarray                              # object [rows] (str)
-    labels: np.ndarray                           # [rows] int64 or float64 (NaN-free), or empty
+    labels: np.ndarray                           # [rows] int64 or float64
     label_valid: np.ndarray                      # bool [rows]
     label_kind: str                              # "int", "float" or "none"
     columns: dict[str, Ragged] = field(default_factory=dict)
     num_logits: int = 0
+    _views: dict = field(default_factory=dict, repr=False)
 
     @property
     def rows(self) -> int:
@@ -167,7 +209,8 @@ class RowBlock:
     @classmethod
     def from_table(cls, table, layout: BatchLayout, rows: np.ndarray | None, where: str) -> "RowBlock":
         """The block of one row group's ``table`` (``rows``: the row numbers to keep, None =
-        all), checked: every present row must hold the values its length implies."""
+        all), checked: every present row must hold the values its length implies, and an int8
+        column's scales must be present exactly where its values are."""
         import pyarrow as pa
 
         def whole(name):
@@ -182,22 +225,28 @@ class RowBlock:
         else:
             kind = "int" if pa.types.is_integer(label.type) else "float"
             valid = label.is_valid().to_numpy(zero_copy_only=False)
-            labels = label.fill_null(0).to_numpy(zero_copy_only=False) if label.null_count else \
-                label.to_numpy(zero_copy_only=False)
+            labels = (label.fill_null(0) if label.null_count else label).to_numpy(zero_copy_only=False)
             labels = labels.astype(np.int64 if kind == "int" else np.float64)
         block = cls(lengths[keep], whole("id").to_numpy(zero_copy_only=False)[keep], labels[keep],
                     valid[keep], kind)
+        everything = np.ones(len(lengths), bool)
         for name in layout.ragged_columns:
             ragged = _ragged_from_arrow(whole(name), layout.numpy_dtype(name))
             if name == "logits":
                 block.num_logits = int(ragged.sizes[0]) if len(ragged.sizes) else 0
             expected = layout.values_per_row(name, lengths, block.num_logits)
-            present = ragged.present if ragged.present is not None else np.ones(len(lengths), bool)
+            present = ragged.present if ragged.present is not None else everything
             bad = np.flatnonzero(present & (ragged.sizes != expected))
             if len(bad):
                 raise InputError(f"column {name}: row {int(bad[0])} holds {int(ragged.sizes[bad[0]])} "
                                  f"values, its length {int(lengths[bad[0]])} implies {int(expected[bad[0]])} "
                                  f"({len(bad)} such row(s)): the shard does not match its manifest", where)
+            if name.endswith("_scale"):
+                values = block.columns[name[:-len("_scale")]].present
+                mismatch = np.flatnonzero((values if values is not None else everything[keep]) != present[keep])
+                if len(mismatch):
+                    raise InputError(f"column {name}: row {int(keep[mismatch[0]])} has scales where its "
+                                     "values are null or none where they are present", where)
             block.columns[name] = Ragged(ragged.values, ragged.starts[keep], ragged.sizes[keep],
                                          None if ragged.present is None else ragged.present[keep])
         return block
@@ -215,51 +264,67 @@ class RowBlock:
                                   for b in blocks]),
                   np.concatenate([b.label_valid for b in blocks]), kind,
                   num_logits=max(b.num_logits for b in blocks))
-        for name in blocks[0].columns:
+
+        def joined(name: str) -> Ragged:
             parts = [b.columns[name] for b in blocks]
             bases = np.cumsum([0] + [len(p.values) for p in parts[:-1]])
             any_null = any(p.present is not None for p in parts)
-            out.columns[name] = Ragged(
-                np.concatenate([p.values for p in parts]),
-                np.concatenate([p.starts + base for p, base in zip(parts, bases)]),
-                np.concatenate([p.sizes for p in parts]),
-                np.concatenate([p.present if p.present is not None else np.ones(len(p.sizes), bool)
-                                for p in parts]) if any_null else None)
+            return Ragged(np.concatenate([p.values for p in parts]),
+                          np.concatenate([p.starts + base for p, base in zip(parts, bases)]),
+                          np.concatenate([p.sizes for p in parts]),
+                          np.concatenate([p.present if p.present is not None else np.ones(len(p.sizes), bool)
+                                          for p in parts]) if any_null else None)
+
+        names = list(blocks[0].columns)
+        nbytes = sum(b.columns[name].values.nbytes for b in blocks for name in names)
+        out.columns = dict(zip(names, each_column(joined, names, nbytes)))
         return out
 
-    def gather_values(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The values of ``rows`` (present ones) of column ``name``, in that order, as one flat
-        array, and which of ``rows`` are present (bool)."""
+    def present(self, name: str, rows: np.ndarray) -> np.ndarray | None:
+        """Which of ``rows`` hold values in column ``name`` (None: all of them)."""
+        present = self.columns[name].present
+        return None if present is None else present[rows]
+
+    def pieces(self, name: str, rows: np.ndarray, runs: list[tuple[int, int, int]]) -> list[np.ndarray]:
+        """Column ``name``'s values of each run of ``rows`` (positions into ``rows``): one
+        ``[run rows, values per row]`` array per run, a single fancy index each."""
         column = self.columns[name]
-        present = np.ones(len(rows), bool) if column.present is None else column.present[rows]
-        chosen = rows[present]
-        sizes, starts = column.sizes[chosen], column.starts[chosen]
-        # Runs of consecutive rows with slices of one size (a batch is sorted by length, so
-        # these are its distinct lengths): one fancy index over a sliding-window view per run.
-        bounds = np.concatenate([[0], np.flatnonzero(np.diff(sizes)) + 1, [len(sizes)]])
-        pieces = [sliding_window_view(column.values, int(sizes[a]))[starts[a:b]].reshape(-1)
-                  for a, b in zip(bounds[:-1], bounds[1:]) if b > a and sizes[a] > 0]
-        if len(pieces) == 1:
-            return pieces[0], present
-        return (np.concatenate(pieces) if pieces else np.zeros(0, column.values.dtype)), present
+        out = []
+        for first, end, _ in runs:
+            chosen = rows[first:end]
+            size = int(column.sizes[chosen[0]])
+            out.append(self._windows(name, size)[column.starts[chosen]] if size
+                       else np.zeros((end - first, 0), column.values.dtype))
+        return out
+
+    def _windows(self, name: str, size: int) -> np.ndarray:
+        """Column ``name``'s buffer seen as every slice of ``size`` values (a view, kept per
+        size: a block serves a window's batches, which reuse a few lengths)."""
+        key = (name, size)
+        if key not in self._views:
+            self._views[key] = sliding_window_view(self.columns[name].values, size)
+        return self._views[key]
 
 
 def take_rows(block: RowBlock, rows: np.ndarray) -> tuple[RowBlock, np.ndarray]:
-    """A block of ``rows`` of ``block`` and where each of them went in it.
+    """A block of ``rows`` of ``block`` (the carry of a window: fewer than a batch) and where
+    each of them went in it.
 
-    The rows are gathered in stable length order (one run per length, so the cost does not
-    grow with the number of rows), so the new block holds them sorted; ``position[i]`` is
-    where ``rows[i]`` is.
+    The rows are gathered in stable length order, so that each length is one run and the cost
+    does not grow with the number of rows; ``position[i]`` is where ``rows[i]`` is.
     """
     order = np.argsort(block.lengths[rows], kind="stable")
     chosen = rows[order]
-    out = RowBlock(block.lengths[chosen], block.ids[chosen], block.labels[chosen],
-                   block.label_valid[chosen], block.label_kind, num_logits=block.num_logits)
+    lengths = block.lengths[chosen]
+    out = RowBlock(lengths, block.ids[chosen], block.labels[chosen], block.label_valid[chosen],
+                   block.label_kind, num_logits=block.num_logits)
     for name, column in block.columns.items():
-        values, present = block.gather_values(name, chosen)
-        sizes = np.where(present, column.sizes[chosen], 0)
+        present = block.present(name, chosen)
+        pieces = block.pieces(name, chosen, runs_of(lengths, present))
+        sizes = column.sizes[chosen] if present is None else np.where(present, column.sizes[chosen], 0)
+        values = np.concatenate([p.reshape(-1) for p in pieces]) if pieces else np.zeros(0, column.values.dtype)
         out.columns[name] = Ragged(values, np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64),
-                                   sizes, None if column.present is None else present)
+                                   sizes, present)
     position = np.empty(len(rows), dtype=np.int64)
     position[order] = np.arange(len(rows))
     return out, position
@@ -273,11 +338,11 @@ def take_rows(block: RowBlock, rows: np.ndarray) -> tuple[RowBlock, np.ndarray]:
 class PackedBatch:
     """One batch's rows as stored, unpadded: host arrays, or views of one arena buffer.
 
-    ``arrays``: per column the flat values of its present rows in batch order, plus
-    ``lengths`` (int64), ``labels`` and, per column with null rows, ``present/<column>``
-    (uint8) and ``derive/<column>`` (int64: the rows that hold no value, whose scores the
-    trainer recomputes). ``lengths_host``/``present_host`` are the same masks on the host,
-    where the runs are planned. ``rank_rows``/``batch_rows``: see the reader (rank slicing).
+    ``arrays``: per ragged column, one piece per run (``runs[column]``: the runs of its present
+    rows, planned on the host), plus single arrays ``lengths`` (int64), ``labels`` and, per
+    column with null rows in this batch, ``present/<column>`` (uint8) and ``derive/<column>``
+    (int64: the rows with no value there, whose scores the trainer recomputes).
+    ``rank_rows``/``batch_rows``: see the reader (rank slicing).
     """
 
     layout: BatchLayout
@@ -285,12 +350,13 @@ class PackedBatch:
     lengths_host: np.ndarray
     ids: list
     label_kind: str                       # "int", "float" or "none" (labels None)
+    runs: dict[str, list[tuple[int, int, int]]]
     present_host: dict[str, np.ndarray]
-    arrays: dict[str, Any]
+    arrays: dict[str, list]
     rank_rows: int | None = None
     batch_rows: int | None = None
     arena: Any = None                     # torch uint8 tensor holding every array, or None
-    regions: dict[str, tuple[int, int, str]] | None = None   # name -> (offset, bytes, dtype)
+    regions: dict[str, list[tuple[int, int, str]]] | None = None   # name -> (offset, bytes, dtype) each
     _release: Callable | None = None
     _moved: tuple | None = None           # (device, arrays there, the device buffer)
     _device_data: Any = None
@@ -301,28 +367,32 @@ class PackedBatch:
 
     @property
     def nbytes(self) -> int:
-        return sum(_aligned(np.asarray(a).nbytes) for a in self.arrays.values()) if self.arena is None \
-            else max((o + n for o, n, _ in self.regions.values()), default=0)
+        """Bytes of the batch as packed (what one host-to-device copy moves)."""
+        if self.arena is not None:
+            return max((o + n for pieces in self.regions.values() for o, n, _ in pieces), default=0)
+        return sum(_aligned(a.nbytes) for pieces in self.arrays.values() for a in pieces)
 
     def into_arena(self, pool: "ArenaPool | None" = None) -> "PackedBatch":
-        """Copy every array into one byte buffer (from ``pool``, else a new tensor) so that a
+        """Copy every piece into one byte buffer (from ``pool``, else a new tensor) so that a
         single copy moves the batch; ``arrays`` become typed views of it."""
         import torch
 
         if self.arena is not None:
             return self
         regions, offset = {}, 0
-        for name, array in self.arrays.items():
-            regions[name] = (offset, array.nbytes, array.dtype.str)
-            offset += _aligned(array.nbytes)
+        for name, pieces in self.arrays.items():
+            regions[name] = []
+            for piece in pieces:
+                regions[name].append((offset, piece.nbytes, piece.dtype.str))
+                offset += _aligned(piece.nbytes)
         if pool is not None:
             arena, release = pool.acquire(offset)
         else:
             arena, release = torch.empty(max(offset, 1), dtype=torch.uint8), None
         target = arena.numpy()
-        for name, array in self.arrays.items():
-            start, size, _ = regions[name]
-            target[start:start + size] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        for name, pieces in self.arrays.items():
+            for (start, size, _), piece in zip(regions[name], pieces):
+                target[start:start + size] = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
         self.arrays = {}
         self.arena, self.regions, self._release = arena, regions, release
         return self
@@ -333,10 +403,9 @@ class PackedBatch:
         self.arena = self.arena.pin_memory()
         return self
 
-    def __getstate__(self):   # a pool's release hook does not cross processes
+    def __getstate__(self):   # a pool's release hook and device copies do not cross processes
         state = dict(self.__dict__)
-        state["_release"] = None
-        state["_moved"] = None
+        state.update(_release=None, _moved=None, _device_data=None)
         return state
 
     def move_to(self, device) -> None:
@@ -353,21 +422,19 @@ class PackedBatch:
         if self._moved is not None and self._moved[2] is not None and self._moved[2].is_cuda:
             self._moved[2].record_stream(stream)
 
-    def device_arrays(self, device) -> dict[str, Any]:
-        """Every array as a torch tensor on ``device``: one non-blocking copy of the arena on
-        CUDA (after which the arena returns to its pool behind an event), views on the CPU."""
+    def device_arrays(self, device) -> dict[str, list]:
+        """Every piece as a flat torch tensor on ``device``: one non-blocking copy of the arena
+        off the CPU (after which the arena returns to its pool behind an event), views on it."""
         import torch
 
         device = torch.device(device)
-        if self.arena is None:
-            if device.type != "cpu":
-                self.into_arena()
-            else:
-                return {name: _tensor_view(torch.from_numpy(np.ascontiguousarray(a).reshape(-1)
-                                                            .view(np.uint8)), a.dtype.str)
-                        for name, a in self.arrays.items()}
         if self._moved is not None and self._moved[0] == device:
             return self._moved[1]
+        if self.arena is None:
+            if device.type == "cpu":
+                return {name: [_as_tensor(np.ascontiguousarray(p).reshape(-1)) for p in pieces]
+                        for name, pieces in self.arrays.items()}
+            self.into_arena()
         data = self.arena
         if device.type != "cpu":
             data = self.arena[:max(self.nbytes, 1)].to(device, non_blocking=True)
@@ -377,8 +444,8 @@ class PackedBatch:
                 self._release(event)
                 self._release = None
         self._device_data = data
-        return {name: _tensor_view(data[start:start + size], dtype)
-                for name, (start, size, dtype) in self.regions.items()}
+        return {name: [_tensor_view(data[start:start + size], dtype) for start, size, dtype in pieces]
+                for name, pieces in self.regions.items()}
 
     def release(self) -> None:
         """Give the arena back to its pool (a batch dropped without being expanded)."""
@@ -391,26 +458,27 @@ def _aligned(size: int) -> int:
     return -(-size // ALIGN) * ALIGN
 
 
+def _as_tensor(array: np.ndarray):
+    """A numpy array as a torch tensor without a copy (bf16 bits: uint16 viewed as bfloat16)."""
+    import torch
+
+    if array.dtype == np.uint16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
 def _tensor_view(data, dtype: str):
     """A byte tensor as a typed tensor (bf16 bits are stored as uint16: viewed as bfloat16)."""
+    return data.view(_torch_dtype(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_dtype(dtype: str):
     import torch
 
-    numpy_dtype = np.dtype(dtype)
-    if numpy_dtype == np.uint16:
-        return data.view(torch.bfloat16)
-    return data.view(_TORCH_DTYPES[numpy_dtype.str])
-
-
-_TORCH_DTYPES: dict[str, Any] = {}
-
-
-def _init_torch_dtypes() -> None:
-    import torch
-
-    _TORCH_DTYPES.update({np.dtype(np.float16).str: torch.float16, np.dtype(np.float32).str: torch.float32,
-                          np.dtype(np.float64).str: torch.float64, np.dtype(np.int8).str: torch.int8,
-                          np.dtype(np.uint8).str: torch.uint8, np.dtype(np.int32).str: torch.int32,
-                          np.dtype(np.int64).str: torch.int64})
+    if np.dtype(dtype) == np.uint16:
+        return torch.bfloat16
+    return torch.from_numpy(np.zeros(0, dtype)).dtype
 
 
 class ArenaPool:
@@ -457,35 +525,33 @@ class ArenaPool:
 # --------------------------------------------------------------------------------------------
 
 def gather_batch(block: RowBlock, rows: np.ndarray, layout: BatchLayout, width: int | None = None) -> PackedBatch:
-    """The packed batch of ``rows`` of ``block`` (in that order), padded later to ``width``
+    """The packed batch of ``rows`` of ``block`` (in that order), to be padded to ``width``
     (default: the longest of them)."""
     lengths = block.lengths[rows]
-    arrays: dict[str, np.ndarray] = {"lengths": lengths.astype(np.int64)}
+    arrays: dict[str, list] = {"lengths": [lengths.astype(np.int64)]}
     label_kind = block.label_kind if bool(block.label_valid[rows].all()) else "none"
     if label_kind != "none":
-        arrays["labels"] = block.labels[rows].astype(np.int64 if label_kind == "int" else np.float32)
-    present_host = {}
+        arrays["labels"] = [block.labels[rows].astype(np.int64 if label_kind == "int" else np.float32)]
+    every_row = runs_of(lengths)
+    runs, present_host = {}, {}
     for name in layout.ragged_columns:
-        values, present = block.gather_values(name, rows)
-        arrays[name] = values
-        if block.columns[name].present is not None and not present.all():
-            present_host[name] = present
-            arrays[f"present/{name}"] = present.astype(np.uint8)
-            arrays[f"derive/{name}"] = np.flatnonzero(~present).astype(np.int64)
+        if name.endswith("_scale"):    # planned with its values (present exactly where they are)
+            runs[name] = runs[name[:-len("_scale")]]
+        else:
+            present = block.present(name, rows)
+            if present is None or present.all():
+                runs[name] = every_row
+            else:
+                runs[name] = runs_of(lengths, present)
+                present_host[name] = present
+                arrays[f"present/{name}"] = [present.astype(np.uint8)]
+                arrays[f"derive/{name}"] = [np.flatnonzero(~present).astype(np.int64)]
+    names = layout.ragged_columns
+    nbytes = sum(int(block.columns[name].sizes[rows].sum()) * block.columns[name].values.itemsize
+                 for name in names)
+    arrays.update(zip(names, each_column(lambda name: block.pieces(name, rows, runs[name]), names, nbytes)))
     return PackedBatch(layout, int(lengths.max()) if width is None else int(width), lengths,
-                       block.ids[rows].tolist(), label_kind, present_host, arrays)
-
-
-def _runs(lengths: np.ndarray, present: np.ndarray | None) -> list[tuple[int, int, int]]:
-    """``(first row, end row, length)`` of each run of consecutive present rows of one length."""
-    positions = np.arange(len(lengths)) if present is None else np.flatnonzero(present)
-    if not len(positions):
-        return []
-    run_lengths = lengths[positions]
-    breaks = np.flatnonzero((np.diff(positions) != 1) | (np.diff(run_lengths) != 0)) + 1
-    starts = np.concatenate([[0], breaks])
-    ends = np.concatenate([breaks, [len(positions)]])
-    return [(int(positions[a]), int(positions[b - 1]) + 1, int(run_lengths[a])) for a, b in zip(starts, ends)]
+                       block.ids[rows].tolist(), label_kind, runs, present_host, arrays)
 
 
 def expand(packed: PackedBatch, device=None) -> dict[str, Any]:
@@ -497,45 +563,36 @@ def expand(packed: PackedBatch, device=None) -> dict[str, Any]:
     """
     import torch
 
-    if not _TORCH_DTYPES:
-        _init_torch_dtypes()
     device = torch.device(device or "cpu")
     layout = packed.layout
     arrays = packed.device_arrays(device)
-    lengths = packed.lengths_host
     batch, width = packed.rows, packed.width
-    all_rows = _runs(lengths, None)
+    int8 = layout.dtype == "int8"
 
     def padded_tokens(name: str, fill: int):
         out = torch.full((batch, width), fill, dtype=torch.long, device=device)
-        _scatter(out, arrays[name], None, all_rows, lambda n, length: (n, length))
+        _scatter(out, arrays[name], None, packed.runs[name])
         return out
 
     out: dict[str, Any] = {"ids": packed.ids}
     out["input_ids"] = padded_tokens("input_ids", layout.pad_token_id)
     out["token_type_ids"] = padded_tokens("token_type_ids", 0)
     out["attention_mask"] = (torch.arange(width, device=device)[None, :]
-                             < arrays["lengths"][:, None]).to(torch.long)
-    out["labels"] = arrays["labels"].clone() if packed.label_kind != "none" else None
-    if packed.label_kind == "float":
-        out["labels"] = out["labels"].to(torch.float32)
-    out["teacher_logits"] = arrays["logits"].view(batch, -1).clone() if layout.with_logits else None
-    int8 = layout.dtype == "int8"
-    hidden_size, heads = layout.hidden_size, layout.num_heads
+                             < arrays["lengths"][0][:, None]).to(torch.long)
+    out["labels"] = None if packed.label_kind == "none" else arrays["labels"][0].clone()
+    out["teacher_logits"] = (torch.cat([p.view(-1) for p in arrays["logits"]]).view(batch, -1)
+                             if layout.with_logits else None)
     padded: dict[str, Any] = {}
 
-    def teacher(column: str, shape: tuple, view: Callable, scale_view: Callable):
-        if column not in padded:
+    def teacher(column: str, shape: tuple):
+        if column not in padded:   # a column serving two purposes is expanded once
             value = torch.zeros(shape, dtype=torch.float32, device=device)
-            runs = _runs(lengths, packed.present_host.get(column))
-            _scatter(value, arrays[column], arrays.get(scale_column(column)) if int8 else None,
-                     runs, view, scale_view)
+            _scatter(value, arrays[column], arrays[scale_column(column)] if int8 else None, packed.runs[column])
             padded[column] = value
         return padded[column]
 
     def hidden_like(column: str):
-        return teacher(column, (batch, width, hidden_size), lambda n, l: (n, l, hidden_size),
-                       lambda n, l: (n, l, 1))
+        return teacher(column, (batch, width, layout.hidden_size))
 
     plan = layout.plan
     hidden = {layer: hidden_like(hidden_column(layer)) for layer in layout.hidden_layers
@@ -545,12 +602,11 @@ def expand(packed: PackedBatch, device=None) -> dict[str, Any]:
         source = plan.score_sources.get(layer)
         column = attention_column(layer)
         if source in (None, "row"):
-            scores[layer] = teacher(column, (batch, heads, width, width), lambda n, l: (n, heads, l, l),
-                                    lambda n, l: (n, heads, l, 1))
+            scores[layer] = teacher(column, (batch, layout.num_heads, width, width))
             if source == "row" and column in packed.present_host:   # some rows derive instead
                 derive_inputs[layer] = hidden_like(plan.input_of(layer))
-                derive_rows[layer] = arrays[f"present/{column}"] == 0
-                derive_index[layer] = arrays[f"derive/{column}"]
+                derive_rows[layer] = arrays[f"present/{column}"][0] == 0
+                derive_index[layer] = arrays[f"derive/{column}"][0]
         elif source == "embeddings":
             derive_inputs[layer] = "embeddings"
         else:   # "hidden": the input is a stored hidden layer
@@ -566,26 +622,22 @@ def expand(packed: PackedBatch, device=None) -> dict[str, Any]:
     return out
 
 
-def _scatter(target, values, scales, runs, view: Callable, scale_view: Callable | None = None) -> None:
-    """Copy each run's values into the target's real positions (rows ``first:end``, the first
-    ``length`` tokens, and for scores the first ``length`` keys), widened to the target's dtype
-    or multiplied by their scales (int8: one fp32 product written in place)."""
+def _scatter(target, pieces: list, scales: list | None, runs: list[tuple[int, int, int]]) -> None:
+    """Copy each run's piece into the target's real positions: rows ``first:end``, their first
+    ``length`` tokens (and for scores [B, heads, T, T] the first ``length`` keys), widened to
+    the target's dtype, or multiplied by its scales (int8: one fp32 product written in place)."""
     import torch
 
-    offset = scale_offset = 0
-    for first, end, length in runs:
-        shape = view(end - first, length)
-        count = int(np.prod(shape))
-        piece = values[offset:offset + count].view(shape)
-        if target.dim() == 4:          # scores [B, heads, T, T]
+    for index, (first, end, length) in enumerate(runs):
+        rows = end - first
+        if target.dim() == 4:          # scores: [rows, heads, L, L], a scale per (head, query)
             region = target[first:end, :, :length, :length]
-        else:                          # tokens [B, T] or hidden [B, T, H]
+            shape, scale_shape = (rows, target.shape[1], length, length), (rows, target.shape[1], length, 1)
+        else:                          # tokens [rows, L]; hidden [rows, L, H], a scale per token
             region = target[first:end, :length]
+            shape, scale_shape = region.shape, (rows, length, 1)
+        piece = pieces[index].view(shape)
         if scales is None:
             region.copy_(piece)
         else:
-            scale_shape = scale_view(end - first, length)
-            scale_count = int(np.prod(scale_shape))
-            torch.mul(piece, scales[scale_offset:scale_offset + scale_count].view(scale_shape), out=region)
-            scale_offset += scale_count
-        offset += count
+            torch.mul(piece, scales[index].view(scale_shape), out=region)

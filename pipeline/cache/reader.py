@@ -172,6 +172,7 @@ class CacheReader:
         self._files: dict[int, pq.ParquetFile] = {}
         self._local: set[int] = set()   # shards read from local disk (a local cache entry)
         self.row_groups: list[_RowGroup] = []
+        self._row_lengths: dict[tuple[int, int], np.ndarray] = {}
         self._check_shards()
         if self.derives:
             self._check_parts()
@@ -418,6 +419,14 @@ class CacheReader:
                            self.with_logits, list(self.hidden_layers), list(self.attention_layers),
                            self.plan, list(self.columns))
 
+    def _lengths(self, rg: _RowGroup) -> np.ndarray:
+        """The lengths of a row group's (selected) rows, all the plan of an epoch needs; read
+        once (a few bytes a row) and kept, so later epochs plan without reading."""
+        key = (rg.shard, rg.index)
+        if key not in self._row_lengths:
+            self._row_lengths[key] = self._read(rg, ["length"]).column("length").to_numpy()[rg.row_numbers()]
+        return self._row_lengths[key]
+
     def _block(self, rg: _RowGroup, layout: BatchLayout) -> RowBlock:
         """One row group's rows (the selected ones), decoded and checked."""
         return RowBlock.from_table(self._read(rg, self.columns), layout, rg.selected,
@@ -458,8 +467,7 @@ class CacheReader:
             # Each pool row's source (0: the carry, t: the window's t-th row group) and its row
             # in that source's block (a row group's block holds only its selected rows).
             local = [carry_rows] + [np.arange(rg.rows) for rg in window]
-            lengths = [carry_lengths] + [self._read(rg, ["length"]).column("length").to_numpy()[rg.row_numbers()]
-                                         for rg in window]
+            lengths = [carry_lengths] + [self._lengths(rg) for rg in window]
             sources = np.concatenate([np.full(len(l), t, dtype=np.int64) for t, l in enumerate(lengths)])
             all_lengths = np.concatenate(lengths)
             pool = rng.permutation(len(all_lengths)) if shuffle else np.arange(len(all_lengths))
