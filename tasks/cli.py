@@ -44,8 +44,9 @@ from pipeline.stage import delete_entry, gc_plan, human_age
 from tasks.base import PROJECT_ROOT, StageTask, walk_dag, workdir, workdir_location, workdir_store
 
 #: Tasks that ``gc`` keeps (with their whole DAG) when none is named: the ablation grid,
-#: whose ``full`` variant is the main job (DistillPrediction) itself.
-DEFAULT_GC_ROOTS = ("Ablations",)
+#: whose ``full`` variant is the main job (DistillPrediction) itself, and that job's
+#: deployable export (what ``tinykd demo`` builds beside the grid).
+DEFAULT_GC_ROOTS = ("Ablations", "ExportStudent")
 #: The offline demo's configuration profile (read after luigi.cfg).
 DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.cfg"
 #: Where ``tinykd demo`` writes its generated GLUE-layout task (pipeline.prepare.demo_task; git-ignored).
@@ -465,7 +466,7 @@ GC_USAGE = """tinykd gc [--delete] [--config FILE ...] [--older-than AGE] [TASK 
 
 Lists (or with --delete removes) what under the workdir no declared configuration references.
 Each --config FILE is one configuration (luigi.cfg, then FILE); an output referenced by TASK's
-DAG (default: Ablations) under ANY of them is kept. Without --config: the current configuration
+DAG (default: Ablations and ExportStudent) under ANY of them is kept. Without --config: the current configuration
 only, so every other task's or profile's outputs count as garbage: declare every profile you
 use. --older-than AGE (7d, 12h, 30min) keeps anything changed more recently than AGE. A partial
 directory whose build lock a live process holds is never touched. Each line says why."""
@@ -495,7 +496,7 @@ def cmd_gc(argv: list[str]) -> int:
         else:
             task_argv.append(arg)
     roots = [task_argv] if task_argv else [[name] for name in DEFAULT_GC_ROOTS]
-    root_names = ", ".join(r[0] for r in roots)
+    root_names = " and ".join(r[0] for r in roots)
     referenced: set[Path] = set()
     workdirs = set()
     for config in configs or [None]:
@@ -506,7 +507,7 @@ def cmd_gc(argv: list[str]) -> int:
                         referenced |= referenced_outputs(root)
             except InputError as exc:
                 where = f"under --config {config}" if config else "under the current configuration"
-                raise InputError(f"cannot walk {root_names}'s DAG {where}, so nothing is collected: "
+                raise InputError(f"cannot walk the DAG of {root_names} {where}, so nothing is collected: "
                                  f"{exc}") from None
             workdirs.add(workdir_location())
     if len(workdirs) > 1:

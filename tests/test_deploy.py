@@ -17,18 +17,11 @@ import torch
 
 from pipeline.errors import InputError
 from tests.test_cache import make_teacher
+# autouse: one intra-op thread outside the timings, as the other model tests (the timer sets its own)
+from tests.test_distill_tasks import one_torch_thread  # noqa: F401
 from tests.tiny_dag import WORDS, tiny_stages, tiny_task
 
 TASK = {"task": "SST-2", "task_type": "classification"}
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """As the other model tests: one intra-op thread outside the timings (the timer sets its own)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
