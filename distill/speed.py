@@ -12,11 +12,10 @@ Per model (:func:`measure_model`):
   but cost a lookup, not arithmetic, which is why the speed-up exceeds the size ratio;
 * **bytes** of its ``*.safetensors`` files, as shipped;
 * **CPU latency at batch 1**: every sentence alone, at its real length (dev sentences tokenised
-  as the teacher cache tokenises them, truncated, never padded). A sentence's latency is the
-  mean of ``runs`` calls; p50 and p95 are taken over the sentences. With 1 thread (a server
-  running one request per core, a phone) and with every core of the machine;
-* **CPU throughput at batch 32**: the same sentences in batches of 32, each padded to its
-  longest sentence, examples per second, every core;
+  as the teacher cache tokenises them, truncated, never padded); p50 and p95 over the calls.
+  With 1 thread (a server running one request per core, a phone) and with every core;
+* **CPU throughput at batch 32**: the same sentences in batches of 32 (repeated to fill one
+  batch when fewer), each padded to its longest sentence, examples per second, every core;
 * **GPU throughput at batch 256 in bf16**, when an accelerator is given (``auto``: CUDA when
   present). The tests run the same code on the CPU (``accelerator = "cpu"``).
 
@@ -27,13 +26,18 @@ which batch and with how many threads it is measured, so every figure carries th
 :func:`report_values` turns a record into the values a report prints, with a one-line
 "measured on <machine>, <threads> threads, batch N".
 
-Timing uses torch's own timer, :class:`torch.utils.benchmark.Timer`: it warms up before it
-measures (two calls per sentence here), sets torch's intra-op thread count for the
-measurement, and synchronises an accelerator. Any callable runs under it: the PyTorch model
-(:class:`TorchRunner`) and onnxruntime sessions (:mod:`pipeline.deploy`) are timed by the
-same functions on the same inputs. All timings sit under ``speed`` keys, which the stage
-contract treats as run history (``pipeline.stage.RUN_HISTORY_INFO_KEYS``): a resumed build
-differs from an uninterrupted one there and nowhere else.
+Timing uses torch's own clock, the one :class:`torch.utils.benchmark.Timer` reads (it
+synchronises an accelerator first): one warm-up pass over the inputs (first calls allocate,
+and every new shape picks its kernels), then ``runs`` timed passes, every call timed alone, so
+p50 and p95 are taken over all ``sentences x runs`` calls -- requests at their real lengths --
+with torch's intra-op thread count set for the measurement. Any callable runs under it: the
+PyTorch model (:class:`TorchRunner`) and onnxruntime sessions (:mod:`pipeline.deploy`) are
+timed by the same functions on the same inputs. All timings sit under ``speed`` keys, which
+the stage contract treats as run history (``pipeline.stage.RUN_HISTORY_INFO_KEYS``): a
+resumed build differs from an uninterrupted one there and nowhere else. The defaults (16
+sentences, 2 timed runs) keep the cost to about a second per model pair on two cores, which
+DistillPrediction pays after every training; ``scripts/bench_speed.py`` and ``tinykd speed``
+take more.
 """
 from __future__ import annotations
 
@@ -60,8 +64,8 @@ SPEEDUP_KEYS = {ONE_THREAD: "latency_p50_1_thread", ALL_THREADS: "latency_p50_al
 class SpeedSettings:
     """How the speed figures are measured (none of it changes what a model computes)."""
 
-    runs: int = 3                # timed calls per sentence and per throughput pass (after Timer's warm-up)
-    max_sentences: int = 32      # sentences timed, evenly spaced over the file (0: all)
+    runs: int = 2                # timed calls per sentence, and timed throughput passes (after a warm-up pass)
+    max_sentences: int = 16      # sentences timed, evenly spaced over the file (0: all)
     batch_size: int = 32         # CPU throughput batch
     gpu_batch_size: int = 256    # accelerator throughput batch (bf16)
     accelerator: str = "auto"    # auto: CUDA when present, else none; none; or a device ("cpu" in tests)
@@ -301,21 +305,34 @@ class TorchRunner:
 
 # --- timing ---------------------------------------------------------------------------------
 
-def _timer(runner: Callable, feed: Any, threads: int, statement: str = "run(feed)"):
-    from torch.utils.benchmark import Timer
+def timed_calls(runner: Callable, feeds: Sequence[Any], runs: int, threads: int) -> np.ndarray:
+    """Seconds of each call ``runner(feed)``: one warm-up pass over ``feeds`` (first calls
+    allocate, and every new shape has its own kernels to pick), then ``runs`` timed passes, each
+    call timed alone with torch.utils.benchmark's clock (the one its Timer uses: it synchronises
+    an accelerator before reading the time), with ``threads`` intra-op threads."""
+    from torch.utils.benchmark.utils.timer import timer as clock
 
-    return Timer(statement, globals={"run": runner, "feed": feed}, num_threads=threads)
+    from pipeline.common.device import torch_threads
+
+    samples = []
+    with torch_threads(threads):
+        for feed in feeds:
+            runner(feed)
+        clock()
+        for _ in range(runs):
+            for feed in feeds:
+                started = clock()
+                runner(feed)
+                samples.append(clock() - started)
+    return np.asarray(samples)
 
 
 def batch1_latency(runner, sentences: Sentences, input_names: Sequence[str], runs: int,
                    threads: int) -> dict[str, float]:
-    """Milliseconds per call at batch 1: each sentence alone at its own length, the mean of
-    ``runs`` timed calls after Timer's warm-up; p50, p95 and the mean over the sentences."""
-    per_sentence = []
-    for row in range(len(sentences)):
-        feed = runner.feed(sentences.batch([row], input_names))
-        per_sentence.append(_timer(runner, feed, threads).timeit(runs).mean)
-    seconds = np.asarray(per_sentence)
+    """Milliseconds per call at batch 1, each sentence alone at its own length: p50, p95 and the
+    mean over every timed call (``runs`` per sentence, after a warm-up pass)."""
+    feeds = [runner.feed(sentences.batch([row], input_names)) for row in range(len(sentences))]
+    seconds = timed_calls(runner, feeds, runs, threads)
     return {"p50": round(float(np.percentile(seconds, 50)) * 1e3, 4),
             "p95": round(float(np.percentile(seconds, 95)) * 1e3, 4),
             "mean": round(float(seconds.mean()) * 1e3, 4), "threads": int(threads)}
@@ -323,11 +340,14 @@ def batch1_latency(runner, sentences: Sentences, input_names: Sequence[str], run
 
 def throughput(runner, sentences: Sentences, input_names: Sequence[str], batch_size: int, runs: int,
                threads: int) -> dict[str, Any]:
-    """Examples per second over every sentence in batches of ``batch_size`` (padded per batch)."""
-    feeds = [runner.feed(batch) for batch in sentences.batches(batch_size, input_names)]
-    seconds = _timer(runner, feeds, threads, "for one in feed: run(one)").timeit(runs).mean
-    return {"examples_per_s": round(len(sentences) / seconds, 3), "batch_size": int(batch_size),
-            "examples": len(sentences), "threads": int(threads)}
+    """Examples per second in batches of ``batch_size`` (each padded to its longest sentence)
+    over the sentences, repeated in order when there are fewer than one batch of them."""
+    rows = list(range(max(len(sentences), batch_size)))
+    feeds = [runner.feed(sentences.batch([r % len(sentences) for r in rows[start:start + batch_size]],
+                                         input_names)) for start in range(0, len(rows), batch_size)]
+    seconds = timed_calls(runner, feeds, runs, threads).sum()
+    return {"examples_per_s": round(len(rows) * runs / seconds, 3), "batch_size": int(batch_size),
+            "examples": len(rows), "threads": int(threads)}
 
 
 def available_cores() -> int:
@@ -377,7 +397,7 @@ def accelerator_throughput(model, sentences: Sentences, input_names: Sequence[st
     runner = TorchRunner(copied, input_names, device)
     rows = [row % len(sentences) for row in range(batch_size)]
     feed = runner.feed(sentences.batch(rows, input_names))
-    seconds = _timer(runner, feed, torch.get_num_threads()).timeit(runs).mean
+    seconds = timed_calls(runner, [feed], runs, torch.get_num_threads()).mean()
     name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else str(device)
     result = {"examples_per_s": round(batch_size / seconds, 3), "batch_size": int(batch_size),
               "dtype": "bfloat16", "device": name}

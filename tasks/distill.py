@@ -421,15 +421,16 @@ class DistillPrediction(AugmentationSettings, _trainer_parameters("prediction"),
     eval_batch_size = luigi.IntParameter(default=128, significant=False,
                                          description="Batch size of dev evaluation.")
     speed_runs = luigi.IntParameter(
-        default=3, significant=False,
+        default=2, significant=False,
         description="After training, the student's and its teacher's deployment figures are "
                     "measured in this process (distill.speed: parameters, bytes, batch-1 latency "
                     "over dev sentences at their real lengths with 1 thread and every core, "
                     "batch-32 throughput, bf16 GPU throughput on CUDA, and the ratios): timed "
-                    "calls per sentence after warm-up. 0: not measured. Run history, like "
-                    "timings: not significant.")
+                    "calls per sentence after a warm-up pass (about a second per stage with the "
+                    "defaults on two cores). 0: not measured. Run history, like timings: not "
+                    "significant.")
     speed_sentences = luigi.IntParameter(
-        default=32, significant=False,
+        default=16, significant=False,
         description="Dev sentences those timings run on, evenly spaced over dev.parquet (0: all).")
     stage1 = luigi.DictParameter(
         default={}, significant=True,

@@ -368,7 +368,7 @@ def describe_export(record: dict[str, Any]) -> list[str]:
                         else f" (tolerance {dev['tolerance_points']:g} points)"))
     speed = record.get("speed")
     if speed:
-        for name, figures in speed["runtimes"].items():
+        for name, figures in sorted(speed["runtimes"].items(), key=lambda item: item[0] != "pytorch"):
             one, every = figures["cpu_latency_ms"][ONE_THREAD], figures["cpu_latency_ms"][ALL_THREADS]
             versus = speed["versus_pytorch"].get(name)
             lines.append(f"  {name:<17} batch 1: p50 {one['p50']:.2f} ms (1 thread), {every['p50']:.2f} ms "
