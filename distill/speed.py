@@ -35,9 +35,9 @@ PyTorch model (:class:`TorchRunner`) and onnxruntime sessions (:mod:`pipeline.de
 timed by the same functions on the same inputs. All timings sit under ``speed`` keys, which
 the stage contract treats as run history (``pipeline.stage.RUN_HISTORY_INFO_KEYS``): a
 resumed build differs from an uninterrupted one there and nowhere else. The defaults (16
-sentences, 2 timed runs) keep the cost to about a second per model pair on two cores, which
-DistillPrediction pays after every training; ``scripts/bench_speed.py`` and ``tinykd speed``
-take more.
+sentences, 2 timed runs) keep the cost to 1.5-1.8 s per student-and-teacher pair in the demo
+(two cores), which DistillPrediction pays after every training; ``scripts/bench_speed.py``
+and ``tinykd speed`` take more.
 """
 from __future__ import annotations
 

@@ -426,8 +426,8 @@ class DistillPrediction(AugmentationSettings, _trainer_parameters("prediction"),
                     "measured in this process (distill.speed: parameters, bytes, batch-1 latency "
                     "over dev sentences at their real lengths with 1 thread and every core, "
                     "batch-32 throughput, bf16 GPU throughput on CUDA, and the ratios): timed "
-                    "calls per sentence after a warm-up pass (about a second per stage with the "
-                    "defaults on two cores). 0: not measured. Run history, like timings: not "
+                    "calls per sentence after a warm-up pass (1.5-1.8 s per stage in the demo, on "
+                    "two cores). 0: not measured. Run history, like timings: not "
                     "significant.")
     speed_sentences = luigi.IntParameter(
         default=16, significant=False,
