@@ -365,8 +365,8 @@ class Trainer:
         self.student_hidden_layers = student_layers if config.uses_intermediate else []
         self.student_attention_layers = ([s for s, _ in self.layer_pairs]
                                          if config.uses_intermediate and config.attention_weight > 0 else [])
-        self._captured = None                     # the student's score hooks' dict while training
-        self.batch_losses = self.compute_losses    # compiled while training with compile = true
+        self._captured = None    # the student's score hooks' dict while training
+        self._compiled = None    # compute_losses compiled, while training with compile = true
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.tb_dir = self.out_dir / TENSORBOARD_DIR
@@ -502,6 +502,10 @@ class Trainer:
                 losses["prediction"] = soft_cross_entropy(logits, teacher_logits, config.temperature)
         return losses
 
+    def batch_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """:meth:`compute_losses`, compiled when the run asked for it (``compile = true``)."""
+        return (self._compiled or self.compute_losses)(batch)
+
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         weights = {"embedding": self.config.embedding_weight, "attention": self.config.attention_weight,
                    "hidden": self.config.hidden_weight, "prediction": self.config.prediction_weight}
@@ -536,12 +540,11 @@ class Trainer:
         try:
             with capture as captured:
                 self._captured = captured
-                self.batch_losses = (torch.compile(self.compute_losses, dynamic=True) if config.compile
-                                     else self.compute_losses)
+                self._compiled = torch.compile(self.compute_losses, dynamic=True) if config.compile else None
                 return self._train()
         finally:
-            self._captured = None
-            self.batch_losses = self.compute_losses
+            # no reference from the trainer to itself outlives the run (a bound method would)
+            self._captured = self._compiled = None
             torch.set_num_threads(threads_before)
             if self._bar is not None:
                 self._bar.close()
@@ -679,7 +682,7 @@ class Trainer:
                     if config.max_grad_norm > 0:
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).detach()
                     else:
-                        grad_norm = torch.tensor(float("nan"), device=total.device)
+                        grad_norm = torch.full((), float("nan"), device=total.device)   # no copy
                     lr = self.scheduler.get_last_lr()[0]
                     self.optimizer.step()
                     self.scheduler.step()
