@@ -1,7 +1,8 @@
 """scripts/gpu_check.py: without CUDA it stops in one line; its --cpu-dry-run runs every
 measurement of the GPU check on a tiny DAG on the CPU and prints the JSON line it promises.
-The paper profile's parts run here too: the seeded teacher (scripts/paper_teacher.py) and the
-GPU kit with its offline wheel install (scripts/gpu_kit.py)."""
+The paper profile's parts run here too: the seeded teacher (scripts/paper_teacher.py), the GPU
+kit and its offline wheel install (scripts/gpu_kit.py), and the whole profile, bounds and
+ratios included, at a toy shape (``--shape tiny``: no 110M-parameter model on the CPU)."""
 from __future__ import annotations
 
 import base64
@@ -58,7 +59,7 @@ def test_cpu_dry_run_measures_everything_on_a_tiny_dag(tmp_path, minilm_dir):
     assert 1.0 < epoch["flop_bound"] < 10   # a 4-layer width-48 teacher over a 2-layer width-32 student
     loader = report["loader"]
     assert [r["workers"] for r in loader["from_cache"]] == [0, 1, 2, 4]
-    assert loader["reader_batches_per_s"] > 0 and loader["on_device_steps_per_s"] > 0
+    assert loader["reader_host_batches_per_s"] > 0 and loader["on_device_steps_per_s"] > 0
     launcher = report["launcher"]
     assert launcher["nproc"] == 2 and launcher["max_relative_loss_difference"] < 0.5
     assert report["dev"]["cpu"] == 0.5 and report["dev"]["gpu"] is not None
@@ -163,3 +164,76 @@ def test_kit_wheels_install_offline_only_when_missing_and_only_what_is_missing(t
     empty.mkdir()
     done = subprocess.run([sys.executable, "-c", code, str(empty)], env=env, capture_output=True, text=True)
     assert done.returncode != 0 and "scripts/gpu_kit.py" in done.stderr and str(empty / "whl") in done.stderr
+
+
+def test_paper_profile_without_a_kit_stops_in_one_line_and_writes_nothing(tmp_path):
+    done = run_script(["--profile", "paper", "--cpu-dry-run", "--kit", str(tmp_path / "no-kit"),
+                       "--workdir", str(tmp_path / "work")], tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "scripts/gpu_kit.py" in done.stderr
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_of_the_paper_profile_on_a_tiny_shape(tmp_path, minilm_dir):
+    from pipeline.prepare.demo_task import write_demo_task
+    from scripts.gpu_kit import GLOVE_TEXT, build_kit
+    from scripts.paper_teacher import SHAPES, built_shape
+
+    kit = tmp_path / "kit"
+    build_kit(kit, glove_words=2000, wheels=False)
+    write_demo_task(tmp_path / "glue", 48, 16)
+    work = tmp_path / "work"
+    done = run_script(["--profile", "paper", "--shape", "tiny", "--cpu-dry-run", "--kit", str(kit),
+                       "--glue-dir", str(tmp_path / "glue"), "--train", "40", "--aug", "2", "--batch-size", "8",
+                       "--forward-batch-size", "16", "--steps", "4", "--workdir", str(work)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    report = json.loads(next(l for l in lines if l.startswith('{"gpu_check"')))["gpu_check"]
+
+    # the profile: the seeded teacher of the toy shape, and the DAG config written from it
+    tiny = SHAPES["tiny"]
+    teacher = work / "paper-teacher-tiny"
+    assert built_shape(teacher) == tiny.teacher and not (work / "paper-teacher-base").exists()
+    assert report["profile"]["teacher"] == tiny.teacher.describe() and report["profile"]["wheels_installed"] == []
+    config = configparser.ConfigParser()
+    config.read([work / "paper.cfg", work / "gpu_check.cfg"])
+    assert config["Augment"]["mode"] == "tinybert" and Path(config["Augment"]["mlm_model"]) == teacher
+    assert Path(config["FineTuneTeacher"]["teacher"]) == teacher
+    assert Path(config["WordVectors"]["vectors_path"]) == kit / GLOVE_TEXT
+    assert Path(config["PrepareData"]["glue_dir"]) == tmp_path / "glue"
+    student = config["DistillIntermediate"]
+    assert (int(student["student_hidden_size"]), int(student["student_intermediate_size"]),
+            int(student["student_heads"]), int(config["TeacherCache"]["student_layers"])) == \
+        (tiny.student.hidden, tiny.student.intermediate, tiny.student.heads, tiny.student.layers)
+    assert report["batch_size"] == 8 and report["forward_batch_size"] == 16
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert {"Candidates", "Augment", "TeacherCacheShard", "DistillIntermediate"} <= set(stages)
+    candidates = next(work.glob("candidates/*/manifest.json"))
+    assert json.loads(candidates.read_text())["info"]["counts"]["positions_mlm"] > 0   # the seeded MLM ran
+
+    # the bounds, measured on the same batches, and every figure over its bound
+    bounds = report["bounds"]
+    assert bounds["arithmetic"] == "fp32" and (bounds["batch_size"], bounds["forward_batch_size"]) == (8, 16)
+    assert min(bounds[k] for k in ("teacher_forward_examples_per_s", "student_step_examples_per_s",
+                                   "online_step_examples_per_s")) > 0
+    ratios, loader = report["ratios"], report["loader"]
+    shards = [s for s in report["stages"] if s["stage"] == "TeacherCacheShard"]
+    assert report["writer_examples_per_s"] == pytest.approx(
+        sum(s["examples"] for s in shards) / sum(s["seconds"] for s in shards), rel=1e-3)
+    for name, value, bound in (
+            ("writer", report["writer_examples_per_s"], bounds["teacher_forward_examples_per_s"]),
+            ("reader", loader["reader_host_examples_per_s"], bounds["student_step_examples_per_s"]),
+            ("trainer", loader["on_device_examples_per_s"], bounds["student_step_examples_per_s"]),
+            ("epoch", report["cache_vs_online"]["online_over_cache"], bounds["online_over_cache"])):
+        assert ratios[name]["value"] == value and ratios[name]["bound"] == bound
+        assert ratios[name]["ratio"] == pytest.approx(value / bound, abs=1e-3)
+        assert ratios[name]["met"] is None   # goals are judged on a GPU only
+    assert ratios["from_cache"]["ratios"] == {str(r["workers"]): r["of_on_device"] for r in loader["from_cache"]}
+    assert loader["on_device_examples_per_s"] == pytest.approx(loader["on_device_steps_per_s"] * 8, rel=0.01)
+    for start in ("plain PyTorch (fp32, the cache's first 4 batches", "stage-1 epoch: cache",
+                  "writer: TeacherCacheShard", "reader (host side: packed batches)",
+                  "trainer on batches on the device", "launcher: 2 ranks on cpu,cpu"):
+        assert any(l.startswith(start) for l in lines), start
+    assert "x of the bare forward; goal on a GPU >= 0.5x" in done.stdout
+    assert "x of the plain loop; goal on a GPU >= 0.9x" in done.stdout
