@@ -143,6 +143,7 @@ def paper_profile(args, kit: Path, teacher: Path, glue_dir: Path) -> dict[str, d
     kit's GloVe text, a TinyBERT4 student from a random init, holdout selection, length 64)."""
     student = SHAPES[args.shape].student
     quiet = {"progress": "false"}
+    batch = args.batch_size or PAPER_BATCH
     return {
         "PrepareData": {"source": "glue", "task": TASK, "glue_dir": glue_dir, "selection": "holdout",
                         "max_train_examples": args.train},
@@ -152,12 +153,13 @@ def paper_profile(args, kit: Path, teacher: Path, glue_dir: Path) -> dict[str, d
         "FineTuneTeacher": {"teacher": teacher, "finetune": "always", "epochs": 1, "batch_size": 32,
                             "learning_rate": "1e-4", "max_seq_length": PAPER_LENGTH, "eval_every": 0, **quiet},
         "TeacherCache": {"examples": "augmented", "student_layers": student.layers, "extra_layer_maps": "",
-                         "max_seq_length": PAPER_LENGTH, "forward_batch_size": PAPER_FORWARD_BATCH, **quiet},
+                         "max_seq_length": PAPER_LENGTH,
+                         "forward_batch_size": args.forward_batch_size or PAPER_FORWARD_BATCH, **quiet},
         "DistillIntermediate": {"student_init": "config", "student_hidden_size": student.hidden,
                                 "student_intermediate_size": student.intermediate,
                                 "student_heads": student.heads, "epochs": 1, "log_every": 50,
-                                "batch_size": PAPER_BATCH, **quiet},
-        "DistillPrediction": {"epochs": 1, "eval_every": 0, "log_every": 50, "batch_size": PAPER_BATCH, **quiet},
+                                "batch_size": batch, **quiet},
+        "DistillPrediction": {"epochs": 1, "eval_every": 0, "log_every": 50, "batch_size": batch, **quiet},
     }
 
 
@@ -191,11 +193,12 @@ def configure(args, workdir: Path) -> dict:
         ensure_demo_task(DEMO_DATA)
         files = [str(DEMO_CONFIG)]
         overrides["PrepareData"] = {"glue_dir": DEMO_DATA}
-    for section in ("DistillIntermediate", "DistillPrediction"):
-        if args.batch_size:
-            overrides.setdefault(section, {})["batch_size"] = args.batch_size
-    if args.forward_batch_size:
-        overrides.setdefault("TeacherCache", {})["forward_batch_size"] = args.forward_batch_size
+    if args.profile != "paper":   # the paper profile's config has them already
+        for section in ("DistillIntermediate", "DistillPrediction"):
+            if args.batch_size:
+                overrides.setdefault(section, {})["batch_size"] = args.batch_size
+        if args.forward_batch_size:
+            overrides.setdefault("TeacherCache", {})["forward_batch_size"] = args.forward_batch_size
     if args.compile:
         overrides.setdefault("DistillIntermediate", {})["compile"] = "true"
     written = workdir / "gpu_check.cfg"

@@ -197,7 +197,7 @@ def test_cpu_dry_run_of_the_paper_profile_on_a_tiny_shape(tmp_path, minilm_dir):
     assert built_shape(teacher) == tiny.teacher and not (work / "paper-teacher-base").exists()
     assert report["profile"]["teacher"] == tiny.teacher.describe() and report["profile"]["wheels_installed"] == []
     config = configparser.ConfigParser()
-    config.read([work / "paper.cfg", work / "gpu_check.cfg"])
+    config.read(work / "paper.cfg")   # the profile as written, batch sizes included
     assert config["Augment"]["mode"] == "tinybert" and Path(config["Augment"]["mlm_model"]) == teacher
     assert Path(config["FineTuneTeacher"]["teacher"]) == teacher
     assert Path(config["WordVectors"]["vectors_path"]) == kit / GLOVE_TEXT
@@ -206,6 +206,8 @@ def test_cpu_dry_run_of_the_paper_profile_on_a_tiny_shape(tmp_path, minilm_dir):
     assert (int(student["student_hidden_size"]), int(student["student_intermediate_size"]),
             int(student["student_heads"]), int(config["TeacherCache"]["student_layers"])) == \
         (tiny.student.hidden, tiny.student.intermediate, tiny.student.heads, tiny.student.layers)
+    assert (config["DistillIntermediate"]["batch_size"], config["DistillPrediction"]["batch_size"],
+            config["TeacherCache"]["forward_batch_size"]) == ("8", "8", "16")
     assert report["batch_size"] == 8 and report["forward_batch_size"] == 16
     stages = {s["stage"]: s for s in report["stages"]}
     assert {"Candidates", "Augment", "TeacherCacheShard", "DistillIntermediate"} <= set(stages)
