@@ -236,7 +236,7 @@ def ensure_importable(kit: Path = KIT_DIR, modules=("luigi",)) -> list[str]:
         return []
     from packaging.utils import parse_wheel_filename
 
-    kit = Path(kit)
+    kit = Path(kit).resolve()   # absolute: children with another working directory use it too
     site = site_dir(kit)
     if site.is_dir():
         _use(site)

@@ -152,8 +152,9 @@ def test_kit_wheels_install_offline_only_when_missing_and_only_what_is_missing(t
             "import tinykd_kit_probe, six\n"
             "print(tinykd_kit_probe.VALUE, six.__version__ != '0.1', os.environ['PYTHONPATH'].split(os.pathsep)[0])")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PIP_NO_INDEX": "1"}
-    runs = [subprocess.run([sys.executable, "-c", code, str(kit)], env=env, capture_output=True, text=True,
-                           timeout=300) for _ in range(2)]
+    # named relative to the working directory; the path children get is absolute all the same
+    runs = [subprocess.run([sys.executable, "-c", code, "kit"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300) for _ in range(2)]
     assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
     site = kit / f"site-py{sys.version_info.major}.{sys.version_info.minor}"
     assert runs[0].stdout.splitlines() == ["['tinykd_kit_probe-1.0-py3-none-any.whl']", f"42 True {site}"]
