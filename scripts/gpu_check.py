@@ -11,7 +11,8 @@ prints one JSON line (``{"gpu_check": ...}``) followed by human-readable lines. 
   (4 x 312, FFN 1200), length 64, SST-2 (``--train`` rows, ``--aug`` copies each) or the
   project's demo task, trainer batch ``--batch-size`` (256), forward batch 512. Its few
   files come from the GPU kit (``scripts/gpu_kit.py``: ``.gpu/``, about 15 MB), whose wheels
-  are installed first when Luigi is missing. About 2.5 minutes on an H200, plus the bounds.
+  are installed first when Luigi is missing. About 3-4 minutes on an H200: an estimate from
+  the first GPU run of the same DAG (README: On a GPU, the check to run), not yet measured.
 
 What it measures, either profile:
 
