@@ -51,7 +51,9 @@ RUN_HISTORY_INFO_KEYS = ("worker_pid", "shards_resumed", "resumed_from", "train_
                          "seconds", "data_wait_s", "step_s", "torch_threads",
                          # where and how wide a training stage ran: its device lease and rank
                          # count (the result does not depend on them), and its throughput
-                         "device_lease", "nproc", "examples_per_s")
+                         "device_lease", "nproc", "examples_per_s",
+                         # the build's peak and end RSS (pipeline.stage.memory)
+                         "memory")
 
 #: Files whose content holds such fields (the distillation stages' logs: per-step wait and
 #: step times, the run's timings); compared field by field without them.
