@@ -260,6 +260,11 @@ class StageTask(luigi.Task):
     #: Whether the stage computes on a device of ``[pipeline] devices`` (with ``device = auto``
     #: it leases one, or ``devices_wanted()``, while it builds).
     leases_devices: ClassVar[bool] = False
+    #: The family of the tasks ``run()`` yields as dynamic dependencies when ``requires()`` could
+    #: not list them yet ("" for none): the console's scheduling line says they come on top.
+    dynamic_requirements: ClassVar[str] = ""
+    #: The report files ``build()`` writes (``tinykd run`` / ``demo`` print their paths last).
+    report_files: ClassVar[tuple[str, ...]] = ()
     #: The devices leased for the build in progress ([] when none is leased), and their slots.
     leased_devices: list[str] = []
     leased_slots: list[str] = []
