@@ -37,24 +37,9 @@ def _e2e_report():
 @pytest.mark.parametrize("rule", ["dev", "holdout"])
 def test_ablation_and_e2e_reports_name_the_split_the_student_was_chosen_on(
         rule, tmp_path, monkeypatch, minilm_dir, isolated_workdir):
-    from tasks.ablations import Ablations
-    from tests.test_ablations import GRID, build, configure
-    from tests.tiny_dag import tiny_stages, tiny_task
+    from tests.test_ablations import built_small_grid
 
-    (tmp_path / "grid.toml").write_text(GRID)
-    task = tiny_task(tmp_path, minilm_dir, train_rows=40, dev_rows=10)
-    if rule == "holdout":
-        task = task.replace("[FineTuneTeacher]", "selection = holdout\nholdout_fraction = 0.2\n[FineTuneTeacher]")
-    by_steps = {"epochs": None, "max_steps": 3}
-    configure(tmp_path, monkeypatch, task + tiny_stages(
-        DistillIntermediate=by_steps, DistillPrediction={**by_steps, "max_steps": 6, "eval_every": 3}) + f"""
-[Ablations]
-grid = {tmp_path / 'grid.toml'}
-variants = ["no_attention"]
-""")
-    ablations = Ablations()
-    result = build(ablations)
-    assert result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY"), result.summary_text
+    ablations = built_small_grid(tmp_path, monkeypatch, minilm_dir, selection=rule)
     md = (ablations.output_dir() / "ablations.md").read_text()
     other = "dev" if rule == "holdout" else "holdout"
     for claim in CLAIMS[rule]:
@@ -69,7 +54,7 @@ variants = ["no_attention"]
     # every setting the prose names is the manifests': the held-out rows, the evaluation interval
     data = ablations.upstream_tasks()["data"].manifest()
     stage2 = [t.manifest() for t in ablations.variant_tasks().values()]
-    assert {m["params"]["eval_every"] for m in stage2} == {3} and "every 3 steps and after the last one" in md
+    assert {m["params"]["eval_every"] for m in stage2} == {2} and "every 2 steps and after the last one" in md
     assert {m["info"].get("selection", "dev") for m in stage2} == {rule}
     if rule == "holdout":
         rows = data["info"]["holdout"]["rows"]
