@@ -120,3 +120,44 @@ def test_nothing_of_a_trainer_stage_outlives_it(configured, isolated_workdir):
     finally:
         gc.enable()
     assert after == before, f"alive after the stages: {after}, before them: {before}"
+
+
+def test_a_stage_records_its_peak_and_ends_with_its_freed_memory_given_back():
+    """measured(): the peak of the block (the kernel's high-water mark, reset at its start), and
+    after it, with the block's memory freed and trimmed, an RSS back near the start."""
+    from pipeline.stage.memory import measured
+
+    record: dict = {}
+    with measured(record):
+        block = bytearray(300 * MB)   # touched: resident
+        for offset in range(0, len(block), 4096):
+            block[offset] = 1
+        del block
+    assert record["peak_from"] == "VmHWM"
+    assert record["peak_rss_mb"] >= record["start_rss_mb"] + 290
+    assert record["end_rss_mb"] < record["start_rss_mb"] + 50
+    failed: dict = {}
+    with pytest.raises(RuntimeError), measured(failed):
+        raise RuntimeError("a failed build records nothing (its memory is still given back)")
+    assert failed == {}
+
+
+def test_under_cuda_the_peak_of_each_device_is_recorded_and_its_cache_emptied(monkeypatch):
+    """The CUDA bookkeeping (no GPU here: torch.cuda's functions replaced by a recorder of the
+    calls and of an allocator peak)."""
+    import torch
+
+    from pipeline.stage.memory import measured
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(("reset", d)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: (d + 1) * 512 * MB)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(("empty_cache",)))
+    record: dict = {}
+    with measured(record):
+        pass
+    assert record["cuda_peak_mb"] == {"cuda:0": 512.0, "cuda:1": 1024.0}
+    assert calls == [("reset", 0), ("reset", 1), ("empty_cache",)]
