@@ -15,9 +15,11 @@ the command line, then ``luigi.cfg`` (Luigi's configuration mechanism), then def
 ``configs/sst2.cfg``). ``explain`` and ``gc`` walk the same DAG without running anything.
 
 A failed ``run`` ends, after Luigi's summary, with one line per failed task and its error (an
-InputError's ``file:line: problem``); tracebacks go to ``<workdir>/logs/run-*.log``, or to the
-console with ``--verbose``, which also shows Luigi's full per-task lines (by default a task is
-named by its family and output fingerprint).
+InputError's ``file:line: problem``; several problems found at once, one line each); tracebacks
+go to ``<workdir>/logs/run-*.log``, or to the console with ``--verbose``, which also shows
+Luigi's full per-task lines (by default a task is named by its family and output fingerprint).
+A successful ``run`` or ``demo`` of a task that writes a report prints the report's paths last.
+Python warnings raised during a run go to the run log, and to the console once, as one line.
 """
 from __future__ import annotations
 
