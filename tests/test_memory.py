@@ -91,9 +91,11 @@ def test_nothing_of_a_trainer_stage_outlives_it(configured, isolated_workdir):
     """After a stage-1 + stage-2 run, with the cyclic garbage collector off (so that a
     reference cycle shows as survival, not as memory that a later collection might free), no
     student, optimizer, trainer, cache reader, evaluator, prefetch thread, TensorBoard writer
-    or progress bar of the stages is alive: only reference counting freed them."""
+    or progress bar of the stages is alive, and no Arrow buffer of its reader: only reference
+    counting freed them."""
     import gc
 
+    import pyarrow
     from torch.optim import Optimizer
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
@@ -110,16 +112,18 @@ def test_nothing_of_a_trainer_stage_outlives_it(configured, isolated_workdir):
     assert luigi.build([DistillPrediction(seed=1, stage1={"seed": 1})], local_scheduler=True,
                        log_level="WARNING")   # the upstream stages, and every import, first
     gc.collect()
-    before = _alive(kinds)
+    before, arrow_before = _alive(kinds), pyarrow.total_allocated_bytes()
     gc.disable()
     try:
         luigi.task_register.Register.clear_instance_cache()
         assert luigi.build([DistillPrediction(seed=2, stage1={"seed": 2})], local_scheduler=True,
                            log_level="WARNING")
-        after = _alive(kinds)
+        after, arrow_after = _alive(kinds), pyarrow.total_allocated_bytes()
     finally:
         gc.enable()
     assert after == before, f"alive after the stages: {after}, before them: {before}"
+    # the cache reader's Arrow buffers (pyarrow's memory pool) went with it
+    assert arrow_after <= arrow_before + MB, (arrow_before, arrow_after)
 
 
 def test_a_stage_records_its_peak_and_ends_with_its_freed_memory_given_back():
