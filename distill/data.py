@@ -2,14 +2,17 @@
 
 The trainer consumes *batch sources*: objects with ``num_examples`` and
 ``batches(batch_size, seed, epoch, start_batch=0)`` yielding the Batch dicts of
-docs/DESIGN.md. The teacher-cache reader (``pipeline.cache.reader``) is the main one; this
+docs/DESIGN.md. The teacher-cache reader (``pipeline.cache.reader``) is the main one; it also
+has ``packed_batches``, whose :class:`~pipeline.cache.packed.PackedBatch` items hold the rows as
+stored and are expanded into Batch dicts on the training device (:func:`to_device`). This
 module adds :class:`TokenizedExamples` for text that has no cached teacher outputs (the dev
 split, and the online-teacher mode's tests), with the same contract: the order of an epoch is
 a pure function of (seed, epoch), so a resumed run can restart at any batch.
 
-:class:`Prefetcher` runs a source's iterator in a background thread, so decoding and padding
-the next batches (pyarrow/numpy/torch work that releases the GIL) overlaps the training step;
-on CUDA, :func:`to_device` copies from pinned memory asynchronously.
+:class:`Prefetcher` runs a source's iterator in a background thread, so decoding and gathering
+the next batches (pyarrow/numpy work that releases the GIL) overlaps the training step.
+:class:`DeviceFeeder` hands the step its batch on the device; on CUDA it has already started
+the *next* batch's copy from pinned memory on a side stream, so the copy overlaps the step.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from pipeline.cache.packed import ArenaPool, PackedBatch, expand
 
 Batch = dict[str, Any]
 
@@ -88,8 +93,11 @@ def num_batches(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    """Move every tensor (also inside the per-layer dicts) to ``device``."""
+def to_device(batch: Batch | PackedBatch, device: torch.device) -> Batch:
+    """Move every tensor (also inside the per-layer dicts) to ``device``; a packed batch is
+    expanded there (:func:`pipeline.cache.packed.expand`)."""
+    if isinstance(batch, PackedBatch):
+        return expand(batch, device)
     non_blocking = device.type == "cuda"
 
     def move(value):
@@ -102,7 +110,10 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: move(v) for k, v in batch.items()}
 
 
-def pin(batch: Batch) -> Batch:
+def pin(batch: Batch | PackedBatch) -> Batch | PackedBatch:
+    if isinstance(batch, PackedBatch):
+        return batch if batch.arena is not None and batch.arena.is_pinned() else batch.pin_memory()
+
     def pinned(value):
         if isinstance(value, torch.Tensor):
             return value.pin_memory()
@@ -111,6 +122,68 @@ def pin(batch: Batch) -> Batch:
         return value
 
     return {k: pinned(v) for k, v in batch.items()}
+
+
+def staged_for(iterator: Iterator, device: torch.device, pool: ArenaPool | None = None) -> Iterator:
+    """The host-side half of feeding ``device``, to run in the reader's thread: on the CPU a
+    packed batch is expanded right there (the device *is* the CPU); on CUDA it is copied into a
+    pinned buffer of ``pool``, ready for one non-blocking copy."""
+    for item in iterator:
+        if isinstance(item, PackedBatch):
+            item = expand(item, device) if device.type == "cpu" else item.into_arena(pool)
+        yield item
+
+
+class DeviceFeeder:
+    """Batches on the training device, in order, from an iterator of host batches.
+
+    On CUDA, when it hands out batch k it has already issued batch k+1's host-to-device copy
+    on a side stream (from pinned memory, non-blocking), so that copy runs while step k
+    computes; batch k's expansion (:func:`~pipeline.cache.packed.expand`) runs on the compute
+    stream after waiting for its copy. Elsewhere it moves each batch when it is asked for.
+    """
+
+    def __init__(self, iterator: Iterator, device: torch.device):
+        self.iterator = iterator
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._staged: Any = None
+        self._done = False
+
+    def _stage(self) -> None:
+        """Start moving the next packed batch (CUDA only)."""
+        try:
+            item = next(self.iterator)
+        except StopIteration:
+            self._done = True
+            return
+        if isinstance(item, PackedBatch) and self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                item.move_to(self.device)
+        self._staged = item
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        if self.stream is None:
+            return to_device(next(self.iterator), self.device)
+        if self._staged is None and not self._done:
+            self._stage()
+        if self._done and self._staged is None:
+            raise StopIteration
+        item, self._staged = self._staged, None
+        if isinstance(item, PackedBatch):
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            item.record_stream(current)
+        self._stage()   # the next copy overlaps this batch's step
+        return to_device(item, self.device)
+
+    def close(self) -> None:
+        closer = getattr(self.iterator, "close", None)
+        if closer is not None:
+            closer()
 
 
 class Prefetcher:

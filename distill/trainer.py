@@ -58,7 +58,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from distill.data import Batch, Prefetcher, num_batches, to_device
+from distill.data import Batch, DeviceFeeder, Prefetcher, num_batches, staged_for, to_device
+from pipeline.cache.packed import ArenaPool
 from distill.distributed import (DistillStep, World, current_world, global_values, loss_shares,
                                  rank_seed, slice_batch)
 from distill.losses import (ATTENTION_MODES, PROJECTION_MODES, HiddenProjections, hinton_kd,
@@ -520,6 +521,7 @@ class Trainer:
         self._bar = None
         self._tb = None
         self._ddp = None
+        self._pinned = None   # reused pinned buffers for packed batches (CUDA)
         try:
             return self._train()
         finally:
@@ -578,16 +580,47 @@ class Trainer:
         params = [p for m in self._modules() for p in m.parameters() if p.requires_grad]
         bar = self._bar = self._progress_bar(step)
         window = {"start": time.perf_counter(), "wait": 0.0, "examples": 0}   # since the last log line
+        # Steps whose loss values are still on the device: read back (one sync) and checked at
+        # the next log, evaluation or checkpoint step, or the run's end.
+        pending: list[tuple[dict, Any]] = []
+
+        def flush() -> None:
+            """Read back every pending step's loss terms at once, check they are finite, record them."""
+            nonlocal window
+            if not pending:
+                return
+            rows = torch.stack([values for _, values in pending]).tolist()   # the one host sync
+            for (meta, _), row in zip(pending, rows):
+                values = dict(zip(meta.pop("names"), row))
+                if not all(math.isfinite(v) for k, v in values.items() if k != "grad_norm"):
+                    where = (f"last good checkpoint: step {last_checkpoint}, "
+                             f"{self.checkpoint_dir / CHECKPOINT_NAME}" if last_checkpoint is not None
+                             else "no checkpoint written yet")
+                    pending.clear()
+                    raise NonFiniteLoss(f"non-finite loss at step {meta['step']} (epoch {meta['epoch']}, "
+                                        f"batch {meta['batch']}, ids {meta['ids']}...): "
+                                        f"{json.dumps(values)}; {where}")
+                values.update(step=meta["step"], epoch=meta["epoch"], lr=meta["lr"])
+                result.step_losses.append(values)
+            pending.clear()
+            values = result.step_losses[-1]
+            if bar is not None:
+                # the split the kept student is chosen on: held-out train rows or dev
+                chosen_on = "held-out" if best and best["metrics"].get("selection") == "holdout" else "dev"
+                bar.set_postfix_str(f"loss={values['total']:.4f}" + (
+                    f" best {chosen_on} {best['metrics']['primary_metric']}="
+                    f"{best['metrics']['primary']:.4f}" if best else ""), refresh=False)
+
         while step < self.total_steps:
             if batch_in_epoch >= self.batches_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
-            prefetcher = self._epoch_batches(epoch, batch_in_epoch)
+            feeder = self._epoch_batches(epoch, batch_in_epoch)
             first_of_epoch = True
             try:
                 while step < self.total_steps:
                     step_start = time.perf_counter()
                     try:
-                        batch = next(prefetcher)
+                        batch = next(feeder)   # on the device (a packed batch is expanded there)
                     except StopIteration:
                         batch_in_epoch = self.batches_per_epoch
                         break
@@ -598,54 +631,58 @@ class Trainer:
                     if first_of_epoch:   # the reader plans the epoch before its first batch
                         startup_wait += waited
                         first_of_epoch = False
+                    ids = batch["ids"][:3]
                     if self._ddp is not None:
                         # this rank's rows of the global batch; its terms weighted by its share
                         # of each term's count, times the ranks DDP's gradient average divides by
-                        if "rank_rows" in batch:   # the reader collated this rank's rows only
+                        if "rank_rows" in batch:   # the reader gathered this rank's rows only
                             owned = batch.pop("rank_rows")
                             batch.pop("batch_rows")
                         else:
                             batch, owned = slice_batch(batch, world)
-                        batch = self.teacher(to_device(batch, self.device))
+                        batch = self.teacher(batch)
                         losses = self._ddp(batch)
                         shares = loss_shares(batch, owned, losses, config.attention_mode)
                         total = self.weighted_total({name: value * shares[name] * world.size
                                                      for name, value in losses.items()})
-                        values = global_values(losses, shares)
-                        values["total"] = float(self.weighted_total(values))
+                        global_terms = global_values(losses, shares)
+                        names = list(global_terms) + ["total"]
+                        terms = torch.tensor([*global_terms.values(), float(self.weighted_total(global_terms))],
+                                             dtype=torch.float64)
                     else:
-                        batch = self.teacher(to_device(batch, self.device))
+                        batch = self.teacher(batch)
                         losses = self.compute_losses(batch)
                         total = self.weighted_total(losses)
-                        values = {name: float(value.detach()) for name, value in losses.items()}
-                        values["total"] = float(total.detach())
-                    if not all(math.isfinite(v) for v in values.values()):
-                        where = (f"last good checkpoint: step {last_checkpoint}, "
-                                 f"{self.checkpoint_dir / CHECKPOINT_NAME}" if last_checkpoint is not None
-                                 else "no checkpoint written yet")
-                        raise NonFiniteLoss(f"non-finite loss at step {step + 1} (epoch {epoch}, batch "
-                                            f"{batch_in_epoch}, ids {batch['ids'][:3]}...): "
-                                            f"{json.dumps(values)}; {where}")
+                        names = list(losses) + ["total"]
+                        terms = torch.stack([value.detach().float() for value in losses.values()]
+                                            + [total.detach().float()])
+                    del batch   # its tensors are freed once the backward pass is done with them
                     self.optimizer.zero_grad(set_to_none=True)
                     total.backward()
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)) \
-                        if config.max_grad_norm > 0 else float("nan")
+                    if config.max_grad_norm > 0:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).detach()
+                    else:
+                        grad_norm = torch.tensor(float("nan"), device=total.device)
                     lr = self.scheduler.get_last_lr()[0]
                     self.optimizer.step()
                     self.scheduler.step()
                     step += 1
                     batch_in_epoch += 1
-                    values.update(step=step, epoch=epoch, lr=lr, grad_norm=grad_norm)
-                    result.step_losses.append(values)
+                    pending.append(({"names": names + ["grad_norm"], "step": step, "epoch": epoch,
+                                     "batch": batch_in_epoch - 1, "ids": ids, "lr": lr},
+                                    torch.cat([terms.to(grad_norm.device, torch.float64),
+                                               grad_norm.to(torch.float64).view(1)])))
                     if bar is not None:
-                        # the split the kept student is chosen on: held-out train rows or dev
-                        chosen_on = "held-out" if best and best["metrics"].get("selection") == "holdout" \
-                            else "dev"
-                        bar.set_postfix_str(f"loss={values['total']:.4f}" + (
-                            f" best {chosen_on} {best['metrics']['primary_metric']}="
-                            f"{best['metrics']['primary']:.4f}" if best else ""), refresh=False)
                         bar.update(1)
-                    if config.log_every > 0 and (step % config.log_every == 0 or step == self.total_steps):
+                    log_now = config.log_every > 0 and (step % config.log_every == 0 or step == self.total_steps)
+                    eval_now = self.evaluate_fn is not None and (
+                        (config.eval_every > 0 and step % config.eval_every == 0) or step == self.total_steps)
+                    checkpoint_now = config.checkpoint_every > 0 and step % config.checkpoint_every == 0 \
+                        and step < self.total_steps
+                    if log_now or eval_now or checkpoint_now or step == self.total_steps:
+                        flush()   # raises NonFiniteLoss before anything is logged or saved
+                    if log_now:
+                        values = result.step_losses[-1]
                         now = time.perf_counter()
                         elapsed = max(now - window["start"], 1e-9)
                         self._log({**values, "data_wait_s": round(waited, 6),
@@ -653,9 +690,7 @@ class Trainer:
                                    "examples_per_s": round(window["examples"] / elapsed, 3),
                                    "data_wait_share": round(window["wait"] / elapsed, 5)})
                         window = {"start": now, "wait": 0.0, "examples": 0}
-                    if self.evaluate_fn is not None and (
-                            (config.eval_every > 0 and step % config.eval_every == 0)
-                            or step == self.total_steps):
+                    if eval_now:
                         # rank 0 evaluates the whole dev split alone (the same numbers as one
                         # process); the others wait for it
                         if world.main:
@@ -663,15 +698,14 @@ class Trainer:
                         if world.distributed:
                             import torch.distributed as dist
                             dist.barrier()
-                    if config.checkpoint_every > 0 and step % config.checkpoint_every == 0 \
-                            and step < self.total_steps:
+                    if checkpoint_now:
                         if world.main:
                             self._save_checkpoint(step, epoch, batch_in_epoch, best,
                                                   seconds_before + time.perf_counter() - started)
                         last_checkpoint = step
             finally:
-                if isinstance(prefetcher, Prefetcher):
-                    prefetcher.close()
+                feeder.close()
+        flush()
         result.steps = step
         result.best = best
         session_seconds = time.perf_counter() - started
@@ -694,16 +728,19 @@ class Trainer:
             return SummaryWriter(str(self.tb_dir))
         return SummaryWriter(str(self.tb_dir), purge_step=resumed_step + 1)
 
-    def _epoch_batches(self, epoch: int, start_batch: int):
-        """The epoch's batches from ``start_batch`` on, read ahead of the training step.
+    def _epoch_batches(self, epoch: int, start_batch: int) -> DeviceFeeder:
+        """The epoch's batches from ``start_batch`` on, on the device, read ahead of the step.
 
-        Worker processes (DataLoader over the source's ``dataset``; each worker builds every
-        k-th batch of the same plan, so the order does not depend on k) when asked for, else
-        one background thread; pinned memory on CUDA so the copy overlaps compute.
+        A source with ``packed_batches`` (the cache reader) hands over rows as stored; they are
+        expanded on the device (:func:`pipeline.cache.packed.expand`). Reading runs in one
+        background thread (decoding releases the GIL; on the CPU the thread also expands),
+        or in DataLoader worker processes when asked for (each worker gathers every k-th batch
+        of the same plan, so the order does not depend on k). On CUDA batches wait in pinned
+        buffers and :class:`~distill.data.DeviceFeeder` copies the next one during the step.
         """
         config = self.config
-        pin_memory = self.device.type == "cuda"
-        # a source that can collate one rank's rows (the cache reader) does; others are sliced
+        cuda = self.device.type == "cuda"
+        # a source that can gather one rank's rows (the cache reader) does; others are sliced
         rank = ({"rank": (self.world.rank, self.world.size)}
                 if self.world.distributed and getattr(self.source, "slices_ranks", False) else {})
         if config.num_workers > 0 and hasattr(self.source, "dataset"):
@@ -713,13 +750,18 @@ class Trainer:
             # its own generator: the loader draws worker seeds from it, not from the global RNG
             # that drives dropout (else workers would change the training run)
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-            return iter(DataLoader(dataset, batch_size=None, num_workers=config.num_workers,
-                                   pin_memory=pin_memory, prefetch_factor=max(2, config.prefetch),
-                                   generator=generator))
-        iterator = self.source.batches(config.batch_size, config.seed, epoch, start_batch=start_batch, **rank)
+            return DeviceFeeder(iter(DataLoader(dataset, batch_size=None, num_workers=config.num_workers,
+                                                pin_memory=cuda, prefetch_factor=max(2, config.prefetch),
+                                                generator=generator)), self.device)
+        read = getattr(self.source, "packed_batches", self.source.batches)
+        iterator = read(config.batch_size, config.seed, epoch, start_batch=start_batch, **rank)
+        if cuda and self._pinned is None:
+            self._pinned = ArenaPool(pin=True, keep=config.prefetch + 4)
+        iterator = staged_for(iterator, self.device, self._pinned)
         if self.read_ahead:
-            return Prefetcher(iterator, config.prefetch, pin_memory=pin_memory)
-        return iter(iterator)
+            # packed batches are pinned by staged_for; Batch dicts of other sources here
+            iterator = Prefetcher(iterator, config.prefetch, pin_memory=cuda)
+        return DeviceFeeder(iterator, self.device)
 
     def _evaluate(self, step: int, epoch: int, best: dict | None, result: TrainResult) -> dict | None:
         self.evaluating_step = step   # for an evaluate function that records its own files

@@ -3,4 +3,4 @@
 Kept cheap to import (no torch/transformers): ``luigi --module tasks`` and ``tinykd`` load it
 on every rerun.
 """
-from tasks import ablations, augment, base, distill, glue, prepare, teacher  # noqa: F401
+from tasks import ablations, augment, base, deploy, distill, glue, prepare, teacher  # noqa: F401

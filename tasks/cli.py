@@ -6,6 +6,7 @@
     tinykd explain TASK [--PARAM VALUE ...]
     tinykd gc [--delete] [--config FILE ...] [--older-than AGE] [TASK [--PARAM VALUE ...]]
     tinykd inspect CACHE_DIR [--verify]
+    tinykd speed STUDENT_DIR [--against TEACHER_DIR] [--dev PATH | --length N] [--runs N] [--json]
     tinykd demo [--PARAM VALUE ...]
 
 ``run`` is Luigi's own command line (``luigi --module tasks TASK``) with the local scheduler
@@ -13,6 +14,8 @@ as default; pass ``--scheduler-host`` to use a central ``luigid``. Task paramete
 the command line, then ``luigi.cfg`` (Luigi's configuration mechanism), then defaults.
 ``--config FILE`` adds a configuration file read after luigi.cfg (a profile such as
 ``configs/sst2.cfg``). ``explain`` and ``gc`` walk the same DAG without running anything.
+``speed`` measures any exported model's size and speed, against its teacher with ``--against``
+(:mod:`distill.speed`).
 
 A failed ``run`` ends, after Luigi's summary, with one line per failed task and its error (an
 InputError's ``file:line: problem``; several problems found at once, one line each); tracebacks
@@ -44,8 +47,9 @@ from pipeline.stage import delete_entry, gc_plan, human_age
 from tasks.base import PROJECT_ROOT, StageTask, walk_dag, workdir, workdir_location, workdir_store
 
 #: Tasks that ``gc`` keeps (with their whole DAG) when none is named: the ablation grid,
-#: whose ``full`` variant is the main job (DistillPrediction) itself.
-DEFAULT_GC_ROOTS = ("Ablations",)
+#: whose ``full`` variant is the main job (DistillPrediction) itself, and that job's
+#: deployable export (what ``tinykd demo`` builds beside the grid).
+DEFAULT_GC_ROOTS = ("Ablations", "ExportStudent")
 #: The offline demo's configuration profile (read after luigi.cfg).
 DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.cfg"
 #: Where ``tinykd demo`` writes its generated GLUE-layout task (pipeline.prepare.demo_task; git-ignored).
@@ -104,7 +108,9 @@ def cmd_run(argv: list[str]) -> int:
     _print_failures(failures)
     if _succeeded(result):   # a task that writes a report: where it is, last
         with task_from_argv([a for a in argv if a != "--verbose"]) as root:
-            lines = report_lines(root)
+            # a wrapper (tasks.deploy.Demo) writes nothing itself: its requirements' reports
+            lines = report_lines(root) or [line for task in flatten(root.requires())
+                                           for line in report_lines(task)]
         if lines:
             print("\n".join(lines))
     return 0 if _succeeded(result) else 1
@@ -559,7 +565,7 @@ GC_USAGE = """tinykd gc [--delete] [--config FILE ...] [--older-than AGE] [TASK 
 
 Lists (or with --delete removes) what under the workdir no declared configuration references.
 Each --config FILE is one configuration (luigi.cfg, then FILE); an output referenced by TASK's
-DAG (default: Ablations) under ANY of them is kept. Without --config: the current configuration
+DAG (default: Ablations and ExportStudent) under ANY of them is kept. Without --config: the current configuration
 only, so every other task's or profile's outputs count as garbage: declare every profile you
 use. --older-than AGE (7d, 12h, 30min) keeps anything changed more recently than AGE. A partial
 directory whose build lock a live process holds is never touched. Each line says why."""
@@ -589,7 +595,7 @@ def cmd_gc(argv: list[str]) -> int:
         else:
             task_argv.append(arg)
     roots = [task_argv] if task_argv else [[name] for name in DEFAULT_GC_ROOTS]
-    root_names = ", ".join(r[0] for r in roots)
+    root_names = " and ".join(r[0] for r in roots)
     referenced: set[Path] = set()
     workdirs = set()
     for config in configs or [None]:
@@ -600,7 +606,7 @@ def cmd_gc(argv: list[str]) -> int:
                         referenced |= referenced_outputs(root)
             except InputError as exc:
                 where = f"under --config {config}" if config else "under the current configuration"
-                raise InputError(f"cannot walk {root_names}'s DAG {where}, so nothing is collected: "
+                raise InputError(f"cannot walk the DAG of {root_names} {where}, so nothing is collected: "
                                  f"{exc}") from None
             workdirs.add(workdir_location())
     if len(workdirs) > 1:
@@ -657,25 +663,76 @@ def cmd_inspect(argv: list[str]) -> int:
     return 0 if ok else 1
 
 
+def cmd_speed(argv: list[str]) -> int:
+    """``speed``: the deployment figures of an exported model (and its teacher): parameters,
+    bytes, batch-1 latency (p50/p95, 1 thread and every core), batch-32 throughput, bf16 GPU
+    throughput on CUDA, and the ratios teacher / student (:mod:`distill.speed`)."""
+    parser = argparse.ArgumentParser(
+        prog="tinykd speed", description="Size and speed of an exported model (save_pretrained "
+                                         "directory, e.g. a distill_stage2 output's student/), "
+                                         "against its teacher with --against.")
+    parser.add_argument("student_dir", help="the model directory (config.json, model.safetensors, tokenizer)")
+    parser.add_argument("--against", metavar="TEACHER_DIR", help="the teacher to compare with, "
+                                                                 "measured in the same run")
+    parser.add_argument("--dev", metavar="PATH", help="sentences at their real lengths: a prepared "
+                        "data output (its dev.parquet), a .parquet with text_a (and text_b), or a "
+                        "text file with one sentence per line; default: --length")
+    parser.add_argument("--length", type=int, default=64, help="without --dev: random token ids of "
+                        "this fixed length (default 64, the paper's)")
+    parser.add_argument("--max-seq-length", type=int, default=128, help="with --dev: truncation length")
+    parser.add_argument("--sentences", type=int, default=32, help="sentences timed (default 32; "
+                        "with --dev evenly spaced over the file, 0: all)")
+    parser.add_argument("--runs", type=int, default=3, help="timed calls per sentence after warm-up")
+    parser.add_argument("--device", default="auto", help="bf16 throughput device: auto (CUDA when "
+                        "present), none, or a device such as cuda:1")
+    parser.add_argument("--json", action="store_true", help="print the record as one JSON line too")
+    args = parser.parse_args(argv)
+    import json
+
+    from distill.speed import (SpeedSettings, describe_deployment, fixed_length_sentences,
+                               measure_deployment, sentences_from_path)
+
+    settings = SpeedSettings(runs=args.runs, max_sentences=args.sentences, accelerator=args.device)
+    if args.dev:
+        def sentences(model):
+            if model.tokenizer is None:
+                raise InputError("--dev needs the model's tokenizer beside it", model.directory)
+            return sentences_from_path(args.dev, model.tokenizer, args.max_seq_length, args.sentences)
+    else:
+        def sentences(model):
+            return fixed_length_sentences(model.model.config.vocab_size, args.length, args.sentences or 32)
+    record = measure_deployment(args.student_dir, args.against, sentences, settings)
+    print("\n".join(describe_deployment(record)))
+    if args.json:
+        print(json.dumps(record, sort_keys=True))
+    return 0
+
+
 def cmd_demo(argv: list[str]) -> int:
     """Run the whole DAG offline on the demo task (configs/demo.cfg) and print its report.
 
     The demo is the ablation grid over data/demo/SST-2 (generated on first use) with the packaged
-    MiniLM teacher and GloVe vectors; Luigi's execution summary comes first, then the report,
-    and the paths of its files last.
+    MiniLM teacher and GloVe vectors, and the export of its headline student (``tasks.deploy.Demo``);
+    Luigi's execution summary comes first, then the report, the deployable artifacts, and the
+    paths of the report's files last.
     """
-    args = ["Ablations", *argv]
+    args = list(argv)
     if not any(a.startswith("--PrepareData-glue-dir") for a in argv):
         from pipeline.prepare.demo_task import ensure_demo_task
 
         ensure_demo_task(DEMO_DATA)
         args += ["--PrepareData-glue-dir", str(DEMO_DATA)]
-    result, failures = _run_luigi(args)
+    result, failures = _run_luigi(["Demo", *args])
     print(result.summary_text)
     _print_failures(failures)
     if _succeeded(result):
-        with task_from_argv([a for a in args if a != "--verbose"]) as root:
+        plain = [a for a in args if a != "--verbose"]
+        with task_from_argv(["ExportStudent", *plain]) as export:
+            deployable = export_summary(export)
+        with task_from_argv(["Ablations", *plain]) as root:
             print(report_summary(root))
+            print(deployable)
+            print("\n".join(report_lines(root)))
     return 0 if _succeeded(result) else 1
 
 
@@ -694,19 +751,30 @@ def report_lines(task: luigi.Task) -> list[str]:
 
 
 def report_summary(task: luigi.Task) -> str:
-    """The ablation report's Markdown, the teacher-vs-student line, then the files' paths."""
+    """The ablation report's Markdown and the teacher-vs-student line (its files' paths:
+    :func:`report_lines`)."""
     import json
 
     from tasks.ablations import teacher_and_student
 
     out = task.readable_dir()
     summary = json.loads((out / "summary.json").read_text())
-    return "\n".join([f"\n{(out / 'ablations.md').read_text()}", teacher_and_student(summary),
-                      *report_lines(task)])
+    return "\n".join([f"\n{(out / 'ablations.md').read_text()}", teacher_and_student(summary)])
+
+
+def export_summary(task: luigi.Task) -> str:
+    """The deployable student: its artifacts' paths, parity, int8 and speed lines."""
+    from pipeline.deploy.onnx_export import describe_export
+
+    out = task.readable_dir()
+    files = "\n".join(f"  {path}" for path in [task.requires()["student"].readable_dir() / "student"]
+                      + sorted(out.glob("*.onnx")))
+    lines = "\n".join(describe_export(task.manifest()["info"]))
+    return f"\nDeployable student (README: Deploying the student):\n{files}\n{lines}"
 
 
 COMMANDS = {"run": cmd_run, "explain": cmd_explain, "gc": cmd_gc, "inspect": cmd_inspect,
-            "demo": cmd_demo}
+            "speed": cmd_speed, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

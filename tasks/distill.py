@@ -5,6 +5,8 @@
 * ``DistillPrediction`` (stage ``distill_stage2``): the prediction loss, starting from stage 1's
   student, evaluated on the prepared dev split every ``eval_every`` steps; the best is kept, and
   the per-example dev predictions of the best and of the last evaluation are saved beside it.
+  Its manifest's ``info.deployment`` holds the exported student's and its teacher's size and
+  speed, measured in the same run (:mod:`distill.speed`; the timings are run history).
 * ``DistillGeneral`` (stage ``distill_general``): general distillation -- the intermediate losses
   from a pre-trained (not fine-tuned) encoder on a plain-text corpus, cached by the same cache
   stage (``GeneralTeacherCache``, configured in its own ``[GeneralTeacherCache]`` section with
@@ -418,6 +420,18 @@ class DistillPrediction(AugmentationSettings, _trainer_parameters("prediction"),
         description="Evaluate the student on dev every N steps (and at the end); the best is kept.")
     eval_batch_size = luigi.IntParameter(default=128, significant=False,
                                          description="Batch size of dev evaluation.")
+    speed_runs = luigi.IntParameter(
+        default=2, significant=False,
+        description="After training, the student's and its teacher's deployment figures are "
+                    "measured in this process (distill.speed: parameters, bytes, batch-1 latency "
+                    "over dev sentences at their real lengths with 1 thread and every core, "
+                    "batch-32 throughput, bf16 GPU throughput on CUDA, and the ratios): timed "
+                    "calls per sentence after a warm-up pass (1.5-1.8 s per stage in the demo, on "
+                    "two cores). 0: not measured. Run history, like timings: not "
+                    "significant.")
+    speed_sentences = luigi.IntParameter(
+        default=16, significant=False,
+        description="Dev sentences those timings run on, evenly spaced over dev.parquet (0: all).")
     stage1 = luigi.DictParameter(
         default={}, significant=True,
         description="Parameters of the stage-1 run (DistillIntermediate) this stage starts from, "
@@ -452,6 +466,9 @@ class DistillPrediction(AugmentationSettings, _trainer_parameters("prediction"),
                                  originals_only=self.originals_only,
                                  eval_batch_size=self.eval_batch_size, **self.store_reading())
         self.record(out, summary)
+        if self.speed_runs > 0:
+            with out.timed("speed"):
+                out.info["deployment"] = self.deployment(out)
         if summary["best"] and summary.get("selection") == "holdout":
             # held-out train rows picked the student; dev was only scored (its dev metrics are
             # the kept student's); best_on_dev: what selecting on dev would have reported
@@ -467,3 +484,19 @@ class DistillPrediction(AugmentationSettings, _trainer_parameters("prediction"),
             # the end of training's evaluation: beside the best one, it shows what picking the
             # best of several evaluations on dev adds (the selection effect)
             out.info["last_dev_metrics"] = summary["final_eval"]
+
+    def deployment(self, out: StageBuild) -> dict:
+        """The exported student's and its teacher's size and speed, measured here in one run on
+        the same dev sentences (:func:`distill.speed.measure_deployment`)."""
+        from distill.speed import SpeedSettings, measure_deployment, sentences_from_path
+
+        dev = self.upstream_dir("data") / "dev.parquet"
+        max_seq_length = self.cache_task().max_seq_length
+        teacher = self.cache_task().upstream_tasks().get("teacher")
+        device = self.build_device()
+        settings = SpeedSettings(runs=self.speed_runs, max_sentences=self.speed_sentences,
+                                 accelerator=device if device.startswith("cuda") else "none")
+        return measure_deployment(
+            out.path / "student", teacher.model_dir() if teacher is not None else None,
+            lambda model: sentences_from_path(dev, model.tokenizer, max_seq_length, self.speed_sentences),
+            settings)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline.cache.packed import PackedBatch
 from pipeline.cache.reader import open_cache
 from pipeline.errors import InputError
 from pipeline.cache.writer import CacheSpec, build_cache, shard_ranges, write_shard_output
@@ -230,7 +231,8 @@ def cache_dir(teacher_dir, examples, tmp_path) -> Path:
 
 
 def _ids(batches):
-    return [b["ids"] for b in batches]
+    # the DataLoader hands over packed batches (expanded on the training device)
+    return [b.ids if isinstance(b, PackedBatch) else b["ids"] for b in batches]
 
 
 def test_reader_order_is_deterministic_resumable_and_worker_independent(cache_dir):

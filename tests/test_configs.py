@@ -51,6 +51,14 @@ def test_demo_profile_builds_the_whole_dag_offline(monkeypatch, tmp_path):
             "DistillIntermediate", "DistillPrediction"} <= set(families)
     stages = [line for line in explain_lines(root) if not line.startswith(" ")]
     assert len(stages) == len(families) and stages[-1].startswith("will run    Ablations")
+    # `tinykd demo` runs Demo: the grid and the export of its headline student (the full run)
+    from tasks.deploy import Demo, ExportStudent
+
+    demo = walk_dag(Demo())
+    export = next(t for t in demo if isinstance(t, ExportStudent))
+    assert export.quantize == "dynamic"
+    assert export.requires()["student"].task_id == root.variant_tasks()["full", 42].task_id
+    assert {t.task_id for t in demo} == {t.task_id for t in walk_dag(root)} | {export.task_id, Demo().task_id}
 
 
 @pytest.mark.parametrize("base, seeds, variants", [("mrpc", "mrpc-seeds", 3), ("sst2", "sst2-seeds", 5)])

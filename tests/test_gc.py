@@ -142,7 +142,7 @@ def test_gc_older_than_keeps_recent_work(tmp_path, isolated_workdir, capsys):
 
 
 def test_gc_without_arguments_prints_one_line_when_the_dag_cannot_be_walked(monkeypatch, capsys):
-    """Item 8: the default root (Ablations) needs a GLUE directory; say so in one line."""
+    """Item 8: the default roots (Ablations, ExportStudent) need a GLUE directory; say so in one line."""
     from luigi.configuration import LuigiConfigParser
 
     monkeypatch.delenv("GLUE_DIR", raising=False)
@@ -154,5 +154,6 @@ def test_gc_without_arguments_prints_one_line_when_the_dag_cannot_be_walked(monk
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
-    assert lines[0].startswith("tinykd gc: cannot walk Ablations's DAG under the current configuration, "
+    assert lines[0].startswith("tinykd gc: cannot walk the DAG of Ablations and ExportStudent under the "
+                               "current configuration, "
                                "so nothing is collected: source=glue needs PrepareData's glue_dir")

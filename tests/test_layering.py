@@ -28,6 +28,7 @@ LAYER_RANK = {
     "distill": 5,
     "pipeline.ablations": 6,
     "pipeline.glue": 7,   # the GLUE table reuses the ablation statistics
+    "pipeline.deploy": 7,   # the ONNX export reuses them too (a sibling: neither reads the other)
 }
 BOTTOM = {"pipeline.stage", "pipeline.errors", "pipeline.locks", "pipeline.store"}
 

@@ -364,8 +364,9 @@ def complete_batch(batch: dict, parts: TeacherParts | None) -> dict:
 
     The reader leaves out what the cache does not store and says so under :data:`DERIVE_KEY`:
     ``layer0`` (the trainer wants hidden layer 0), ``inputs[l]`` (attention layer ``l``'s input,
-    a [B, T, H] tensor, or the string ``"embeddings"`` for layer 0) and ``rows[l]`` (a [B] bool:
-    the rows whose scores are recomputed; the others carry their stored scores). Padding is
+    a [B, T, H] tensor, or the string ``"embeddings"`` for layer 0), ``rows[l]`` (a [B] bool:
+    the rows whose scores are recomputed; the others carry their stored scores) and
+    optionally ``index[l]`` (those rows' positions, so that finding them needs no sync). Padding is
     zeroed exactly as :func:`pipeline.common.encoder_outputs.zero_padding` does for a live
     teacher, so the result is the Batch of docs/DESIGN.md.
     """
@@ -389,7 +390,10 @@ def complete_batch(batch: dict, parts: TeacherParts | None) -> dict:
             new_scores[layer] = parts.scores(layer, layer_input)
             continue
         # Only the rows that stored their input instead of the scores: recompute just those.
-        index = rows.to(layer_input.device).nonzero().squeeze(1)
+        # The reader gives their index (planned on the host: no device sync to find them).
+        index = derive.get("index", {}).get(layer)
+        index = (rows.to(layer_input.device).nonzero().squeeze(1) if index is None
+                 else index.to(layer_input.device))
         merged = batch["teacher_scores"][layer].clone()
         merged[index] = parts.scores(layer, layer_input[index])
         new_scores[layer] = merged

@@ -1,9 +1,12 @@
-"""Read a teacher cache back as padded, length-bucketed training batches.
+"""Read a teacher cache back as length-bucketed training batches.
 
 The cache (:mod:`pipeline.cache.writer`) stores one ragged row per example. The trainer
 wants the ``Batch`` of docs/DESIGN.md: ``[B, T]`` token tensors with an attention mask and
 the teacher tensors padded to the batch's longest example, padding positions zero (exactly
-what :func:`pipeline.common.encoder_outputs.zero_padding` does to live teacher outputs).
+what :func:`pipeline.common.encoder_outputs.zero_padding` does to live teacher outputs). The
+reader yields each batch *packed* (:mod:`pipeline.cache.packed`: its rows as stored, gathered
+with whole-column numpy operations, unpadded and still int8/fp16) and the trainer expands it
+on its device; :meth:`CacheReader.batches` expands on the CPU for everything else.
 
 **Streaming, with a bounded shuffle.** The reader never loads the cache: it permutes the row
 groups of all shards (the unit Parquet decompresses), reads them in *windows* of about
@@ -18,15 +21,15 @@ bucket_batches) and the cache, nothing else: the trainer's resume skips ``start_
 batches by planning them from the tiny ``length`` column alone, and DataLoader workers each
 materialise every k-th batch of the same plan, so ``num_workers`` does not change the order.
 
-**Zero-copy where possible.** Arrow's list values become numpy arrays without a copy
-(``to_numpy(zero_copy_only=True)``) and torch tensors without another (``torch.from_numpy``);
-the one copy left is the padding itself, which also widens fp16/bf16 to fp32.
+**Few copies.** A window's row groups are decoded by pyarrow, their columns concatenated into
+one buffer each (:class:`pipeline.cache.packed.RowBlock`), and each batch gathered from those
+buffers in one fancy index per run of equal lengths: decode, one concatenation, one gather.
+Padding and widening to fp32 happen on the device (:func:`pipeline.cache.packed.expand`).
 
 **One rank's rows.** ``rank=(r, k)`` (data-parallel training, :mod:`distill.distributed`)
 yields the same batches of the same plan, each cut to rank ``r``'s contiguous block of its rows
 (the first ``n % k`` ranks one row more) but padded to the *whole* batch's width, so the rows
-are exactly those of the whole batch; only their collation (the padding copies) is this
-rank's share. A batch then carries ``rank_rows`` (rows this rank owns; a rank with none gets
+are exactly those of the whole batch; only their gather and expansion is this rank's share. A batch then carries ``rank_rows`` (rows this rank owns; a rank with none gets
 the batch's first row to compute with, and 0) and ``batch_rows`` (the whole batch's).
 
 **Originals only.** ``originals_only=True`` trains on the rows with ``aug_index == 0`` (the
@@ -47,7 +50,6 @@ re-checksums and decodes every row group.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -56,8 +58,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache.compact import (DERIVE_KEY, CompactPlan, attention_column, check_format, dequantise_into,
-                                    hidden_column, row_group_problems, scale_column)
+from pipeline.cache.compact import (DERIVE_KEY, CompactPlan, attention_column, check_format, hidden_column,
+                                    row_group_problems, scale_column)
+from pipeline.cache.packed import BatchLayout, PackedBatch, RowBlock, expand, gather_batch, take_rows
 from pipeline.errors import InputError
 from pipeline.stage import MANIFEST_NAME, sha256_file
 from pipeline.store import LocalObjectCache, is_url, open_store, redact
@@ -103,43 +106,6 @@ class _RowGroup:
 
     def row_numbers(self) -> np.ndarray:
         return np.arange(self.rows) if self.selected is None else self.selected
-
-
-class _Loaded:
-    """One table's columns as numpy: ``offsets[col]`` and ``values[col]`` for list columns and
-    for binary ones (int8 storage: a row's values as bytes), ``valid[col]`` where rows may be null."""
-
-    def __init__(self, table: pa.Table):
-        self.table = table
-        self.ids = table.column("id").to_pylist()
-        self.labels = table.column("label").to_pylist()
-        self.length = table.column("length").to_numpy()
-        self.offsets: dict[str, np.ndarray] = {}
-        self.values: dict[str, np.ndarray] = {}
-        self.valid: dict[str, np.ndarray] = {}
-        for name in table.column_names:
-            column = table.column(name)
-            array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-            if pa.types.is_list(column.type):
-                # Offsets index the (possibly sliced) values buffer; keep both, no copy.
-                self.offsets[name] = array.offsets.to_numpy()
-                self.values[name] = array.values.to_numpy(zero_copy_only=True)
-            elif pa.types.is_binary(column.type):
-                offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)
-                self.offsets[name] = offsets[array.offset:array.offset + len(array) + 1]
-                self.values[name] = np.frombuffer(array.buffers()[2], dtype=np.int8)
-            else:
-                continue
-            if array.null_count:
-                self.valid[name] = array.is_valid().to_numpy(zero_copy_only=False)
-
-    def row(self, column: str, row: int) -> np.ndarray:
-        offsets = self.offsets[column]
-        return self.values[column][offsets[row]:offsets[row + 1]]
-
-    def present(self, column: str, row: int) -> bool:
-        valid = self.valid.get(column)
-        return True if valid is None else bool(valid[row])
 
 
 class CacheReader:
@@ -206,6 +172,7 @@ class CacheReader:
         self._files: dict[int, pq.ParquetFile] = {}
         self._local: set[int] = set()   # shards read from local disk (a local cache entry)
         self.row_groups: list[_RowGroup] = []
+        self._row_lengths: dict[tuple[int, int], np.ndarray] = {}
         self._check_shards()
         if self.derives:
             self._check_parts()
@@ -446,19 +413,41 @@ class CacheReader:
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"corrupt shard: row group {rg.index} cannot be read ({exc})", file) from None
 
-    def batches(self, batch_size: int, seed: int = 0, epoch: int = 0, start_batch: int = 0,
-                shuffle: bool = True, drop_last: bool = False,
-                shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                bucket_batches: int = DEFAULT_BUCKET_BATCHES,
-                worker: tuple[int, int] = (0, 1),
-                rank: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
-        """Yield the epoch's batches from ``start_batch`` on (see the module docstring).
+    def layout(self) -> BatchLayout:
+        """What this reader's batches hold (shared by every :class:`PackedBatch` it yields)."""
+        return BatchLayout(self.dtype, self.hidden_size, self.num_heads, self.pad_token_id,
+                           self.with_logits, list(self.hidden_layers), list(self.attention_layers),
+                           self.plan, list(self.columns))
+
+    def _lengths(self, rg: _RowGroup) -> np.ndarray:
+        """The lengths of a row group's (selected) rows, all the plan of an epoch needs; read
+        once (a few bytes a row) and kept, so later epochs plan without reading."""
+        key = (rg.shard, rg.index)
+        if key not in self._row_lengths:
+            self._row_lengths[key] = self._read(rg, ["length"]).column("length").to_numpy()[rg.row_numbers()]
+        return self._row_lengths[key]
+
+    def _block(self, rg: _RowGroup, layout: BatchLayout) -> RowBlock:
+        """One row group's rows (the selected ones), decoded and checked."""
+        return RowBlock.from_table(self._read(rg, self.columns), layout, rg.selected,
+                                   f"{self.shard_files[rg.shard]} (row group {rg.index})")
+
+    def packed_batches(self, batch_size: int, seed: int = 0, epoch: int = 0, start_batch: int = 0,
+                       shuffle: bool = True, drop_last: bool = False,
+                       shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                       bucket_batches: int = DEFAULT_BUCKET_BATCHES,
+                       worker: tuple[int, int] = (0, 1),
+                       rank: tuple[int, int] | None = None) -> Iterator[PackedBatch]:
+        """Yield the epoch's batches from ``start_batch`` on, packed (see the module docstring
+        and :mod:`pipeline.cache.packed`): :func:`~pipeline.cache.packed.expand` makes each the
+        padded Batch on the training device.
 
         ``worker=(w, k)`` yields only global batches ``j`` with ``j % k == w`` (DataLoader
         workers; merged round-robin they give the single-process order). ``rank=(r, k)``
         yields rank ``r``'s rows of each batch at the whole batch's width.
         """
         worker_id, num_workers = worker
+        layout = self.layout()
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(self.row_groups)) if shuffle else np.arange(len(self.row_groups))
         windows: list[list[_RowGroup]] = [[]]
@@ -469,16 +458,17 @@ class CacheReader:
                 rows_in_window = 0
             windows[-1].append(self.row_groups[position])
             rows_in_window += self.row_groups[position].rows
-        carry: _Loaded | None = None
+        carry: RowBlock | None = None
         carry_lengths = np.zeros(0, dtype=np.int64)
+        carry_rows = np.zeros(0, dtype=np.int64)   # where each carried row is in ``carry``
         emitted = 0
         for number, window in enumerate(windows):
             last = number == len(windows) - 1
-            row_numbers = [np.arange(len(carry_lengths))] + [rg.row_numbers() for rg in window]
-            lengths = [carry_lengths] + [self._read(rg, ["length"]).column("length").to_numpy()[numbers]
-                                         for rg, numbers in zip(window, row_numbers[1:])]
+            # Each pool row's source (0: the carry, t: the window's t-th row group) and its row
+            # in that source's block (a row group's block holds only its selected rows).
+            local = [carry_rows] + [np.arange(rg.rows) for rg in window]
+            lengths = [carry_lengths] + [self._lengths(rg) for rg in window]
             sources = np.concatenate([np.full(len(l), t, dtype=np.int64) for t, l in enumerate(lengths)])
-            rows = np.concatenate(row_numbers)
             all_lengths = np.concatenate(lengths)
             pool = rng.permutation(len(all_lengths)) if shuffle else np.arange(len(all_lengths))
             full = len(pool) // batch_size * batch_size
@@ -496,114 +486,36 @@ class CacheReader:
                 rest = rest[:0]
             wanted = [j for j in range(len(plan)) if emitted + j >= start_batch
                       and (emitted + j) % num_workers == worker_id]
-            tables: list[_Loaded | None] = [carry] + [None] * len(window)
-            needed = {int(sources[i]) for j in wanted for i in plan[j]}
-            needed |= {int(sources[i]) for i in rest}
-            for t in sorted(needed - {0}):
-                tables[t] = _Loaded(self._read(window[t - 1], self.columns))
+            needed = sorted({int(sources[i]) for j in wanted for i in plan[j]} | {int(sources[i]) for i in rest})
+            # The needed sources' rows, concatenated into one block that batches are cut from.
+            blocks = [carry if t == 0 else self._block(window[t - 1], layout) for t in needed]
+            base = np.zeros(len(window) + 1, dtype=np.int64)
+            base[needed] = np.cumsum([0] + [b.rows for b in blocks[:-1]])
+            block = RowBlock.concat(blocks) if blocks else None
+            position = base[sources] + np.concatenate(local)
             for j in wanted:
                 if rank is None:
-                    yield self._collate([(tables[sources[i]], rows[i]) for i in plan[j]])
+                    yield gather_batch(block, position[plan[j]], layout)
                     continue
                 chosen, owned = rank_block(plan[j], *rank)
-                batch = self._collate([(tables[sources[i]], rows[i]) for i in chosen],
-                                      width=int(all_lengths[plan[j]].max()))
-                batch.update(rank_rows=owned, batch_rows=len(plan[j]))
-                yield batch
+                packed = gather_batch(block, position[chosen], layout, width=int(all_lengths[plan[j]].max()))
+                packed.rank_rows, packed.batch_rows = owned, len(plan[j])
+                yield packed
             emitted += len(plan)
             # Carry the leftover rows' data (not their row groups) into the next window.
             if len(rest):
-                # combine_chunks copies the rows out, so the carry holds no whole row group.
-                carry = _Loaded(pa.concat_tables(
-                    [_take(tables[sources[i]], rows[i], self.columns) for i in rest]).combine_chunks())
+                carry, carry_rows = take_rows(block, position[rest])
             else:
-                carry = None
+                carry, carry_rows = None, np.zeros(0, dtype=np.int64)
             carry_lengths = all_lengths[rest]
 
-    def _collate(self, refs: list[tuple[_Loaded, int]], width: int | None = None) -> dict[str, Any]:
-        # Arrow buffers are read-only; torch warns on wrapping them, but we only read them.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return self._collate_rows(refs, width)
-
-    def _collate_rows(self, refs: list[tuple[_Loaded, int]], width: int | None = None) -> dict[str, Any]:
-        import torch
-
-        lengths = [int(t.length[r]) for t, r in refs]
-        batch, width = len(refs), max(lengths) if width is None else width
-        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        token_types = torch.zeros((batch, width), dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        out: dict[str, Any] = {"ids": [t.ids[r] for t, r in refs]}
-        labels = [t.labels[r] for t, r in refs]
-        for b, ((table, row), length) in enumerate(zip(refs, lengths)):
-            input_ids[b, :length] = torch.from_numpy(table.row("input_ids", row))
-            token_types[b, :length] = torch.from_numpy(table.row("token_type_ids", row))
-            mask[b, :length] = 1
-        out.update(input_ids=input_ids, token_type_ids=token_types, attention_mask=mask)
-        if any(label is None for label in labels):
-            out["labels"] = None
-        elif all(isinstance(label, int) for label in labels):
-            out["labels"] = torch.tensor(labels, dtype=torch.long)
-        else:
-            out["labels"] = torch.tensor(labels, dtype=torch.float32)
-        out["teacher_logits"] = (torch.stack([torch.from_numpy(t.row("logits", r)) for t, r in refs])
-                                 if self.with_logits else None)
-        plan = self.plan
-        padded: dict[str, Any] = {}   # column -> padded fp32 tensor, each built once
-
-        def hidden_like(column: str):
-            if column not in padded:
-                value = torch.zeros((batch, width, self.hidden_size), dtype=torch.float32)
-                for b, ((table, row), length) in enumerate(zip(refs, lengths)):
-                    if table.present(column, row):
-                        self._fill(value[b, :length], table, column, row, length, self.hidden_size)
-                padded[column] = value
-            return padded[column]
-
-        hidden = {layer: hidden_like(hidden_column(layer)) for layer in self.hidden_layers
-                  if layer in plan.stored_hidden}
-        scores, derive_inputs, derive_rows = {}, {}, {}
-        for layer in self.attention_layers:
-            source = plan.score_sources.get(layer)
-            column = attention_column(layer)
-            if source in (None, "row"):
-                value = torch.zeros((batch, self.num_heads, width, width), dtype=torch.float32)
-                stored = torch.zeros(batch, dtype=torch.bool)
-                for b, ((table, row), length) in enumerate(zip(refs, lengths)):
-                    if table.present(column, row):
-                        self._fill(value[b, :, :length, :length], table, column, row,
-                                   self.num_heads * length, length)
-                        stored[b] = True
-                scores[layer] = value
-                if source == "row" and not bool(stored.all()):
-                    derive_inputs[layer] = hidden_like(plan.input_of(layer))
-                    derive_rows[layer] = ~stored
-            elif source == "embeddings":
-                derive_inputs[layer] = "embeddings"
-            else:   # "hidden": the input is a stored hidden layer
-                derive_inputs[layer] = hidden_like(plan.input_of(layer))
-        out["teacher_hidden"] = hidden
-        out["teacher_scores"] = scores
-        layer0 = 0 in self.hidden_layers and 0 not in plan.stored_hidden
-        if layer0 or derive_inputs:
-            out[DERIVE_KEY] = {"layer0": layer0, "inputs": derive_inputs, "rows": derive_rows}
-        return out
-
-    def _fill(self, target, table: _Loaded, column: str, row: int, rows: int, width: int) -> None:
-        """Copy one stored row into ``target`` ([rows, width] view), widening or dequantising."""
-        values = table.row(column, row)
-        if self.dtype == "int8":
-            dequantise_into(target, values, table.row(scale_column(column), row), rows, width)
-        else:
-            target.copy_(self._tensor(values).view(target.shape))
-
-    def _tensor(self, values: np.ndarray):
-        import torch
-
-        if self.dtype == "bfloat16":  # raw bf16 bits stored as uint16
-            return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(values)
+    def batches(self, batch_size: int, seed: int = 0, epoch: int = 0, start_batch: int = 0,
+                **kwargs) -> Iterator[dict[str, Any]]:
+        """The epoch's batches as padded Batch dicts on the CPU: :meth:`packed_batches`, each
+        expanded (:func:`pipeline.cache.packed.expand`). The trainer expands on its device."""
+        for packed in self.packed_batches(batch_size, seed=seed, epoch=epoch, start_batch=start_batch,
+                                          **kwargs):
+            yield expand(packed)
 
     def dataset(self, batch_size: int, seed: int = 0, epoch: int = 0, **kwargs) -> "CacheBatchDataset":
         return CacheBatchDataset(self, batch_size, seed=seed, epoch=epoch, **kwargs)
@@ -618,12 +530,6 @@ def rank_block(rows: np.ndarray, rank: int, size: int) -> tuple[np.ndarray, int]
     if stop == start:
         return rows[:1], 0
     return rows[start:stop], stop - start
-
-
-def _take(table: _Loaded, row: int, columns: Sequence[str]) -> pa.Table:
-    """One row of a loaded table back as a one-row Arrow table (for the carry)."""
-    return table.table.slice(row, 1).select(["id", "label", "length",
-                                             *[c for c in columns if c in table.values]])
 
 
 def open_cache(cache_dir: Path | str, hidden_layers: Sequence[int] | None = None,
@@ -643,11 +549,12 @@ def _iterable_dataset_base():
 
 
 class CacheBatchDataset(_iterable_dataset_base()):
-    """A torch ``IterableDataset`` of ready batches; use ``DataLoader(ds, batch_size=None)``.
+    """A torch ``IterableDataset`` of packed batches; use ``DataLoader(ds, batch_size=None)``.
 
-    With ``num_workers=k`` each worker materialises every k-th batch of the same plan, and
-    the DataLoader's in-order round-robin merge gives the single-process order.
-    Call :meth:`set_epoch` between epochs.
+    With ``num_workers=k`` each worker gathers every k-th batch of the same plan, and the
+    DataLoader's in-order round-robin merge gives the single-process order. A worker hands
+    each batch over in one shared-memory buffer (:meth:`PackedBatch.into_arena`); the loader's
+    pin thread pins it (:meth:`PackedBatch.pin_memory`). Call :meth:`set_epoch` between epochs.
     """
 
     def __init__(self, reader: CacheReader, batch_size: int, seed: int = 0, epoch: int = 0,
@@ -676,5 +583,8 @@ class CacheBatchDataset(_iterable_dataset_base()):
         # The worker split is on the global batch index, counted from start_batch.
         offset = self.start_batch
         worker = ((worker[0] + offset) % worker[1], worker[1])
-        return self.reader.batches(self.batch_size, seed=self.seed, epoch=self.epoch,
-                                   start_batch=self.start_batch, worker=worker, **self.batch_kwargs)
+        batches = self.reader.packed_batches(self.batch_size, seed=self.seed, epoch=self.epoch,
+                                             start_batch=self.start_batch, worker=worker, **self.batch_kwargs)
+        if info is None:
+            return batches
+        return (packed.into_arena() for packed in batches)

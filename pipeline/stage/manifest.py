@@ -52,6 +52,9 @@ RUN_HISTORY_INFO_KEYS = ("worker_pid", "shards_resumed", "resumed_from", "train_
                          # where and how wide a training stage ran: its device lease and rank
                          # count (the result does not depend on them), and its throughput
                          "device_lease", "nproc", "examples_per_s",
+                         # deployment timings (distill.speed, pipeline.deploy): latency,
+                         # throughput and speed-ups, all under "speed" keys
+                         "speed",
                          # the build's peak and end RSS (pipeline.stage.memory)
                          "memory")
 
