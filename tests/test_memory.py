@@ -19,7 +19,7 @@ from tests.tiny_dag import tiny_stages, tiny_task
 
 #: RSS growth per trainer stage allowed (the issue's goal over the demo grid: < 5 MB).
 SLOPE_BOUND_MB = 5.0
-MB = 2**20
+MB = 1e6
 
 
 @pytest.fixture
@@ -133,7 +133,7 @@ def test_a_stage_records_its_peak_and_ends_with_its_freed_memory_given_back():
 
     record: dict = {}
     with measured(record):
-        block = bytearray(300 * MB)   # touched: resident
+        block = bytearray(300 * 10**6)   # touched: resident
         for offset in range(0, len(block), 4096):
             block[offset] = 1
         del block
@@ -158,7 +158,7 @@ def test_under_cuda_the_peak_of_each_device_is_recorded_and_its_cache_emptied(mo
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(("reset", d)))
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: (d + 1) * 512 * MB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: (d + 1) * 512 * 10**6)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(("empty_cache",)))
     record: dict = {}
     with measured(record):

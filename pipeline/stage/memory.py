@@ -38,7 +38,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-MB = 2**20
+MB = 1e6   # megabytes (10^6 bytes), as the keys say and scripts/memory_profile.py reports
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _LIBC: Any = None
 
