@@ -307,8 +307,9 @@ def scheduling_digest(status: dict[str, str]) -> str:
         dynamic = getattr(cls, "dynamic_requirements", "")
         if state == "PENDING" and dynamic and dynamic not in scheduled:
             yielding[families[task_id], dynamic] = yielding.get((families[task_id], dynamic), 0) + 1
-    extra = "".join(f" + the {dynamic} tasks of {c} {family} as they appear (dynamic dependencies)"
-                    for (family, dynamic), c in sorted(yielding.items()))
+    extra = (" + the dynamic dependencies of " + " and ".join(
+        f"{c} {family} ({dynamic})" for (family, dynamic), c in sorted(yielding.items())) + " as they appear"
+             if yielding else "")
     return f"scheduled {n} task{'' if n == 1 else 's'}{extra}: {', '.join(parts)}"
 
 

@@ -134,8 +134,11 @@ def test_the_scheduling_line_says_dynamic_dependencies_come_on_top():
     import tasks  # noqa: F401  (registers TeacherCache)
 
     cold = {"PrepareData_x_1": "PENDING", "TeacherCache_augmented_2": "PENDING", "WordVectors_y_3": "DONE"}
-    assert scheduling_digest(cold) == ("scheduled 3 tasks + the TeacherCacheShard tasks of 1 TeacherCache as "
-                                       "they appear (dynamic dependencies): 2 to run, 1 up to date")
+    assert scheduling_digest(cold) == ("scheduled 3 tasks + the dynamic dependencies of 1 TeacherCache "
+                                       "(TeacherCacheShard) as they appear: 2 to run, 1 up to date")
+    demo = {**cold, "Demo__99914b932b": "PENDING"}
+    assert scheduling_digest(demo).startswith("scheduled 4 tasks + the dynamic dependencies of 1 Demo "
+                                              "(ExportStudent) and 1 TeacherCache (TeacherCacheShard) as they appear")
     listed = {**cold, "TeacherCacheShard_augmented_4": "PENDING"}
     assert scheduling_digest(listed) == "scheduled 4 tasks: 3 to run, 1 up to date"
 
