@@ -146,7 +146,7 @@ class DistillStep(torch.nn.Module):
         self._trainer = [trainer]   # a list: not registered as a submodule
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return self._trainer[0].compute_losses(batch)
+        return self._trainer[0].batch_losses(batch)
 
 
 def rank_seed(seed: int, rank: int, step: int) -> int:

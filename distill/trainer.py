@@ -43,6 +43,7 @@ the steps the killed one logged after its checkpoint, so the files read back as 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -65,6 +66,7 @@ from distill.distributed import (DistillStep, World, current_world, global_value
 from distill.losses import (ATTENTION_MODES, PROJECTION_MODES, HiddenProjections, hinton_kd,
                             intermediate_losses, regression_loss, soft_cross_entropy)
 from pipeline.common.encoder_outputs import forward_internals, zero_padding
+from pipeline.common.encoders import capture_scores, family_of
 
 LOSS_NAMES = ("embedding", "attention", "hidden", "prediction")
 PREDICTION_LOSSES = ("soft_ce", "kd")
@@ -117,6 +119,7 @@ class TrainConfig:
     prefetch: int = 4                    # batches a background thread reads ahead (0: none)
     num_workers: int = 0                 # > 0: DataLoader worker processes (sources with .dataset)
     num_threads: int = 0                 # CPU intra-op threads; 0 = torch default
+    compile: bool = False                # torch.compile the student's forward and the losses
     progress: bool = False               # a tqdm bar on stderr: steps, loss, ETA (and dev metric)
 
     def validate(self) -> None:
@@ -362,6 +365,8 @@ class Trainer:
         self.student_hidden_layers = student_layers if config.uses_intermediate else []
         self.student_attention_layers = ([s for s, _ in self.layer_pairs]
                                          if config.uses_intermediate and config.attention_weight > 0 else [])
+        self._captured = None    # the student's score hooks' dict while training
+        self._compiled = None    # compute_losses compiled, while training with compile = true
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.tb_dir = self.out_dir / TENSORBOARD_DIR
@@ -478,7 +483,8 @@ class Trainer:
         with autocast:
             internals = forward_internals(self.student, batch["input_ids"], batch["token_type_ids"], mask,
                                           self.student_hidden_layers, self.student_attention_layers,
-                                          attention_target=config.attention_target)
+                                          attention_target=config.attention_target,
+                                          captured=self._captured)
         losses: dict[str, torch.Tensor] = {}
         if config.uses_intermediate:
             losses.update(intermediate_losses(
@@ -495,6 +501,10 @@ class Trainer:
             else:
                 losses["prediction"] = soft_cross_entropy(logits, teacher_logits, config.temperature)
         return losses
+
+    def batch_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """:meth:`compute_losses`, compiled when the run asked for it (``compile = true``)."""
+        return (self._compiled or self.compute_losses)(batch)
 
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         weights = {"embedding": self.config.embedding_weight, "attention": self.config.attention_weight,
@@ -522,9 +532,19 @@ class Trainer:
         self._tb = None
         self._ddp = None
         self._pinned = None   # reused pinned buffers for packed batches (CUDA)
+        # The student's score-capture hooks stay installed for the whole run (not installed and
+        # removed every step): less Python per step, and a compiled step sees one module.
+        capture = contextlib.nullcontext()
+        if self.student_attention_layers and family_of(self.student).exposes_scores:
+            capture = capture_scores(self.student, self.student_attention_layers)
         try:
-            return self._train()
+            with capture as captured:
+                self._captured = captured
+                self._compiled = torch.compile(self.compute_losses, dynamic=True) if config.compile else None
+                return self._train()
         finally:
+            # no reference from the trainer to itself outlives the run (a bound method would)
+            self._captured = self._compiled = None
             torch.set_num_threads(threads_before)
             if self._bar is not None:
                 self._bar.close()
@@ -651,7 +671,7 @@ class Trainer:
                                              dtype=torch.float64)
                     else:
                         batch = self.teacher(batch)
-                        losses = self.compute_losses(batch)
+                        losses = self.batch_losses(batch)
                         total = self.weighted_total(losses)
                         names = list(losses) + ["total"]
                         terms = torch.stack([value.detach().float() for value in losses.values()]
@@ -662,7 +682,7 @@ class Trainer:
                     if config.max_grad_norm > 0:
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).detach()
                     else:
-                        grad_norm = torch.tensor(float("nan"), device=total.device)
+                        grad_norm = torch.full((), float("nan"), device=total.device)   # no copy
                     lr = self.scheduler.get_last_lr()[0]
                     self.optimizer.step()
                     self.scheduler.step()

@@ -145,11 +145,18 @@ def _trainer_parameters(stage: str):
                         "included) before it fails, so a dead peer fails the stage instead of "
                         "hanging it.")
         num_workers = luigi.IntParameter(
-            default=-1, significant=False,
-            description="DataLoader worker processes reading the cache (order-preserving); "
-                        "-1: 4 on CUDA, else 0 (a background thread reads ahead when there are "
-                        "more than 2 cores; on 2 cores the step gets both and reads in between).")
+            default=0, significant=False,
+            description="DataLoader worker processes reading the cache (order-preserving); 0: a "
+                        "background thread reads ahead (the faster: workers hand every batch over "
+                        "through shared memory, 3-4x slower on 2 cores, scripts/bench_loader.py; "
+                        "on a CPU with 2 cores the step gets both and reads in between).")
         num_threads = num_threads_parameter()
+        compile = luigi.BoolParameter(
+            default=False, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+            description="torch.compile the student's forward and the losses (dynamic shapes): "
+                        "faster steps for long runs on a GPU, a compile of about 20 s per shape "
+                        "family first; the losses agree with the plain step up to floating-point "
+                        "noise.")
         progress = luigi.BoolParameter(
             default=True, significant=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
             description="Show a tqdm bar on the console (steps, loss, best dev metric, ETA); "
@@ -160,14 +167,9 @@ def _trainer_parameters(stage: str):
 
             names = {f.name for f in fields(TrainConfig)}
             values = {name: getattr(self, name) for name in names
-                      if hasattr(self, name) and name not in ("num_workers", "eval_every")}
+                      if hasattr(self, name) and name != "eval_every"}
             values["eval_every"] = getattr(self, "eval_every", 0)
             values["device"] = self.build_device()
-            workers = self.num_workers
-            if workers < 0:
-                import torch
-                workers = 4 if self.device != "cpu" and torch.cuda.is_available() else 0
-            values["num_workers"] = workers
             config = TrainConfig(**values)
             config.validate()
             return config

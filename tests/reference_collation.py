@@ -17,8 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.cache.compact import (DERIVE_KEY, attention_column, dequantise_into, hidden_column,
-                                    scale_column)
+from pipeline.cache.compact import DERIVE_KEY, attention_column, hidden_column, scale_column
 
 
 class _Loaded:
@@ -134,6 +133,14 @@ def reference_batches(reader, batch_size: int, seed: int = 0, epoch: int = 0, st
         else:
             carry = None
         carry_lengths = all_lengths[rest]
+
+
+def dequantise_into(target, values: np.ndarray, scales: np.ndarray, rows: int, width: int) -> None:
+    """``target = values · scale``: ``rows`` scaled rows of ``width`` int8 values, written into
+    ``target`` (any view of ``rows·width`` elements, e.g. a padded batch's slice)."""
+    quantised = torch.from_numpy(values).view(rows, width)
+    dequantised = quantised.to(torch.float32) * torch.from_numpy(scales).view(rows, 1)
+    target.copy_(dequantised.view(target.shape))
 
 
 def _tensor(reader, values: np.ndarray):

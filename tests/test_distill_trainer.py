@@ -195,6 +195,46 @@ def test_nan_loss_stops_with_step_named_and_keeps_last_checkpoint(tmp_path, teac
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
 
 
+def test_loss_checks_batched_to_log_steps_still_name_the_first_bad_step(tmp_path, teacher, examples):
+    """The step reads its losses back only at log, evaluation and checkpoint steps (no host sync
+    per step): a NaN at step 5 is found at the checkpoint of step 6, named as step 5, and that
+    checkpoint is not written; with no log or checkpoint step at all, at the run's end."""
+    hidden, attention = cached_layers(layer_map(4, 2))
+    source = TokenizedExamples(examples, "classification")
+    config = recipe("intermediate", batch_size=8, epochs=2, log_every=50, checkpoint_every=2, device="cpu")
+    provider = FailingTeacher(teacher, hidden, attention, fail_at=5, poison=True)
+    with pytest.raises(NonFiniteLoss, match=r"at step 5 \(epoch 0, batch 4, .*last good checkpoint: step 4"):
+        run(tmp_path, "late", teacher, source, provider, config)
+    assert checkpoint_meta(tmp_path / "late" / "checkpoints" / "last.pt")["step"] == 4
+    config = recipe("intermediate", batch_size=8, epochs=2, log_every=0, checkpoint_every=0, device="cpu")
+    provider = FailingTeacher(teacher, hidden, attention, fail_at=9, poison=True)
+    with pytest.raises(NonFiniteLoss, match=r"at step 9 \(epoch 1, batch 2, .*no checkpoint written yet"):
+        run(tmp_path, "end", teacher, source, provider, config)
+
+
+def test_compile_gives_the_plain_steps_losses(tmp_path, teacher, examples):
+    """compile = true (torch.compile of the student's forward and the losses, the score hooks
+    installed once): the same per-step losses as the plain step, up to float noise. Dropout is
+    off: a compiled graph draws its dropout masks from another generator."""
+    hidden, attention = cached_layers(layer_map(4, 2))
+    results = {}
+    for compiled in (False, True):
+        config = recipe("intermediate", batch_size=16, epochs=1, log_every=1, device="cpu", compile=compiled)
+        student = make_student(teacher)
+        for module in student.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        torch.manual_seed(3)   # the projections are drawn when the trainer is built
+        trainer = Trainer(config, student, TokenizedExamples(examples, "classification"),
+                          OnlineTeacher(teacher, hidden, attention), tmp_path / str(compiled),
+                          list(zip((1, 2), layer_map(4, 2))), teacher.config.hidden_size)
+        results[compiled] = trainer.train().step_losses
+    assert len(results[True]) == len(results[False]) == 3
+    for plain, compiled in zip(results[False], results[True]):
+        for name in ("embedding", "hidden", "attention", "total"):
+            assert compiled[name] == pytest.approx(plain[name], rel=1e-4), (plain["step"], name)
+
+
 def test_prediction_stage_evaluates_and_keeps_the_best(tmp_path, teacher, examples, tokenizer):
     from distill.evaluate import Evaluator
     hidden, attention = cached_layers(layer_map(4, 2))

@@ -17,14 +17,15 @@ make most of that redundant:
   mapped layers or an all-layers cache) or is layer 0 (recomputed), the scores cost nothing.
 * **Activations survive 8 bits.** ``storage = int8`` stores symmetric int8 values with one
   float32 scale per token for hidden states and one per (head, query row) for scores
-  (``value = int8 · scale``, ``scale = max|row| / 127``), dequantised by the reader in the same
-  copy that pads the batch.
+  (``value = int8 · scale``, ``scale = max|row| / 127``), dequantised on the training device
+  in the same kernel that pads the batch (:func:`pipeline.cache.packed.expand`).
 
 ``layout = full`` keeps format 1's columns (every mapped layer stored as it is) for exact
-comparisons. Either way the trainer receives the Batch of docs/DESIGN.md: the reader
-dequantises and pads, and :class:`TeacherParts` (called by the trainer's
-:class:`distill.trainer.CachedTeacher` on the training device, and by the online teacher for
-layer 0, so both modes compute it the same way) fills in layer 0 and the derived scores.
+comparisons. Either way the trainer receives the Batch of docs/DESIGN.md: the reader gathers
+the stored bytes, :func:`pipeline.cache.packed.expand` dequantises and pads them on the device,
+and :class:`TeacherParts` (called by the trainer's :class:`distill.trainer.CachedTeacher` on
+the training device, and by the online teacher for layer 0, so both modes compute it the same
+way) fills in layer 0 and the derived scores.
 
 Column names (format 2): ``hidden_<j>`` and ``attn_<l>`` as in format 1 (``attn_<l>`` is null
 in rows whose scores are derived), ``attn_input_<l>`` (layer ``l``'s input, null in rows that
@@ -164,7 +165,7 @@ def check_format(info: dict, where: Path | str) -> int:
     return version
 
 
-# --- int8 quantisation (numpy in the writer, torch in the reader) ---------------------------
+# --- int8 quantisation (in the writer; pipeline.cache.packed dequantises) --------------------
 
 def quantise_rows(values, axis_size: int):
     """Symmetric int8 with one scale per row of ``axis_size`` trailing values (torch tensors).
@@ -179,16 +180,6 @@ def quantise_rows(values, axis_size: int):
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     quantised = torch.round(values / safe[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return quantised, scale
-
-
-def dequantise_into(target, values: np.ndarray, scales: np.ndarray, rows: int, width: int) -> None:
-    """``target = values · scale``: ``rows`` scaled rows of ``width`` int8 values, written into
-    ``target`` (any view of ``rows·width`` elements, e.g. a padded batch's slice)."""
-    import torch
-
-    quantised = torch.from_numpy(values).view(rows, width)
-    dequantised = quantised.to(torch.float32) * torch.from_numpy(scales).view(rows, 1)
-    target.copy_(dequantised.view(target.shape))
 
 
 def relative_errors(reference: dict, other: dict) -> dict[str, dict[str, float]]:

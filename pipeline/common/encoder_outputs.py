@@ -63,11 +63,14 @@ def log_probs_from_scores(scores: torch.Tensor, attention_mask: torch.Tensor,
 def forward_internals(model: torch.nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
                       attention_mask: torch.Tensor, hidden_layers: Sequence[int] = (),
                       attention_layers: Sequence[int] = (), with_logits: bool = True,
-                      attention_target: str = "scores") -> Internals:
+                      attention_target: str = "scores", captured: dict | None = None) -> Internals:
     """Run ``model`` once and return logits, the requested hidden states and attention targets.
 
     ``hidden_layers`` use ``output_hidden_states`` numbering (0 = embeddings).
     ``with_logits`` False allows a bare encoder (``AutoModel``) without a task head.
+    ``captured``: the dict of a :func:`~pipeline.common.encoders.capture_scores` the caller
+    holds open over many forwards (the trainer: its hooks are installed once, so a compiled
+    step sees the same module every time); None installs the hooks for this forward only.
     """
     if attention_target not in ATTENTION_TARGETS:
         raise ValueError(f"attention_target {attention_target!r} not in {ATTENTION_TARGETS}")
@@ -86,6 +89,8 @@ def forward_internals(model: torch.nn.Module, input_ids: torch.Tensor, token_typ
         out = model(**inputs, output_hidden_states=bool(hidden_layers),
                     output_attentions=True, return_dict=True)
         captured = {}
+    elif captured is not None:
+        out = model(**inputs, output_hidden_states=bool(hidden_layers), return_dict=True)
     else:
         with capture_scores(model, attention_layers) as captured:
             out = model(**inputs, output_hidden_states=bool(hidden_layers), return_dict=True)
