@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import time
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
@@ -137,7 +138,10 @@ class HeldOutSelection:
     def __init__(self, selector, dev, best_on_dev_path: Path):
         self.selector, self.dev, self.path = selector, dev, best_on_dev_path
         self.best_on_dev = read_predictions(best_on_dev_path) if best_on_dev_path.is_file() else None
-        self.trainer = None   # set once the trainer exists: the step being evaluated
+        # the trainer (for the step being evaluated), held weakly: the trainer holds this object
+        # as its evaluate function, and a cycle would keep the student, its optimizer state and
+        # the cache reader alive after the stage until a full garbage collection
+        self.trainer = lambda: None
 
     @property
     def best_on_dev_record(self) -> dict | None:
@@ -149,7 +153,7 @@ class HeldOutSelection:
         metrics = self.selector(student)
         dev = self.dev(student)
         if self.best_on_dev is None or dev["primary"] > self.best_on_dev.metrics["primary"]:
-            step = getattr(self.trainer, "evaluating_step", 0)
+            step = getattr(self.trainer(), "evaluating_step", 0)
             _save_predictions(self.dev, self.path, step, dev)
             self.best_on_dev = read_predictions(self.path)
         return {**metrics, "selection": "holdout", "dev": dev}
@@ -277,7 +281,7 @@ def distill_from_cache(cache_dir: Path | str, out_dir: Path | str, config: Train
                       int(info.get("hidden_size", teacher_config.hidden_size)), task_type,
                       evaluate=selection or evaluator, on_best=keep_best, world=world)
     if selection is not None:
-        selection.trainer = trainer
+        selection.trainer = weakref.ref(trainer)
     result = trainer.train()
     if not world.main:
         return {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Sequence
 
 
 class InputError(ValueError):
@@ -20,6 +21,27 @@ class InputError(ValueError):
         if line is not None:
             where = f"{where}:{line}" if where else f"line {line}"
         super().__init__(f"{where}: {problem}" if where else problem)
+
+
+class InputErrors(InputError):
+    """Several problems found by a check that looks at everything before it fails (the GLUE
+    pre-flight over every task): one error whose message lists each problem, with its file, on
+    a line of its own, so that a user fixes them all in one pass instead of one per rerun.
+    ``problems`` holds them as :class:`InputError` objects."""
+
+    def __init__(self, problems: Sequence[InputError], what: str = ""):
+        flat = [p for e in problems for p in (e.problems if isinstance(e, InputErrors) else [e])]
+        self.problems = flat
+        header = f"{len(flat)} problems" + (f" {what}" if what else "") + ":"
+        super().__init__(header + "".join(f"\n- {problem}" for problem in flat))
+
+
+def raise_problems(problems: Sequence[InputError], what: str = "") -> None:
+    """Raise nothing for no problem, the one problem as it is, several as :class:`InputErrors`."""
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise InputErrors(problems, what)
 
 
 #: A plain name: letters, digits, ``_`` and ``-``, starting with a letter or digit, at most 64

@@ -8,7 +8,8 @@ baseline (default ``fp16/full``: the previous default, format-1 columns) and to 
 shared, and the two distillations use the same seed, so the only difference is the cache
 format. It then compares, from the stage outputs:
 
-* the student's dev metric (best stage-2 evaluation, and the last one) per cache;
+* the kept student's dev metric (the stage-2 evaluation best on dev or on the held-out train
+  rows, as the profile's ``selection`` says), and the last evaluation's, per cache;
 * the per-step training losses of stage 1 and stage 2: max and mean relative difference;
 * the caches' bytes per token and per example.
 
@@ -26,8 +27,11 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
 
-#: Logged numbers that are not losses: the optimiser's state and timings (``*_s``).
-NOT_LOSSES = {"step", "epoch", "lr", "grad_norm"}
+from pipeline.stage import RUN_HISTORY_INFO_KEYS  # noqa: E402  (after the path insert)
+
+#: Logged numbers that are not losses: the optimiser's state, and the run history logged per
+#: step (timings ``*_s``, throughput, the loader-wait share).
+NOT_LOSSES = {"step", "epoch", "lr", "grad_norm", *RUN_HISTORY_INFO_KEYS}
 
 
 def step_losses(out_dir: Path) -> dict[int, dict]:
@@ -35,10 +39,16 @@ def step_losses(out_dir: Path) -> dict[int, dict]:
     return {row["step"]: row for row in rows if "eval" not in row and "step" in row}
 
 
+def dev_of(evaluation: dict) -> dict:
+    """An evaluation's dev metrics (under held-out selection dev is scored beside the rows that
+    choose, as ``evaluation["dev"]``)."""
+    return evaluation.get("dev", evaluation)
+
+
 def evaluations(out_dir: Path) -> dict[int, dict]:
     """Stage 2's dev evaluations by step."""
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["eval"] for row in rows if "eval" in row}
+    return {row["step"]: dev_of(row["eval"]) for row in rows if "eval" in row}
 
 
 def loss_difference(a: dict[int, dict], b: dict[int, dict]) -> dict:
@@ -85,6 +95,7 @@ def main() -> int:
             return 1
         runs[label] = (setting, argv)
 
+    from pipeline.common.selection import StudentSelection
     from pipeline.stage import load_manifest
     from tasks.cli import task_from_argv
 
@@ -98,13 +109,18 @@ def main() -> int:
             metrics = json.loads((stage2.output_dir() / "metrics.json").read_text())
             size = load_manifest(cache.output_dir())["info"]["size"]
             figures["task"] = metrics.get("task")
+            # how stage 2 kept its student, from the manifests (the report's words for it)
+            selection = StudentSelection.from_manifests(stage2.requires()["data"].manifest(),
+                                                        [stage2.manifest()], stage2.output_dir())
             figures["runs"][label] = {
                 "cache": setting, "best": metrics["best"], "final_eval": metrics["final_eval"],
                 "bytes_per_token": size["bytes_per_token"], "bytes_per_example": size["bytes_per_example"],
                 "parts_bytes": size["parts_bytes"]}
     base, cand = figures["runs"]["baseline"], figures["runs"]["candidate"]
     for run in (base, cand):   # best = {"step", "epoch", "metrics"}; final_eval = the metrics
-        run["best"] = {**run["best"]["metrics"], "step": run["best"]["step"]}
+        run["best"] = {**dev_of(run["best"]["metrics"]), "step": run["best"]["step"]}
+        run["final_eval"] = dev_of(run["final_eval"])
+    figures["selection"] = selection.rule
     figures["metric"] = base["best"].get("primary_metric")
     figures["dev_difference_points"] = round(100 * (cand["best"]["primary"] - base["best"]["primary"]), 2)
     figures["last_eval_difference_points"] = round(
@@ -123,14 +139,15 @@ def main() -> int:
     lines = [f"# {task}: does the cache format change what the student learns?", "",
              f"Regenerate: `python scripts/cache_quality.py --config {args.config} --glue-dir <GLUE>` "
              "(the same DAG, teacher and seed; only `[TeacherCache] storage/layout` differ).", "",
-             "| cache | bytes/token | bytes/example | dev (best) | dev (last evaluation) |",
+             selection.sentence(), "",
+             f"| cache | bytes/token | bytes/example | {selection.column(base['best'].get('primary_metric') or 'metric')} | dev (last evaluation) |",
              "|---|---:|---:|---:|---:|"]
     for label in ("baseline", "candidate"):
         run = figures["runs"][label]
         lines.append(f"| {run['cache']} | {run['bytes_per_token']:.0f} | {run['bytes_per_example']:.0f} | "
                      f"{run['best']['primary']:.4f} | {run['final_eval']['primary']:.4f} |")
     lines += ["", f"Student dev difference (candidate − baseline): **{figures['dev_difference_points']:+.2f} "
-                  f"points** (best), {figures['last_eval_difference_points']:+.2f} (last evaluation); "
+                  f"points** (kept student), {figures['last_eval_difference_points']:+.2f} (last evaluation); "
                   f"the candidate cache is **{figures['size_ratio']:.2f}x** the baseline's size "
                   f"(teacher parts, {cand['parts_bytes'] / 1e6:.0f} MB once per cache, not included).", ""]
     for stage, diff in figures["loss_difference"].items():
@@ -153,6 +170,7 @@ def main() -> int:
     lines += ["", f"{same} of {len(steps)} evaluations are equal. Training seconds (stage 1 + stage 2): "
               + ", ".join(f"{figures['runs'][label]['cache']} {figures['runs'][label]['train_seconds']:.0f}"
                           for label in ("baseline", "candidate")) + "."]
+    args.out.mkdir(parents=True, exist_ok=True)
     report = args.out / f"{task}-cache.md"
     report.write_text("\n".join(lines) + "\n")
     print(json.dumps(figures, default=str))

@@ -55,7 +55,10 @@ class Ablations(StageTask):
     """Distil one student per variant of an ablation grid from one teacher cache; report."""
 
     stage_name = "ablations"
-    stage_version = "3"   # 3: seeds, mean ± std, paired-bootstrap intervals, last-eval scores
+    # 3: seeds, mean ± std, paired-bootstrap intervals, last-eval scores; 4: the selection prose
+    # generated from the manifests (pipeline.common.selection), under both rules
+    stage_version = "4"
+    report_files = ("ablations.md", "ablations.csv", "ablations.png", "summary.json")
 
     grid = luigi.Parameter(
         default=str(DEFAULT_GRID), significant=False,
@@ -142,6 +145,7 @@ class Ablations(StageTask):
     def build(self, out: StageBuild) -> None:
         from pipeline.ablations.report import VariantResult, write_report
         from pipeline.ablations.statistics import BOOTSTRAP_SEED, CONFIDENCE, RESAMPLES
+        from pipeline.common.selection import StudentSelection
 
         descriptions = {v.name: v.describe() for v in self.grid_variants()}
         runs: dict[str, list] = {}
@@ -173,12 +177,11 @@ class Ablations(StageTask):
             f"{'that one cache' if one_cache else 'its teacher cache (below)'}.",
         ]
         notes += _cache_notes(caches, augmentations)
-        held_out = data["info"].get("holdout")
-        if held_out:   # selection = holdout (absent under selection = dev: those reports stay as they were)
-            notes.append(f"Student selection: the best stage-2 evaluation on {held_out['rows']} held-out "
-                         f"train rows ({100 * held_out['fraction']:g} %, stratified by "
-                         f"{held_out['stratified_by']}, never augmented or cached); the dev scores below "
-                         "are that student's, and the last evaluation's.")
+        # how every stage-2 run kept its student, from the manifests: the report's words for it
+        selection = StudentSelection.from_manifests(
+            data, [task.manifest() for task in self.variant_tasks().values()], self.output_location())
+        notes.append(selection.sentence())
+        held_out = selection.held_out
         check = teacher.get("baseline_check") or {}
         if check.get("degenerate"):
             notes.insert(0, f"**WARNING: the teacher is no better than the majority class** (dev "
@@ -186,7 +189,7 @@ class Ablations(StageTask):
                             f"prediction {check.get('predicts')!r} {check.get('baseline'):.4f}): the "
                             "students below learned from a degenerate teacher.")
         with out.timed("report"):
-            report = write_report(results, out.path, f"{task} ablations", teacher_metric, notes)
+            report = write_report(results, out.path, f"{task} ablations", selection, teacher_metric, notes)
         if workdir_store() is None:   # local outputs only: a store would mean downloading each run
             from pipeline.ablations.report import gather_tensorboard
 
@@ -205,7 +208,7 @@ class Ablations(StageTask):
             "headline": ("dev score of the stage-2 evaluation best on the held-out train rows (mean over "
                          "seeds); student_last: the last evaluation" if held_out else
                          "best stage-2 dev evaluation (mean over seeds); student_last: the last evaluation"),
-            **({"selection": "holdout"} if held_out else {}),
+            "selection": selection.rule,
             "bootstrap": {"resamples": RESAMPLES, "seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE,
                           "statistic": "mean over seeds of the variant's metric minus full's, paired "
                                        "over dev examples (same indices for every seed and both)"},

@@ -6,7 +6,9 @@ upstream tasks (``requires()``) and the local files it reads (``stage_inputs()``
 it derives a :class:`~pipeline.stage.StageKey`, hence ``output()`` =
 ``<workdir>/<stage>/<fingerprint>``, so Luigi's existence check *is* a staleness check.
 ``run()`` opens an atomic build and hands it to ``build()``, which calls plain functions in
-``pipeline/`` or ``distill/``.
+``pipeline/`` or ``distill/``. Around ``build()`` it records the stage's peak and end memory in
+the manifest's run history and gives the memory the build freed back to the system
+(:mod:`pipeline.stage.memory`): Luigi runs a whole DAG's stages in one process.
 
 This module must stay cheap to import: it is on the path of every no-op rerun, so it never
 imports torch, transformers or datasets (stages import them inside ``build()``).
@@ -23,8 +25,8 @@ import luigi
 from luigi.task import flatten
 
 from pipeline.stage import (FileHasher, StageAlreadyComplete, StageBuild, StageKey, build_stage,
-                            explain_key, fetch_output, store_output_rel, verify_store_upstream,
-                            verify_upstream)
+                            explain_key, fetch_output, measured_memory, store_output_rel,
+                            verify_store_upstream, verify_upstream)
 
 LOG = logging.getLogger("luigi-interface")
 
@@ -258,6 +260,11 @@ class StageTask(luigi.Task):
     #: Whether the stage computes on a device of ``[pipeline] devices`` (with ``device = auto``
     #: it leases one, or ``devices_wanted()``, while it builds).
     leases_devices: ClassVar[bool] = False
+    #: The family of the tasks ``run()`` yields as dynamic dependencies when ``requires()`` could
+    #: not list them yet ("" for none): the console's scheduling line says they come on top.
+    dynamic_requirements: ClassVar[str] = ""
+    #: The report files ``build()`` writes (``tinykd run`` / ``demo`` print their paths last).
+    report_files: ClassVar[tuple[str, ...]] = ()
     #: The devices leased for the build in progress ([] when none is leased), and their slots.
     leased_devices: list[str] = []
     leased_slots: list[str] = []
@@ -431,14 +438,19 @@ class StageTask(luigi.Task):
                 if devices:   # run history (pipeline.stage.RUN_HISTORY_INFO_KEYS), not content
                     out.info["device_lease"] = {"devices": devices, "slots": self.leased_slots}
                 self.verify_upstream()
-                if "num_threads" in self.param_kwargs and self.uses_torch:   # its thread count, for build()
-                    from pipeline.common.device import torch_threads
+                memory: dict[str, Any] = {}
+                # peak and end RSS into the run history; freed memory back to the system after
+                # the build, so the next stage of this process starts from what is still in use
+                with measured_memory(memory):
+                    if "num_threads" in self.param_kwargs and self.uses_torch:   # its thread count, for build()
+                        from pipeline.common.device import torch_threads
 
-                    with torch_threads(self.num_threads) as threads:
-                        out.info["torch_threads"] = threads
+                        with torch_threads(self.num_threads) as threads:
+                            out.info["torch_threads"] = threads
+                            self.build(out)
+                    else:
                         self.build(out)
-                else:
-                    self.build(out)
+                out.info["memory"] = memory   # run history (pipeline.stage.RUN_HISTORY_INFO_KEYS)
                 # recorded for `explain`, which compares a key with earlier outputs of its own task
                 task = self.task_name()
                 if task:

@@ -18,9 +18,11 @@ the command line, then ``luigi.cfg`` (Luigi's configuration mechanism), then def
 (:mod:`distill.speed`).
 
 A failed ``run`` ends, after Luigi's summary, with one line per failed task and its error (an
-InputError's ``file:line: problem``); tracebacks go to ``<workdir>/logs/run-*.log``, or to the
-console with ``--verbose``, which also shows Luigi's full per-task lines (by default a task is
-named by its family and output fingerprint).
+InputError's ``file:line: problem``; several problems found at once, one line each); tracebacks
+go to ``<workdir>/logs/run-*.log``, or to the console with ``--verbose``, which also shows
+Luigi's full per-task lines (by default a task is named by its family and output fingerprint).
+A successful ``run`` or ``demo`` of a task that writes a report prints the report's paths last.
+Python warnings raised during a run go to the run log, and to the console once, as one line.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,7 +42,7 @@ import luigi.cmdline_parser
 from luigi.execution_summary import LuigiStatusCode
 from luigi.task import flatten
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, InputErrors
 from pipeline.stage import delete_entry, gc_plan, human_age
 from tasks.base import PROJECT_ROOT, StageTask, walk_dag, workdir, workdir_location, workdir_store
 
@@ -86,7 +89,8 @@ def task_from_argv(argv: list[str]) -> Iterator[luigi.Task]:
 
 
 class _HoldSummary(logging.Filter):
-    """Keep Luigi's execution summary out of its log: tinykd prints it last, after any report."""
+    """Keep Luigi's execution summary out of its log: tinykd prints it itself, after the run and
+    before the report paths (which come last)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "===== Luigi Execution Summary =====" not in str(record.msg)
@@ -102,6 +106,13 @@ def cmd_run(argv: list[str]) -> int:
         result, failures = _until_other_workers_finish(argv, result, failures)
     print(result.summary_text)
     _print_failures(failures)
+    if _succeeded(result):   # a task that writes a report: where it is, last
+        with task_from_argv([a for a in argv if a != "--verbose"]) as root:
+            # a wrapper (tasks.deploy.Demo) writes nothing itself: its requirements' reports
+            lines = report_lines(root) or [line for task in flatten(root.requires())
+                                           for line in report_lines(task)]
+        if lines:
+            print("\n".join(lines))
     return 0 if _succeeded(result) else 1
 
 
@@ -159,17 +170,59 @@ def short_task(task: luigi.Task) -> str:
 
 
 def _error_line(text: str) -> str:
-    """The final ``Type: message`` line of a formatted traceback, an InputError as its message."""
+    """The exception of a formatted traceback as ``Type: message``, an InputError as its message.
+
+    The exception is what follows the last frame (the last indented line): one line, or for an
+    :class:`~pipeline.errors.InputErrors` its header and one line per problem."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    last = lines[-1].strip() if lines else text.strip()
-    match = re.match(r"^([A-Za-z_][\w.]*): (.*)$", last)
-    if match and match.group(1).endswith("InputError"):
-        return match.group(2)
-    return last
+    frames = [i for i, line in enumerate(lines) if line[:1].isspace()]
+    exception = lines[frames[-1] + 1:] if frames and frames[-1] + 1 < len(lines) else lines[-1:]
+    first = exception[0].strip() if exception else text.strip()
+    match = re.match(r"^([A-Za-z_][\w.]*): (.*)$", first)
+    if match and match.group(1).endswith(("InputError", "InputErrors")):
+        return "\n".join([match.group(2), *exception[1:]])
+    return "\n".join([first, *exception[1:]])
+
+
+def console_text(message: str) -> str:
+    """The one line of a log message the console shows: its first line with a letter or digit
+    (a banner's text, not the row of ``!`` above it)."""
+    for line in message.splitlines():
+        if any(character.isalnum() for character in line):
+            return line.strip()
+    return message.strip()
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` during a run: a Python warning becomes a log record of
+    ``tinykd.warnings`` (run log and console), carrying its text for :class:`_OnceOnConsole`."""
+    logging.getLogger("tinykd.warnings").warning("%s: %s (%s:%s)", category.__name__, message, filename,
+                                                 lineno, extra={"warning_text": str(message)})
+
+
+class _OnceOnConsole(logging.Filter):
+    """Each warning's text once on the console. A stage that warns loudly logs a banner and also
+    raises a Python warning with the same text (for callers of the library without tinykd's
+    logging): the console shows the banner's line, the run log keeps both."""
+
+    def __init__(self):
+        super().__init__()
+        self.shown: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        text = getattr(record, "warning_text", None) or console_text(record.getMessage())
+        if text in self.shown:
+            return False
+        self.shown.add(text)
+        return True
 
 
 class _ShortFormatter(logging.Formatter):
-    """Luigi's console lines with tasks as family + fingerprint and tracebacks left out."""
+    """Luigi's console lines with tasks as family + fingerprint and tracebacks left out: a
+    record that carries one (an exception, a formatted traceback) is its first line and where
+    the traceback is; any other multi-line message is its one line of text (:func:`console_text`)."""
 
     def __init__(self, log_path: Path):
         super().__init__("%(levelname)s: %(message)s")
@@ -188,19 +241,21 @@ class _ShortFormatter(logging.Formatter):
         message = re.sub(r"Will not run (\w+)\(.*?\) or any", r"Will not run \1 or any", message,
                          count=1, flags=re.S)
         message = re.sub(r"Worker\(salt=[^)]*\)", "worker", message)
-        if record.exc_info or "\n" in message:
-            message = message.splitlines()[0] + f" (traceback in {self.log_path})"
+        if record.exc_info or "Traceback (most recent call last)" in message:
+            message = console_text(message) + f" (traceback in {self.log_path})"
+        elif "\n" in message:
+            message = console_text(message)
         return f"{record.levelname}: {message}"
 
 
 class _SchedulingDigest(logging.Filter):
     """The console's view of scheduling: one line instead of Luigi's one per task.
 
-    Luigi logs ``Informed scheduler that task <id> has status PENDING`` for every task of the
+    Luigi logs ``Informed scheduler that task <id> has status <STATUS>`` for every task of the
     DAG (and again for the dependencies of every dynamic requirement), with the task ids that
     name parameters by position. The run log keeps them; the console gets, at ``Done
-    scheduling tasks``, ``scheduled N tasks: K to run, M up to date``. Attached to the console
-    handler only, and only without ``--verbose``.
+    scheduling tasks``, one line that says what is known then (:func:`scheduling_digest`).
+    Attached to the console handler only, and only without ``--verbose``.
     """
 
     _STATUS = re.compile(r"Informed scheduler that task\s+(\S+)\s+has status\s+(\w+)")
@@ -217,11 +272,45 @@ class _SchedulingDigest(logging.Filter):
                 self.status.setdefault(found.group(1), found.group(2))
             return False
         if message.startswith("Done scheduling tasks") and self.status:
-            to_run = sum(1 for s in self.status.values() if s == "PENDING")
-            record.msg, record.args = ("scheduled %d tasks: %d to run, %d up to date",
-                                       (len(self.status), to_run, len(self.status) - to_run))
+            record.msg, record.args = scheduling_digest(self.status), ()
             self.status = {}
         return True
+
+
+def _family_of(task_id: str) -> str:
+    """The task family a Luigi task id starts with (``<family>_<parameters>_<hash>``)."""
+    families = [name for name in luigi.task_register.Register.task_names() if task_id.startswith(f"{name}_")]
+    return max(families, key=len) if families else task_id.split("_", 1)[0]
+
+
+def scheduling_digest(status: dict[str, str]) -> str:
+    """``scheduled N tasks: K to run, M up to date`` from Luigi's status per task id, saying no
+    more than scheduling knows: a task whose ``complete()`` or ``requires()`` raised (status
+    UNKNOWN) failed before it could run, never "up to date"; and a pending task that will yield
+    dynamic dependencies it could not list yet (:attr:`tasks.base.StageTask.dynamic_requirements`:
+    the teacher cache's shards, before its examples exist) adds tasks that are not counted yet."""
+    families = {task_id: _family_of(task_id) for task_id in status}
+    count = {name: sum(1 for s in status.values() if s == name) for name in set(status.values())}
+    n = len(status)
+    parts = [f"{count.get('PENDING', 0)} to run", f"{count.get('DONE', 0)} up to date"]
+    if count.get("UNKNOWN"):
+        parts.append(f"{count['UNKNOWN']} failed before running (the error follows Luigi's summary)")
+    parts += [f"{c} {name.lower()}" for name, c in sorted(count.items())
+              if name not in ("PENDING", "DONE", "UNKNOWN")]
+    scheduled = set(families.values())
+    yielding: dict[tuple[str, str], int] = {}
+    for task_id, state in status.items():
+        try:
+            cls = luigi.task_register.Register.get_task_cls(families[task_id])
+        except luigi.task_register.TaskClassException:
+            cls = None
+        dynamic = getattr(cls, "dynamic_requirements", "")
+        if state == "PENDING" and dynamic and dynamic not in scheduled:
+            yielding[families[task_id], dynamic] = yielding.get((families[task_id], dynamic), 0) + 1
+    extra = (" + the dynamic dependencies of " + " and ".join(
+        f"{c} {family} ({dynamic})" for (family, dynamic), c in sorted(yielding.items())) + " as they appear"
+             if yielding else "")
+    return f"scheduled {n} task{'' if n == 1 else 's'}{extra}: {', '.join(parts)}"
 
 
 class RunLog:
@@ -243,6 +332,7 @@ class RunLog:
             self.console_handler.addFilter(_SchedulingDigest())
         else:
             self.console_handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        self.console_handler.addFilter(_OnceOnConsole())
         self.collector = _FailureCollector(self.errors_path)
 
     def handlers(self) -> list[logging.Handler]:
@@ -278,7 +368,7 @@ class _FailureCollector(logging.Handler):
         task = next((a for a in (record.args if isinstance(record.args, tuple) else ())
                      if isinstance(a, luigi.Task)), None)
         if exc is not None and task is not None:        # run() raised (any worker process)
-            label, error = short_task(task), one_line(exc)
+            label, error = short_task(task), error_text(exc)
         elif "Traceback (most recent call last)" in message:   # complete() / requires() raised
             match = re.match(r"Will not run (\w+)", message)
             label, error = (match.group(1) if match else "scheduling"), _error_line(message)
@@ -346,7 +436,9 @@ def _run_luigi(argv: list[str]):
     tinykd_logger.setLevel(logging.INFO)
     interface_logger.addFilter(hold)
     try:
-        return luigi.run(cmdline_args=args, detailed_summary=True), run_log
+        with warnings.catch_warnings():   # Python warnings: to the run log, and once to the console
+            warnings.showwarning = _log_warning
+            return luigi.run(cmdline_args=args, detailed_summary=True), run_log
     finally:
         interface_logger.removeFilter(hold)
         (interface_logger.handlers, level_before, interface_logger.propagate, tinykd_logger.handlers,
@@ -363,6 +455,14 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, ValueError) and "Error when parsing" in str(exc) and exc.__cause__ is not None:
         text = f"{exc} ({exc.__cause__})"   # which value, and what is wrong with it
     return " ".join(text.split()) or type(exc).__name__
+
+
+def error_text(exc: BaseException) -> str:
+    """What the console says of an error: :func:`one_line`, except that several input problems
+    (:class:`~pipeline.errors.InputErrors`) keep one line each."""
+    if isinstance(exc, InputErrors):
+        return str(exc)
+    return one_line(exc)
 
 
 def _human_bytes(count: float) -> str:
@@ -612,9 +712,10 @@ def cmd_speed(argv: list[str]) -> int:
 def cmd_demo(argv: list[str]) -> int:
     """Run the whole DAG offline on the demo task (configs/demo.cfg) and print its report.
 
-    The demo is the ablation grid over data/demo/SST-2 (generated on first use) with the packaged MiniLM teacher and
-    GloVe vectors, and the export of its headline student (``tasks.deploy.Demo``); Luigi's
-    execution summary comes first, then the report, the deployable artifacts and their files.
+    The demo is the ablation grid over data/demo/SST-2 (generated on first use) with the packaged
+    MiniLM teacher and GloVe vectors, and the export of its headline student (``tasks.deploy.Demo``);
+    Luigi's execution summary comes first, then the report, the deployable artifacts, and the
+    paths of the report's files last.
     """
     args = list(argv)
     if not any(a.startswith("--PrepareData-glue-dir") for a in argv):
@@ -623,27 +724,43 @@ def cmd_demo(argv: list[str]) -> int:
         ensure_demo_task(DEMO_DATA)
         args += ["--PrepareData-glue-dir", str(DEMO_DATA)]
     result, failures = _run_luigi(["Demo", *args])
-    if _succeeded(result):
-        with task_from_argv(["Ablations", *[a for a in args if a != "--verbose"]]) as root:
-            print(report_summary(root))
-        with task_from_argv(["ExportStudent", *[a for a in args if a != "--verbose"]]) as export:
-            print(export_summary(export))
     print(result.summary_text)
     _print_failures(failures)
+    if _succeeded(result):
+        plain = [a for a in args if a != "--verbose"]
+        with task_from_argv(["ExportStudent", *plain]) as export:
+            deployable = export_summary(export)
+        with task_from_argv(["Ablations", *plain]) as root:
+            print(report_summary(root))
+            print(deployable)
+            print("\n".join(report_lines(root)))
     return 0 if _succeeded(result) else 1
 
 
+def report_lines(task: luigi.Task) -> list[str]:
+    """``Report files:`` and the path of each report file ``task``'s output holds
+    (:attr:`~tasks.base.StageTask.report_files`, then a ``submission/`` directory's files); []
+    for a task that writes no report."""
+    names = getattr(task, "report_files", ())
+    if not names:
+        return []
+    out = task.readable_dir()   # with a URL workdir: fetched once into scratch
+    paths = [out / name for name in names if (out / name).exists()]
+    if (out / "submission").is_dir():
+        paths += sorted((out / "submission").iterdir())
+    return ["Report files:", *(f"  {path}" for path in paths)] if paths else []
+
+
 def report_summary(task: luigi.Task) -> str:
-    """The ablation report's Markdown, the teacher-vs-student line and the files' paths."""
+    """The ablation report's Markdown and the teacher-vs-student line (its files' paths:
+    :func:`report_lines`)."""
     import json
 
     from tasks.ablations import teacher_and_student
 
-    out = task.readable_dir()   # with a URL workdir: fetched once into scratch
+    out = task.readable_dir()
     summary = json.loads((out / "summary.json").read_text())
-    files = "\n".join(f"  {out / name}" for name in sorted(summary["files"].values()))
-    return (f"\n{(out / 'ablations.md').read_text()}\n{teacher_and_student(summary)}\n"
-            f"Report files:\n{files}\n  {out / 'summary.json'}")
+    return "\n".join([f"\n{(out / 'ablations.md').read_text()}", teacher_and_student(summary)])
 
 
 def export_summary(task: luigi.Task) -> str:
@@ -682,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, luigi.parameter.ParameterException) as exc:
         # Bad input or a bad command line: one line that says what and where, no traceback
         # (the problem is the user's to fix, not a bug to debug).
-        print(f"tinykd {argv[0]}: {one_line(exc)}", file=sys.stderr)
+        print(f"tinykd {argv[0]}: {error_text(exc)}", file=sys.stderr)
         return 2
     except ValueError as exc:
         # Luigi wraps a configuration value it cannot parse in a ValueError whose cause says why

@@ -9,7 +9,7 @@ with a paired-bootstrap interval, and the tokenizer and config beside them. The 
 than ``int8_tolerance`` points) and, under ``speed`` (run history), onnxruntime's batch-1
 latency and batch-32 throughput beside PyTorch's.
 
-``Demo`` is what ``tinykd demo`` runs: the ablation grid and the export of its headline
+``Demo`` is what ``tinykd demo`` runs: the ablation grid, then the export of its headline
 student (the configured ``DistillPrediction``, the grid's ``full`` run), so that a demo run
 leaves the deployable artifacts as well as the report.
 """
@@ -91,8 +91,26 @@ class ExportStudent(StageTask):
             logging.getLogger("tinykd.deploy").info("%s", line)
 
 
-class Demo(luigi.WrapperTask):
-    """``tinykd demo``: the ablation grid and the deployable export of its headline student."""
+class Demo(luigi.Task):
+    """``tinykd demo``: the ablation grid, then the deployable export of its headline student.
+
+    The export is a dynamic dependency, yielded once the grid is complete: the exporter's
+    libraries (torch.export, onnxscript, onnxruntime) stay loaded for the rest of the process,
+    about 200 MB that every trainer stage after it would carry (a static requirement let Luigi
+    run it as soon as the full run existed, in the middle of the grid; docs/BENCHMARKS.md,
+    "Memory over the demo's trainer stages")."""
+
+    #: the scheduling line of tinykd's console says it comes on top (tasks.cli.scheduling_digest)
+    dynamic_requirements = "ExportStudent"
+
+    def export(self) -> ExportStudent:
+        return ExportStudent()
 
     def requires(self):
-        return {"ablations": Ablations(), "export": ExportStudent()}
+        return {"ablations": Ablations()}
+
+    def run(self):
+        yield self.export()
+
+    def complete(self) -> bool:
+        return self.requires()["ablations"].complete() and self.export().complete()

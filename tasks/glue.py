@@ -13,9 +13,12 @@ and students are its own. Adding a task or a seed runs only the new stages.
 
 ``seeds`` runs each task's two distillation stages once per seed (the seeds of
 ``[Ablations] seeds``: a count from the configured seed, or a JSON list). Every problem the
-harness can see before training is raised while the DAG is built, for every task at once: an
-unknown task name, a missing profile, a profile naming another task, train/dev files missing
-from ``glue_dir``, a test file without its task's columns, a bad ``holdout_fraction``.
+harness can see before training is collected while the DAG is built, over every task, and
+raised once (:class:`~pipeline.errors.InputErrors`: one line per problem, each with its file),
+before anything is built or written: a missing profile, a profile naming another task,
+train/dev files missing from ``glue_dir``, a test file without its task's columns, a bad
+``holdout_fraction``. (An unknown or repeated name in ``tasks`` is refused first: it is the
+list itself that is wrong.)
 
 The build recomputes nothing that trained: it reads the stage-2 dev predictions, runs the
 teacher once over dev (its interval), every model over MNLI's mismatched dev set, and the
@@ -30,7 +33,7 @@ from typing import Any
 
 import luigi
 
-from pipeline.errors import InputError, check_plain_name
+from pipeline.errors import InputError, check_plain_name, raise_problems
 from pipeline.stage import StageBuild
 from tasks.base import StageTask, num_threads_parameter, resolve_profile, walk_dag
 from tasks.distill import DistillPrediction
@@ -44,7 +47,10 @@ class GLUE(StageTask):
     """Every listed GLUE task distilled with its own profile; the table and submission files."""
 
     stage_name = "glue"
-    stage_version = "1"
+    # 2: the selection prose and the pre-flight summary generated per task from the manifests,
+    # the cache shards' seconds counted in every run
+    stage_version = "2"
+    report_files = ("glue.md", "glue.csv", "glue.png", "summary.json")
 
     tasks = luigi.ListParameter(
         default=_ALL_TASKS, significant=True,
@@ -81,9 +87,6 @@ class GLUE(StageTask):
         task checked (names, profiles, files) before any is returned."""
         if getattr(self, "_runs", None) is not None:
             return self._runs
-        from pipeline.ablations.statistics import parse_seeds
-        from pipeline.prepare.splits import check_glue_layout
-
         names = list(self.tasks)
         if not names:
             raise InputError("[GLUE] tasks is empty: name at least one GLUE task")
@@ -93,31 +96,51 @@ class GLUE(StageTask):
         if len(set(names)) != len(names):
             raise InputError(f"[GLUE] tasks lists a task twice: {names}")
         runs: dict[str, dict[str, Any]] = {}
+        problems: list[InputError] = []
         for name in names:
-            check_plain_name(name, "task name", "[GLUE] tasks")
-            profile = self.task_profile(name)
-            data = PrepareData(profile=profile)
-            if data.task != name or data.source != "glue":
-                raise InputError(f"[GLUE] task {name}: its profile sets [PrepareData] source = "
-                                 f"{data.source}, task = {data.task!r}; it must read the GLUE "
-                                 f"directory's {name}", profile)
-            glue_dir = data.glue_dir or os.environ.get("GLUE_DIR", "")
-            if not glue_dir:
-                raise InputError(f"[GLUE] task {name}: no GLUE directory (--PrepareData-glue-dir or $GLUE_DIR)")
-            check_glue_layout(Path(glue_dir).expanduser().resolve(), name, data.submission)
-            data.stage_params()   # holdout_fraction and the like: checked now, for every task
-            stage2 = DistillPrediction(profile=profile)
-            configured = {"stage1": stage2.requires()["stage1"].seed, "stage2": stage2.seed}
-            seeds = {}
-            for seed in parse_seeds(self.seeds, stage2.seed, "[GLUE] seeds"):
-                if seed == configured["stage2"] and seed == configured["stage1"]:
-                    seeds[seed] = stage2
-                else:
-                    seeds[seed] = DistillPrediction(profile=profile, seed=seed, stage1={"seed": seed})
-            runs[name] = {"profile": profile, "data": data, "teacher": FineTuneTeacher(profile=profile),
-                          "cache": TeacherCache(profile=profile), "seeds": seeds}
+            try:
+                runs[name] = self._task_run(name)
+            except InputError as exc:   # the next task's problems are reported with it
+                problems.append(exc)
+        raise_problems(problems, f"in the pre-flight of {len(names)} GLUE task(s); nothing was run")
         self._runs = runs
         return runs
+
+    def _task_run(self, name: str) -> dict[str, Any]:
+        """One task's stages (see :meth:`task_runs`); every problem of its profile and files."""
+        from pipeline.ablations.statistics import parse_seeds
+        from pipeline.prepare.splits import check_glue_layout
+
+        check_plain_name(name, "task name", "[GLUE] tasks")
+        profile = self.task_profile(name)
+        data = PrepareData(profile=profile)
+        if data.task != name or data.source != "glue":
+            raise InputError(f"[GLUE] task {name}: its profile sets [PrepareData] source = "
+                             f"{data.source}, task = {data.task!r}; it must read the GLUE "
+                             f"directory's {name}", profile)
+        glue_dir = data.glue_dir or os.environ.get("GLUE_DIR", "")
+        if not glue_dir:
+            raise InputError(f"[GLUE] task {name}: no GLUE directory (--PrepareData-glue-dir or $GLUE_DIR)")
+        problems: list[InputError] = []
+        try:
+            check_glue_layout(Path(glue_dir).expanduser().resolve(), name, data.submission)
+        except InputError as exc:   # the profile's own settings are still checked below
+            problems.append(exc)
+        try:
+            data.stage_params()   # holdout_fraction and the like: checked now, for every task
+        except InputError as exc:
+            problems.append(InputError(f"[GLUE] task {name}: {exc.problem}", exc.path or profile, exc.line))
+        raise_problems(problems)
+        stage2 = DistillPrediction(profile=profile)
+        configured = {"stage1": stage2.requires()["stage1"].seed, "stage2": stage2.seed}
+        seeds = {}
+        for seed in parse_seeds(self.seeds, stage2.seed, "[GLUE] seeds"):
+            if seed == configured["stage2"] and seed == configured["stage1"]:
+                seeds[seed] = stage2
+            else:
+                seeds[seed] = DistillPrediction(profile=profile, seed=seed, stage1={"seed": seed})
+        return {"profile": profile, "data": data, "teacher": FineTuneTeacher(profile=profile),
+                "cache": TeacherCache(profile=profile), "seeds": seeds}
 
     def requires(self):
         required: dict[str, luigi.Task] = {}
@@ -156,18 +179,23 @@ class GLUE(StageTask):
         from pipeline.glue.table import ColumnData, TaskData
         from pipeline.prepare.splits import EXTRA_DEV_DIR, TEST_DIR, read_split
 
+        from pipeline.common.selection import StudentSelection
+
         data_dir = run["data"].readable_dir()
-        data_info = run["data"].manifest()["info"]
-        selection = data_info.get("selection", "dev")
+        data_manifest = run["data"].manifest()
+        data_info = data_manifest["info"]
         label_names = data_info.get("label_names") or None
         cache_info = run["cache"].manifest()["info"]
         max_len = int(cache_info.get("max_seq_length", 128))
         teacher_dir = run["teacher"].model_dir()
         stage2 = {seed: task for seed, task in run["seeds"].items()}
+        # the rule every seed's stage 2 kept its student by, as the manifests record it
+        selection = StudentSelection.from_manifests(data_manifest, [t.manifest() for t in stage2.values()],
+                                                    name)
         students = {seed: task.readable_dir() for seed, task in stage2.items()}
         best = {seed: read_predictions(d / BEST_PREDICTIONS) for seed, d in students.items()}
         on_dev = ({seed: read_predictions(d / BEST_ON_DEV_PREDICTIONS) for seed, d in students.items()}
-                  if selection == "holdout" else None)
+                  if selection.held_out else None)
         dev = read_split(data_dir, "dev")
         labels = np.asarray(dev.column("label").to_pylist())
         teacher_dev = predict_table(teacher_dir, dev, max_len, device=self.device)
@@ -180,11 +208,10 @@ class GLUE(StageTask):
                                       [predict_table(d / "student", table, max_len, device=self.device)
                                        for d in students.values()]))
         # the submitted student: the best held-out score over the seeds (dev under selection = dev)
-        rule_key = "holdout_metrics" if selection == "holdout" else "dev_metrics"
+        rule_key = "holdout_metrics" if selection.held_out else "dev_metrics"
         scores = {seed: float(task.manifest()["info"][rule_key]["primary"]) for seed, task in stage2.items()}
         chosen = max(scores, key=lambda s: (scores[s], -s))
-        submission: dict[str, Any] = {"seed": chosen, "rule": f"best {'held-out' if selection == 'holdout' else 'dev'} "
-                                                                f"score of the {len(scores)} seed(s)", "files": {}}
+        submission: dict[str, Any] = {"seed": chosen, "rule": selection.seed_rule(len(scores)), "files": {}}
         test_dir = data_dir / TEST_DIR
         for path in sorted(test_dir.glob("*.parquet")) if test_dir.is_dir() else []:
             import pyarrow.parquet as pq
@@ -240,33 +267,39 @@ class GLUE(StageTask):
         return checks
 
     def _compute(self, name: str, run: dict) -> dict[str, Any]:
-        """Seconds (wall, CPU) and devices per stage over the task's outputs; the cache's bytes."""
+        """Seconds (wall, CPU) and devices per stage over the task's outputs; the cache's bytes.
+
+        The cache's shards are counted whether or not its ``requires()`` listed them: a run that
+        found the augmented examples missing at scheduling got them as dynamic dependencies
+        (outside the DAG walk), a resumed run as static ones; both tables must be the same."""
+        cache = run["cache"]
+        shards = cache.shard_tasks(cache.num_examples() or 0)
+        stages_of_task = [stage for task in run["seeds"].values() for stage in walk_dag(task)] + shards
         seen, stages = set(), {}
         total = cpu = 0.0
         cpu_known = True
-        for task in run["seeds"].values():
-            for stage in walk_dag(task):
-                if not isinstance(stage, StageTask) or stage.output_dir() in seen:
-                    continue
-                seen.add(stage.output_dir())
-                manifest = stage.manifest()
-                if stage.task_name() != name:
-                    continue   # shared with other tasks (the packaged word vectors)
-                timings, host = manifest.get("timings") or {}, manifest.get("host") or {}
-                entry = stages.setdefault(stage.stage_name, {"outputs": 0, "seconds": 0.0, "cpu_seconds": 0.0,
-                                                              "devices": []})
-                entry["outputs"] += 1
-                entry["seconds"] += float(timings.get("seconds") or 0)
-                total += float(timings.get("seconds") or 0)
-                if "cpu_seconds" in timings:
-                    entry["cpu_seconds"] += float(timings["cpu_seconds"])
-                    cpu += float(timings["cpu_seconds"])
-                else:
-                    entry["cpu_seconds"] = None if entry["outputs"] == 1 else entry["cpu_seconds"]
-                    cpu_known = False
-                device = host.get("device", "not recorded")
-                if device not in entry["devices"]:
-                    entry["devices"].append(device)
+        for stage in stages_of_task:
+            if not isinstance(stage, StageTask) or stage.output_dir() in seen:
+                continue
+            seen.add(stage.output_dir())
+            manifest = stage.manifest()
+            if stage.task_name() != name:
+                continue   # shared with other tasks (the packaged word vectors)
+            timings, host = manifest.get("timings") or {}, manifest.get("host") or {}
+            entry = stages.setdefault(stage.stage_name, {"outputs": 0, "seconds": 0.0, "cpu_seconds": 0.0,
+                                                          "devices": []})
+            entry["outputs"] += 1
+            entry["seconds"] += float(timings.get("seconds") or 0)
+            total += float(timings.get("seconds") or 0)
+            if "cpu_seconds" in timings:
+                entry["cpu_seconds"] += float(timings["cpu_seconds"])
+                cpu += float(timings["cpu_seconds"])
+            else:
+                entry["cpu_seconds"] = None if entry["outputs"] == 1 else entry["cpu_seconds"]
+                cpu_known = False
+            device = host.get("device", "not recorded")
+            if device not in entry["devices"]:
+                entry["devices"].append(device)
         cache_files = run["cache"].manifest().get("files") or {}
         return {"stages": stages, "seconds": total, "cpu_seconds": cpu if cpu_known else None,
                 "cache_bytes": sum(int(f["bytes"]) for rel, f in cache_files.items() if rel.endswith(".parquet")),

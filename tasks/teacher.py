@@ -392,6 +392,8 @@ class TeacherCache(TeacherCacheParams, StageTask):
     hash_parquet_on_read = False
     # With a URL workdir the trainers stream it from the store (pipeline.cache.reader).
     stream_from_store = True
+    # run() yields the shards when requires() could not count the examples yet
+    dynamic_requirements = "TeacherCacheShard"
 
     def shard_tasks(self, num_examples: int) -> list[TeacherCacheShard]:
         count = -(-num_examples // self.shard_size)

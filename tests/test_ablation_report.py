@@ -8,8 +8,12 @@ import pytest
 
 from pipeline.ablations.report import (REFERENCE_VARIANT, RunResult, Variant, VariantResult, load_grid,
                                        write_report)
+from pipeline.common.selection import StudentSelection
 from pipeline.errors import InputError
 from tests.conftest import PROJECT_ROOT
+
+#: Stage 2 kept the student of its best dev evaluation, evaluating every 10 steps.
+ON_DEV = StudentSelection("dev", (10,))
 
 
 def test_project_grid_parses_with_full_first():
@@ -79,7 +83,7 @@ def test_report_files(tmp_path):
     same = VariantResult.from_runs("no_attention", "accuracy", "attention_weight=0.0",
                                    [RunResult(r.seed, r.metric, r.last_metric, 9.0, "x", 800, None,
                                               r.best_predictions, r.last_predictions) for r in full.runs])
-    paths = write_report([full, worse, same], tmp_path, "SST-2 ablations", teacher_metric=0.92,
+    paths = write_report([full, worse, same], tmp_path, "SST-2 ablations", ON_DEV, teacher_metric=0.92,
                          notes=["Task SST-2."], resamples=1000)
     rows = list(csv.DictReader(paths["csv"].open()))
     assert [r["variant"] for r in rows] == ["full", "no_augmentation", "no_attention"]
@@ -108,7 +112,7 @@ def test_report_files(tmp_path):
 def test_one_seed_says_so_and_runs_without_predictions_have_no_interval(tmp_path):
     results = [VariantResult("full", "f1", 0.88, 5.0, "a", "", 100, {"accuracy": 0.83}),
                VariantResult("no_hidden", "f1", 0.86, 5.0, "b", "hidden_weight=0.0", 100, {"accuracy": 0.8})]
-    md = write_report(results, tmp_path, "MRPC", teacher_metric=0.9)["md"].read_text()
+    md = write_report(results, tmp_path, "MRPC", ON_DEV, teacher_metric=0.9)["md"].read_text()
     assert "| dev accuracy |" in md and "| full | 0.8800 | – | – | – | 97.8% | 0.8300 | 100 |" in md
     assert "| no_hidden | 0.8600 | -0.0200 | – | – | 95.6% | 0.8000 | 100 |" in md
     assert "One seed per variant" in md and "no interval" in md
@@ -120,7 +124,7 @@ def test_paired_comparison_needs_the_same_seeds_and_examples(tmp_path):
     full = VariantResult.from_runs("full", "accuracy", "", runs_of(labels, 0.9, [42, 43], rng))
     other = VariantResult.from_runs("x", "accuracy", "", runs_of(labels, 0.9, [42, 44], rng))
     with pytest.raises(InputError, match="same seeds"):
-        write_report([full, other], tmp_path, "t")
+        write_report([full, other], tmp_path, "t", ON_DEV)
     shifted = VariantResult.from_runs("x", "accuracy", "", runs_of(labels[::-1].copy(), 0.9, [42, 43], rng))
     with pytest.raises(InputError, match="different dev examples"):
-        write_report([full, shifted], tmp_path, "t")
+        write_report([full, shifted], tmp_path, "t", ON_DEV)

@@ -61,6 +61,29 @@ def build(*tasks):
     return luigi.build(list(tasks), local_scheduler=True, detailed_summary=True, log_level="WARNING")
 
 
+def built_small_grid(tmp_path, monkeypatch, minilm_dir, selection: str = "dev"):
+    """The grid's full and no_attention variants on a 40-row tiny task, trainer stages capped
+    (3 and 6 steps, stage 2 evaluating every 2), under ``selection``; built, and returned."""
+    from tasks.ablations import Ablations
+    from tests.tiny_dag import tiny_stages, tiny_task
+
+    (tmp_path / "grid.toml").write_text(GRID)
+    task = tiny_task(tmp_path, minilm_dir, train_rows=40, dev_rows=10)
+    if selection == "holdout":
+        task = task.replace("[FineTuneTeacher]", "selection = holdout\nholdout_fraction = 0.2\n[FineTuneTeacher]")
+    by_steps = {"epochs": None, "max_steps": 3}
+    configure(tmp_path, monkeypatch, task + tiny_stages(
+        DistillIntermediate=by_steps, DistillPrediction={**by_steps, "max_steps": 6, "eval_every": 2}) + f"""
+[Ablations]
+grid = {tmp_path / 'grid.toml'}
+variants = ["no_attention"]
+""")
+    ablations = Ablations()
+    result = build(ablations)
+    assert result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY"), result.summary_text
+    return ablations
+
+
 def ran_tasks(summary_text: str) -> dict[str, int]:
     """Task family -> count from the "ran successfully" block of Luigi's execution summary."""
     lines = summary_text.splitlines()

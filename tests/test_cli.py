@@ -264,3 +264,29 @@ def test_task_from_argv_resolves_upstream_values_of_each_command_line(tmp_path):
             dirs.append((task.output_dir(), task.requires()["source"].scale))
     assert [scale for _, scale in dirs] == [1, 2]
     assert dirs[0][0] != dirs[1][0]
+
+
+class Reporter(StageTask):
+    """A stage that writes a report, as Ablations and GLUE do."""
+
+    stage_name = "test_reporter"
+    report_files = ("report.md", "summary.json")
+    path = luigi.Parameter(description="input text file")
+
+    def requires(self):
+        return {"source": Source(path=self.path)}
+
+    def build(self, out):
+        (out.path / "report.md").write_text("# a report\n")
+        (out.path / "summary.json").write_text("{}\n")
+
+
+def test_a_run_that_writes_a_report_prints_its_paths_last(tmp_path, capsys):
+    text = tmp_path / "in.txt"
+    text.write_text("a\n")
+    assert main(["run", "Reporter", "--path", str(text), "--module", "tests.test_cli", "--no-lock"]) == 0
+    out = capsys.readouterr().out.rstrip().splitlines()
+    _clear()
+    where = Reporter(path=str(text)).output_dir()
+    assert out[-3:] == ["Report files:", f"  {where / 'report.md'}", f"  {where / 'summary.json'}"]
+    assert out[-5:-3] == ["===== Luigi Execution Summary =====", ""], out[-8:]

@@ -116,3 +116,55 @@ def test_a_stage_without_profile_reprs_as_luigi_would_without_the_field(tmp_path
     profile.write_text("[Consumer]\nscale = 3\n")
     shown = repr(Consumer(path=str(text), profile=str(profile)))
     assert shown.startswith(f"Consumer(profile={profile}") and "scale=3" in shown
+
+
+def test_a_task_that_fails_before_running_is_not_counted_up_to_date(capsys):
+    """Its complete() raised: Luigi informs the scheduler of status UNKNOWN, which the console
+    line once counted among the tasks up to date."""
+    assert _run("BadInputs") == 1
+    err = capsys.readouterr().err
+    assert "INFO: scheduled 1 task: 0 to run, 0 up to date, 1 failed before running" in err
+    assert "1 up to date" not in err
+
+
+def test_the_scheduling_line_says_dynamic_dependencies_come_on_top():
+    """The teacher cache yields its shards when its examples do not exist at scheduling: they
+    are not among the tasks counted then (Luigi's summary counts them once they ran)."""
+    from tasks.cli import scheduling_digest
+    import tasks  # noqa: F401  (registers TeacherCache)
+
+    cold = {"PrepareData_x_1": "PENDING", "TeacherCache_augmented_2": "PENDING", "WordVectors_y_3": "DONE"}
+    assert scheduling_digest(cold) == ("scheduled 3 tasks + the dynamic dependencies of 1 TeacherCache "
+                                       "(TeacherCacheShard) as they appear: 2 to run, 1 up to date")
+    demo = {**cold, "Demo__99914b932b": "PENDING"}
+    assert scheduling_digest(demo).startswith("scheduled 4 tasks + the dynamic dependencies of 1 Demo "
+                                              "(ExportStudent) and 1 TeacherCache (TeacherCacheShard) as they appear")
+    listed = {**cold, "TeacherCacheShard_augmented_4": "PENDING"}
+    assert scheduling_digest(listed) == "scheduled 4 tasks: 3 to run, 1 up to date"
+
+
+class LoudWarning(StageTask):
+    """Warns as the teacher stage does on a degenerate teacher: a banner in the log and the same
+    text as a Python warning (pipeline.teacher.finetune.check_against_baseline)."""
+
+    stage_name = "test_loud_warning"
+
+    def build(self, out):
+        from pipeline.teacher.finetune import check_against_baseline
+
+        out.info["check"] = check_against_baseline({"primary_metric": "accuracy", "primary": 0.5},
+                                                   {"accuracy": 0.5, "primary": 0.5, "predicts": 0},
+                                                   "teacher-dir", ["no", "yes"])
+
+
+def test_a_warning_reaches_the_console_once_as_its_text(capsys, isolated_workdir):
+    assert _run("LoudWarning") == 0
+    err = capsys.readouterr().err.splitlines()
+    lines = [line for line in err if "TEACHER NO BETTER THAN THE MAJORITY CLASS" in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("WARNING: TEACHER NO BETTER THAN THE MAJORITY CLASS: teacher-dir scores dev "
+                               "accuracy 0.5000, the constant prediction 'no' scores 0.5000.")
+    assert "traceback" not in lines[0] and "WARNING:  (" not in "\n".join(err)
+    assert not [line for line in err if "UserWarning" in line]
+    log = next((isolated_workdir / "logs").glob("run-*.log")).read_text()   # the banner and the warning
+    assert "!" * 80 in log and "UserWarning: TEACHER NO BETTER THAN THE MAJORITY CLASS" in log

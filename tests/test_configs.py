@@ -55,10 +55,12 @@ def test_demo_profile_builds_the_whole_dag_offline(monkeypatch, tmp_path):
     from tasks.deploy import Demo, ExportStudent
 
     demo = walk_dag(Demo())
-    export = next(t for t in demo if isinstance(t, ExportStudent))
-    assert export.quantize == "dynamic"
+    export = Demo().export()
+    assert isinstance(export, ExportStudent) and export.quantize == "dynamic"
     assert export.requires()["student"].task_id == root.variant_tasks()["full", 42].task_id
-    assert {t.task_id for t in demo} == {t.task_id for t in walk_dag(root)} | {export.task_id, Demo().task_id}
+    # the export comes after the grid, as Demo's dynamic dependency (not in its static DAG)
+    assert {t.task_id for t in demo} == {t.task_id for t in walk_dag(root)} | {Demo().task_id}
+    assert Demo.dynamic_requirements == "ExportStudent" and not Demo().complete()
 
 
 @pytest.mark.parametrize("base, seeds, variants", [("mrpc", "mrpc-seeds", 3), ("sst2", "sst2-seeds", 5)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import luigi
 import numpy as np
@@ -139,6 +140,11 @@ def test_glue_table_intervals_and_submission_files_for_every_task(glue_setup, is
     assert averages["glue_score"]["teacher"] == pytest.approx(expected)
     md = (out / "glue.md").read_text()
     assert "Pre-flight checks" in md.split("|")[0] and "held-out train rows" in md
+    # the tiny random teachers are no better than the majority class: flagged, never "passed"
+    assert "**FAIL SST-2: teacher better than the majority class**" in md
+    passed = next(line for line in md.splitlines() if line.startswith("- passed or not applicable"))
+    listed = re.search(r"teacher better than the majority class( \(([^)]*)\))?", passed)
+    assert listed is None or (listed.group(2) is not None and "SST-2" not in listed.group(2)), passed
     assert "| MNLI-mm | accuracy |" in md and "average (GLUE score" in md and "## Compute" in md
     # paper figures not checked against the paper carry a dagger, the checked ones none
     qqp, sst2 = (next(line for line in md.splitlines() if line.startswith(f"| {c} | {m} |"))
@@ -149,7 +155,10 @@ def test_glue_table_intervals_and_submission_files_for_every_task(glue_setup, is
     assert len(list(csv.DictReader((out / "glue.csv").open()))) == len(rows)
     for task in ALL:
         compute = summary["tasks"][task]["compute"]
-        assert {"teacher", "teacher_cache", "distill_stage1", "distill_stage2"} <= set(compute["stages"])
+        # the cache's shards count although this cold run scheduled them dynamically (a resumed
+        # run finds them statically): both give the same table
+        assert {"teacher", "teacher_cache_shard", "teacher_cache", "distill_stage1",
+                "distill_stage2"} <= set(compute["stages"])
         assert compute["stages"]["distill_stage2"]["outputs"] == 2 and compute["cache_bytes"] > 0
         assert compute["stages"]["teacher"]["devices"] == ["cpu"] and compute["cpu_seconds"] > 0
     # submission files: the server's names, header, every test row in order, its vocabulary
@@ -239,3 +248,41 @@ def test_a_paper_row_that_does_not_average_to_its_average_has_unchecked_figures(
         if round(mean, 1) != PAPER_AVERAGE[model]:
             assert any(m == model for _, m in UNCHECKED_FIGURES), (model, mean)
     assert {column for column, _ in UNCHECKED_FIGURES} <= set(PAPER_TABLE1)
+
+
+def test_preflight_lists_every_broken_task_with_its_file_and_writes_nothing(glue_setup, isolated_workdir, capsys):
+    """RTE without its dev file, CoLA without its train file: one failure naming both files
+    (the harness used to stop at RTE's), on the console, in errors.jsonl and in the run log."""
+    from pipeline.errors import InputErrors
+    from tasks.cli import main
+    from tasks.glue import GLUE
+
+    glue, profiles = glue_setup
+    (glue / "RTE" / "dev.tsv").unlink()
+    (glue / "CoLA" / "train.tsv").unlink()
+    (profiles / "SST-2.cfg").write_text((profiles / "SST-2.cfg").read_text().replace(
+        "holdout_fraction = 0.1", "holdout_fraction = 0.7"))
+    with pytest.raises(InputErrors) as failed:
+        GLUE(tasks=["RTE", "CoLA", "SST-2", "MRPC"]).requires()
+    problems = {str(p) for p in failed.value.problems}
+    assert problems == {f"{glue / 'RTE' / 'dev.tsv'}: GLUE RTE dev file not found (expected <glue_dir>/RTE/dev.tsv)",
+                        f"{glue / 'CoLA' / 'train.tsv'}: GLUE CoLA train file not found (expected "
+                        "<glue_dir>/CoLA/train.tsv)",
+                        f"{profiles / 'SST-2.cfg'}: [GLUE] task SST-2: [PrepareData] holdout_fraction must be in "
+                        "(0, 0.5], got 0.7"}
+    luigi.task_register.Register.clear_instance_cache()
+    assert main(["run", "GLUE", "--GLUE-tasks", '["RTE", "CoLA"]', "--no-lock"]) == 1
+    captured = capsys.readouterr()
+    after = captured.out[captured.out.rindex("===== Luigi Execution Summary =====\n"):].splitlines()[1:]
+    failed_lines = [line for line in after if line]
+    assert failed_lines[0].startswith("FAILED GLUE: 2 problems in the pre-flight of 2 GLUE task(s); nothing was run:")
+    assert failed_lines[1] == f"- {glue / 'RTE' / 'dev.tsv'}: GLUE RTE dev file not found (expected <glue_dir>/RTE/dev.tsv)"
+    assert failed_lines[2].startswith(f"- {glue / 'CoLA' / 'train.tsv'}: GLUE CoLA train file not found")
+    assert "scheduled 1 task: 0 to run, 0 up to date, 1 failed before running" in captured.err
+    errors = next((isolated_workdir / "logs").glob("run-*.errors.jsonl")).read_text()
+    assert str(glue / "RTE" / "dev.tsv") in errors and str(glue / "CoLA" / "train.tsv") in errors
+    log = next((isolated_workdir / "logs").glob("run-*[0-9].log")).read_text()
+    assert "GLUE CoLA train file not found" in log and "GLUE RTE dev file not found" in log
+    written = [p for p in isolated_workdir.rglob("*") if p.is_file() and p.parent.name != "logs"
+               and not re.match(r"\.hash-cache\.json", p.name)]
+    assert not written, written

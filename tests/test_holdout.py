@@ -89,24 +89,10 @@ def test_ablation_grid_with_held_out_selection(tmp_path, monkeypatch, minilm_dir
     import json
 
     from distill.predictions import BEST_ON_DEV_PREDICTIONS, BEST_PREDICTIONS, read_predictions
-    from tasks.ablations import Ablations
-    from tests.test_ablations import GRID, build, configure
+    from tests.test_ablations import built_small_grid
     from tests.test_distill_tasks import one_torch_thread  # noqa: F401
-    from tests.tiny_dag import tiny_stages, tiny_task
 
-    (tmp_path / "grid.toml").write_text(GRID)
-    task = tiny_task(tmp_path, minilm_dir, train_rows=40, dev_rows=10).replace(
-        "[FineTuneTeacher]", "selection = holdout\nholdout_fraction = 0.2\n[FineTuneTeacher]")
-    by_steps = {"epochs": None, "max_steps": 3}
-    configure(tmp_path, monkeypatch, task + tiny_stages(
-        DistillIntermediate=by_steps, DistillPrediction={**by_steps, "max_steps": 6, "eval_every": 2}) + f"""
-[Ablations]
-grid = {tmp_path / 'grid.toml'}
-variants = ["no_attention"]
-""")
-    ablations = Ablations()
-    result = build(ablations)
-    assert result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY"), result.summary_text
+    ablations = built_small_grid(tmp_path, monkeypatch, minilm_dir, selection="holdout")
     md = (ablations.output_dir() / "ablations.md").read_text()
     assert "Student selection: the best stage-2 evaluation on 8 held-out train rows" in md
     summary = json.loads((ablations.output_dir() / "summary.json").read_text())

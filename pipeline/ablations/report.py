@@ -8,8 +8,10 @@ except a variant that changes the augmentation's sampling (``num_aug``, ``replac
 Candidates, in seconds) and its own teacher cache, shared by the variants that ask for the
 same augmentation. Every variant runs once per seed (``[Ablations] seeds``).
 
-The report lists, per variant, the mean ± standard deviation over seeds of the best stage-2
-dev evaluation and of the last one, the difference from the ``full`` variant with a 95 %
+The report lists, per variant, the mean ± standard deviation over seeds of the kept stage-2
+student's dev score (the evaluation best on dev or on held-out train rows, as the run's
+``selection`` says: :mod:`pipeline.common.selection` writes every sentence about it) and of
+the last evaluation's, the difference from the ``full`` variant with a 95 %
 paired-bootstrap interval over dev examples (:mod:`pipeline.ablations.statistics`; "within
 noise" when it contains 0), the training time, and how the effects compare with the TinyBERT
 paper's ablations -- as Markdown, CSV and a PNG (means with seed spread, differences with
@@ -28,6 +30,7 @@ import numpy as np
 
 from pipeline.ablations.statistics import (BOOTSTRAP_SEED, RESAMPLES, Difference, mean_and_std,
                                            paired_bootstrap, predicted)
+from pipeline.common.selection import StudentSelection
 from pipeline.errors import InputError, check_plain_name
 
 #: Settings a variant may change, by the distillation stage whose parameter they set. Names
@@ -167,13 +170,13 @@ class RunResult:
     """One run of a variant (one seed): the stage-2 student's dev scores and what it cost."""
 
     seed: int
-    metric: float                    # the best stage-2 evaluation's primary metric
+    metric: float                    # the kept stage-2 evaluation's dev primary metric
     last_metric: float | None        # the last evaluation's (end of training)
     train_seconds: float             # stage 1 + stage 2 training loops
     output_dir: str                  # the stage-2 output, relative to the workdir
     examples: int = 0                # training examples per epoch (augmented or originals)
-    extra_metrics: Mapping[str, float] | None = None   # the best evaluation's other metrics
-    best_predictions: Any = None     # distill.predictions.DevPredictions of the best evaluation
+    extra_metrics: Mapping[str, float] | None = None   # the kept evaluation's other metrics
+    best_predictions: Any = None     # distill.predictions.DevPredictions of the kept evaluation
     last_predictions: Any = None     # ... and of the last one
 
 
@@ -181,7 +184,7 @@ class RunResult:
 class VariantResult:
     """One variant's outcome over its seeds: the report's row.
 
-    ``metric`` is the mean over ``runs`` of the best stage-2 dev evaluation (a single value
+    ``metric`` is the mean over ``runs`` of the kept stage-2 student's dev score (a single value
     when built without runs); ``last_metric`` the mean of the last evaluations.
     """
 
@@ -340,13 +343,15 @@ def paper_comparison(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(results: list[VariantResult], out_dir: Path, title: str,
+def write_report(results: list[VariantResult], out_dir: Path, title: str, selection: StudentSelection,
                  teacher_metric: float | None = None, notes: list[str] | None = None,
                  resamples: int = RESAMPLES, bootstrap_seed: int = BOOTSTRAP_SEED) -> dict[str, Path]:
     """Write ``ablations.md``, ``ablations.csv`` and ``ablations.png`` into ``out_dir``.
 
-    ``notes``: lines printed under the title (what was run, on which data). Returns the paths
-    and, under ``"rows"``, the report rows (the statistics, for ``summary.json``).
+    ``selection``: how stage 2 chose each student (from the run's manifests); it writes every
+    sentence and header that says how the dev scores were chosen. ``notes``: lines printed
+    under the title (what was run, on which data). Returns the paths and, under ``"rows"``,
+    the report rows (the statistics, for ``summary.json``).
     """
     rows = report_rows(results, resamples, bootstrap_seed)
     csv_buffer = io.StringIO()
@@ -364,10 +369,7 @@ def write_report(results: list[VariantResult], out_dir: Path, title: str,
     if notes:
         lines += [*notes, ""]
     lines += [
-        f"**Headline: the best stage-2 dev evaluation.** Stage 2 evaluates the student on dev every "
-        f"`eval_every` steps and keeps the best; that best score is the `dev {metric}` column. "
-        f"Picking the best of several evaluations on the same dev set flatters it; the `last eval` "
-        f"column is the end of training's score, beside it, so the selection effect shows.",
+        selection.headline(metric),
         "",
         (f"Each variant ran {len(seeds)} seeds ({', '.join(seeds)}: student initialisation, data order "
          "and dropout of both distillation stages): mean ± sample standard deviation over seeds. "
@@ -382,7 +384,7 @@ def write_report(results: list[VariantResult], out_dir: Path, title: str,
     ]
     if teacher_metric is not None:
         lines += [f"Teacher dev {metric}: {teacher_metric:.4f}", ""]
-    lines += ["| variant | dev " + metric + " (best eval) | Δ vs full [95 % CI] | last eval | "
+    lines += [f"| variant | {selection.column(metric)} | Δ vs full [95 % CI] | last eval | "
               "Δ last vs full [95 % CI] | % of teacher | "
               + "".join(f"dev {k[4:]} | " for k in extra)
               + "train examples | training time per run (s) | settings |",
@@ -401,11 +403,11 @@ def write_report(results: list[VariantResult], out_dir: Path, title: str,
     if comparison:
         lines += ["", *comparison]
     paths["md"].write_text("\n".join(lines) + "\n")
-    _plot(rows, paths["png"], title, teacher_metric)
+    _plot(rows, paths["png"], title, teacher_metric, selection.column(metric))
     return {**paths, "rows": rows}
 
 
-def _plot(rows: list[dict], path: Path, title: str, teacher_metric: float | None) -> None:
+def _plot(rows: list[dict], path: Path, title: str, teacher_metric: float | None, label: str) -> None:
     """Left: each variant's mean dev metric with its seed standard deviation; right: its
     difference from ``full`` with the 95 % bootstrap interval (grey: within noise)."""
     import matplotlib
@@ -430,7 +432,7 @@ def _plot(rows: list[dict], path: Path, title: str, teacher_metric: float | None
     low = min([v - e for v, e in zip(values, errors)] + ([teacher_metric] if teacher_metric is not None else []))
     ax.set_ylim(max(0.0, low - 0.1), 1.0 if max(values) <= 1.0 else None)
     seeds = len(rows[0]["seeds"].split())
-    ax.set_ylabel(f"dev {rows[0]['metric']} (best eval)")
+    ax.set_ylabel(label)
     ax.set_title(title + (f": mean ± std over {seeds} seeds" if seeds > 1 else ""), fontsize=10)
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from pipeline.ablations.statistics import (CONFIDENCE, bootstrap_indices, mean_and_std, metric_value,
                                            paired_bootstrap, predicted, resampled_metric)
+from pipeline.common.selection import StudentSelection
 from pipeline.glue.paper import PAPER_AVERAGE, PAPER_TABLE1, UNCHECKED_FIGURES, headline_metric
 
 POINTS = 100.0
@@ -53,7 +54,7 @@ class ColumnData:
 @dataclass
 class TaskData:
     task: str
-    selection: str                           # "holdout" or "dev"
+    selection: StudentSelection              # how stage 2 kept each seed's student (manifests)
     seeds: list[int]
     columns: list[ColumnData]
     metrics: tuple[str, ...]
@@ -93,7 +94,7 @@ def column_rows(task: TaskData, resamples: int) -> list[dict]:
             t_low, t_high = interval(metric, [data.teacher], data.labels, resamples)
             s_low, s_high = interval(metric, data.students, data.labels, resamples)
             row = {"task": task.task, "column": data.column, "metric": metric, "headline": headline,
-                   "selection": task.selection, "selection_metric": metric == task.selection_metric,
+                   "selection": task.selection.rule, "selection_metric": metric == task.selection_metric,
                    "seeds": len(per_seed), "dev_examples": len(data.labels),
                    "teacher": teacher, "teacher_low": t_low, "teacher_high": t_high,
                    "student": mean, "student_std": std, "student_low": s_low, "student_high": s_high,
@@ -153,24 +154,36 @@ def _fmt(value, digits: int = 1, sign: bool = False) -> str:
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
+def preflight_lines(tasks: list[TaskData]) -> list[str]:
+    """glue.md's pre-flight list: one bold line per problem (fail or warn, with its task), then
+    the checks that passed or did not apply, each with the tasks it passed for when it did not
+    pass for all: a check that failed for a task is never listed as passed for it."""
+    checks = [(task.task, c) for task in tasks for c in task.checks]
+    problems = [(t, c) for t, c in checks if c["status"] not in ("ok", "n/a")]
+    lines = [f"- **{c['status'].upper()} {t}: {c['check']}**: {c['detail']}" for t, c in problems]
+    passed: dict[str, list[str]] = {}
+    for t, c in checks:
+        if c["status"] in ("ok", "n/a"):
+            passed.setdefault(c["check"], []).append(t)
+    failed_for = {c["check"] for _, c in problems}
+    listed = [f"{check} ({', '.join(passed[check])})" if check in failed_for else check
+              for check in sorted(passed)]
+    lines.append(f"- passed or not applicable: {len(checks) - len(problems)} of {len(checks)}"
+                 + (f" ({'; '.join(listed)})" if listed else ""))
+    return lines
+
+
 def write_table(tasks: list[TaskData], out_dir: Path, resamples: int, title: str = "GLUE") -> dict:
     """Write ``glue.md``, ``glue.csv``, ``glue.png`` and return the summary (``summary.json``'s body)."""
     rows = [row for task in tasks for row in column_rows(task, resamples)]
     avg = averages(rows)
     md = [f"# {title}: teacher and distilled student on dev", ""]
-    checks = [(task.task, c) for task in tasks for c in task.checks]
-    problems = [(t, c) for t, c in checks if c["status"] not in ("ok", "n/a")]
     md.append("**Pre-flight checks** (problems known to break reproductions):")
     md.append("")
-    if problems:
-        md += [f"- **{c['status'].upper()} {t}: {c['check']}**: {c['detail']}" for t, c in problems]
-    md.append(f"- passed or not applicable: {len(checks) - len(problems)} of {len(checks)} "
-              f"({', '.join(sorted({c['check'] for _, c in checks}))})")
+    md += preflight_lines(tasks)
     md.append("")
-    rules = {task.task: task.selection for task in tasks}
-    md.append("**Student selection:** " + "; ".join(
-        f"{t}: {'best stage-2 evaluation on held-out train rows (dev only scored)' if r == 'holdout' else 'best stage-2 evaluation on dev (the reference rule: optimistic)'}"
-        for t, r in rules.items()) + ".")
+    md.append("**Student selection:** " + "; ".join(f"{task.task}: {task.selection.short()}"
+                                                    for task in tasks) + ".")
     md.append("")
     md.append(f"Scores in points on dev; student = mean ± std over seeds; [95 % bootstrap interval over "
               f"dev examples, {resamples:,} resamples]. Paper figures: Table 1 of the TinyBERT paper, "
@@ -237,7 +250,7 @@ def write_table(tasks: list[TaskData], out_dir: Path, resamples: int, title: str
                              for k in fields})
     _plot([r for r in rows if r["headline"]], out_dir / "glue.png", title)
     return {"rows": rows, "averages": avg, "bootstrap": {"resamples": resamples, "confidence": CONFIDENCE},
-            "tasks": {t.task: {"selection": t.selection, "seeds": t.seeds, "checks": t.checks,
+            "tasks": {t.task: {"selection": t.selection.rule, "seeds": t.seeds, "checks": t.checks,
                                "compute": t.compute, "submission": t.submission} for t in tasks},
             "files": ["glue.md", "glue.csv", "glue.png", "summary.json"]}
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from pipeline.errors import InputError, check_plain_name
+from pipeline.errors import InputError, InputErrors, check_plain_name, raise_problems
 from pipeline.prepare.glue_tasks import (CLASSIFICATION, REGRESSION, GLUE_HUB_NAMES, GLUE_TASKS, GlueTask, find_glue_task,  # noqa: F401
                                          glue_task)
 from pipeline.prepare.readers import (FILE_FORMATS, MAX_REPORTED_PROBLEMS, SPLITS, RawRow,  # noqa: F401
@@ -212,10 +212,9 @@ def source_inputs(source: Mapping[str, Any]) -> dict[str, Path]:
         task = glue_task(source["task"])
         glue_dir = _required_path(source, "glue_dir")
         inputs = {split: task.split_file(glue_dir, split) for split in SPLITS}
-        for split, path in inputs.items():
-            if not path.is_file():
-                raise InputError(f"GLUE {task.name} {split} file not found (expected "
-                                 f"<glue_dir>/{task.name}/{path.name})", path)
+        raise_problems([InputError(f"GLUE {task.name} {split} file not found (expected "
+                                   f"<glue_dir>/{task.name}/{path.name})", path)
+                        for split, path in inputs.items() if not path.is_file()])
         if source.get("submission"):
             # Only files that exist: a download without test files keeps its fingerprint.
             inputs.update({label: path for label, path in submission_files(task, glue_dir).items()
@@ -501,12 +500,19 @@ def read_test_file(task: GlueTask, path: Path) -> SplitTable:
 def check_glue_layout(glue_dir: Path | str, name: str, submission: bool = True) -> dict[str, Path]:
     """Check, without reading whole files, that ``glue_dir`` holds task ``name``: its train and
     dev files (and, with ``submission``, each present test file's header has the task's test
-    columns). One :class:`InputError` naming the task and the file; the files found otherwise."""
+    columns). Every problem found, each naming the task and its file (one :class:`InputError`,
+    or :class:`InputErrors` for several); the files found otherwise."""
     task = find_glue_task(name)
     if task is None or task.name != name:
         raise InputError(f"unknown GLUE task {name!r}; known: {', '.join(GLUE_TASKS)}")
     source = {"kind": "glue", "glue_dir": str(glue_dir), "task": name, "submission": submission}
-    files = source_inputs(source)
+    problems: list[InputError] = []
+    try:
+        files = source_inputs(source)
+    except InputError as missing:   # a split file: the test files are still checked
+        problems += missing.problems if isinstance(missing, InputErrors) else [missing]
+        files = ({label: path for label, path in submission_files(task, Path(glue_dir)).items()
+                  if path.is_file()} if submission else {})
     for label, path in files.items():
         if not label.startswith("test:"):
             continue
@@ -515,8 +521,10 @@ def check_glue_layout(glue_dir: Path | str, name: str, submission: bool = True) 
         header = [column.strip() for column in header.rstrip("\r\n").split("\t")]
         missing = [column for column in _test_columns(task).values() if column not in header]
         if missing:
-            raise InputError(f"GLUE {name} test file has no column(s) {missing} (a {name} test file "
-                             f"has {list(_test_columns(task).values())}); columns: {header}", path, 1)
+            problems.append(InputError(f"GLUE {name} test file has no column(s) {missing} (a {name} test "
+                                       f"file has {list(_test_columns(task).values())}); columns: {header}",
+                                       path, 1))
+    raise_problems(problems, f"in GLUE {name}'s files")
     return files
 
 

@@ -18,6 +18,8 @@ One module per concern, in the order a build meets them:
 * :mod:`~pipeline.stage.partial` -- the build lock, the hidden partial directory, atomic writes
   of the pieces of resumable stages;
 * :mod:`~pipeline.stage.build` -- :func:`build_stage`, the context manager a stage builds in;
+* :mod:`~pipeline.stage.memory` -- a stage's peak memory for its run history, and the memory it
+  freed given back before the next stage of the same process;
 * :mod:`~pipeline.stage.on_store`, :mod:`~pipeline.stage.sync` -- the same contract on object
   storage (upload, manifest last; finished pieces copied to the store while a build runs);
 * :mod:`~pipeline.stage.verify` -- an output checked against its manifest before it is read;
@@ -41,6 +43,7 @@ from pipeline.stage.sync import PartialSync
 from pipeline.stage.on_store import (build_stage_on_store, fetch_output, store_output_complete,
                                      store_output_rel, store_partial_rel, upload_output)
 from pipeline.stage.build import build_stage
+from pipeline.stage.memory import measured as measured_memory, release_memory
 from pipeline.stage.explain import (closest_output, diff_against_manifest, existing_outputs,
                                     existing_store_outputs, explain_key, load_store_manifest, manifest_task,
                                     StageStatus)
@@ -57,6 +60,7 @@ __all__ = [
     "write_file_atomic", "output_problems", "store_output_problems", "verify_outputs",
     "verify_store_upstream", "verify_upstream", "PartialSync", "build_stage_on_store", "fetch_output",
     "store_output_complete", "store_output_rel", "store_partial_rel", "upload_output", "build_stage",
+    "measured_memory", "release_memory",
     "closest_output", "diff_against_manifest", "existing_outputs", "existing_store_outputs",
     "explain_key", "load_store_manifest", "manifest_task", "StageStatus",
     "UNLOCKED_PARTIAL_GRACE_SECONDS", "delete_entry", "directory_bytes", "gc_plan", "GcDecision",

@@ -54,7 +54,9 @@ RUN_HISTORY_INFO_KEYS = ("worker_pid", "shards_resumed", "resumed_from", "train_
                          "device_lease", "nproc", "examples_per_s",
                          # deployment timings (distill.speed, pipeline.deploy): latency,
                          # throughput and speed-ups, all under "speed" keys
-                         "speed")
+                         "speed",
+                         # the build's peak and end RSS (pipeline.stage.memory)
+                         "memory")
 
 #: Files whose content holds such fields (the distillation stages' logs: per-step wait and
 #: step times, the run's timings); compared field by field without them.
