@@ -14,6 +14,7 @@ rows is a measurable share of the forward's time.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -92,7 +93,7 @@ class TokenizedRows:
         types = np.fromiter(itertools.chain.from_iterable(token_type_ids), dtype=np.int8, count=total)
         return cls(ids, types, offsets)
 
-    @property
+    @functools.cached_property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
