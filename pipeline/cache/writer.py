@@ -733,9 +733,10 @@ def compression_name(compression: str, compression_level: int) -> str:
     return f"zstd-{compression_level}" if compression == "zstd" else compression
 
 
-def _parquet_writer(out_file: Path, schema: pa.Schema, compression: str, compression_level: int,
+def shard_parquet_writer(out_file, schema: pa.Schema, compression: str, compression_level: int,
                     byte_stream_split: bool) -> pq.ParquetWriter:
-    """The shard's Parquet options: any change here changes every shard's bytes."""
+    """A ``ParquetWriter`` with a shard's options (``out_file``: a path or a pyarrow sink);
+    any change here changes every shard's bytes."""
     return pq.ParquetWriter(
         out_file, schema, compression=compression,
         compression_level=compression_level if compression == "zstd" else None,
@@ -799,7 +800,7 @@ def write_cache_shard(examples: pa.Table, model, tokenizer, out_file: Path | str
     started = _time()
     forward_seconds = 0.0
     try:
-        writer = _parquet_writer(out_file, schema, compression, compression_level, byte_stream_split)
+        writer = shard_parquet_writer(out_file, schema, compression, compression_level, byte_stream_split)
         try:
             # Room for every row group one window completes: the forward runs on while they are encoded.
             with _Worker(f"parquet {out_file.name}", lambda table: writer.write_table(table, table.num_rows),
@@ -819,13 +820,13 @@ def write_cache_shard(examples: pa.Table, model, tokenizer, out_file: Path | str
                         copy = HostCopy(forward.run(tokens, rows, pad_id), copy_stream)
                         forward_seconds += _time() - launched
                         host.submit((index, copy))
+            writer.close()
         except BaseException as exc:
             exc.add_note(f"while writing teacher-cache shard {out_file}")
             with contextlib.suppress(Exception):
                 writer.close()   # releases the file; it is removed below, never left looking complete
             out_file.unlink(missing_ok=True)
             raise
-        writer.close()
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise OSError(exc.errno, f"writing teacher-cache shard {out_file} failed: "
