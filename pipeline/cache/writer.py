@@ -60,10 +60,10 @@ wrote 630-924 examples/s there. Three threads now overlap, joined by bounded que
 
 1. *this thread* pads a batch with whole-array numpy (:class:`TokenizedRows`), runs the
    forward, and packs the outputs **on the device** (:class:`TeacherForward`): quantisation
-   or the storage dtype, real tokens only, one flat tensor per column, cut with one slice per
-   run of equal lengths, so nothing waits for the device. Non-blocking copies on a side stream
-   bring them to pinned host memory, an event marking their end (:class:`HostCopy`); the
-   next forward is launched at once. On the CPU the same code runs without copies or events;
+   or the storage dtype, real tokens only, cut with one slice per run of equal lengths, so
+   nothing waits for the device. Non-blocking copies on a side stream bring each column to
+   pinned host memory, an event marking their end (:class:`HostCopy`); the next forward is
+   launched at once. On the CPU the same code runs without copies or events;
 2. a *host thread* waits for a batch's event and copies its bytes into per-window buffers
    (:class:`RowGroupAssembler`). Row groups are cut by lengths alone
    (:func:`row_group_bounds`), so once a sort window's last batch is in, each of its row groups
@@ -297,12 +297,11 @@ class TeacherForward:
     """Runs the teacher on a padded batch and packs, on its device, what the shard stores.
 
     What a row holds follows the cache's :class:`~pipeline.cache.compact.CompactPlan` (see
-    :class:`StoredColumn`). :meth:`run` returns, per column, one flat tensor of the batch's
-    stored rows in the batch's order: real tokens only, already in storage form (int8 values
-    and float32 scales, or the storage float type; bfloat16 as its int16 bits). Those are the
-    bytes Arrow stores, so the host only wraps them. Rows of one length are cut from the padded
-    outputs with one slice per run of equal lengths (a length-sorted batch has a few), which
-    needs no data-dependent shapes: nothing waits for the device.
+    :class:`StoredColumn`). :meth:`run` returns, per column, the batch's stored rows in the
+    batch's order as flat pieces, one per run of equal lengths (a length-sorted batch has a
+    few): real tokens only, already in storage form (int8 values and float32 scales, or the
+    storage float type; bfloat16 as its int16 bits), the bytes Arrow stores. Cutting by runs
+    needs no data-dependent shapes, so nothing waits for the device.
     """
 
     def __init__(self, model, spec: CacheSpec, device, autocast: str = "none",
@@ -334,7 +333,7 @@ class TeacherForward:
 
     def run(self, tokens: TokenizedRows, rows: np.ndarray, pad_token_id: int) -> dict:
         """The teacher's outputs for examples ``rows`` of ``tokens``, packed: ``column -> flat
-        tensor`` on the device (int8 storage adds ``<column>_scale``)."""
+        tensors`` on the device, to be concatenated (int8 storage adds ``<column>_scale``)."""
         import torch
 
         from pipeline.common.encoder_outputs import forward_internals
@@ -355,7 +354,7 @@ class TeacherForward:
         int8 = self.spec.dtype == "int8"
         packed = {}
         if self.spec.with_logits:
-            packed["logits"] = internals.logits.float().reshape(-1)
+            packed["logits"] = [internals.logits.float().reshape(-1)]
         runs = _equal_length_runs(lengths)
         for column in self.columns:
             source = (internals.hidden if column.source == "hidden" else internals.scores)[column.layer]
@@ -371,24 +370,24 @@ class TeacherForward:
                     values.append(quantised.reshape(-1))
                     scales.append(scale.reshape(-1))
                 else:
-                    values.append(piece.to(self.storage_dtype).reshape(-1))
-            flat = torch.cat(values) if values else torch.empty(0, dtype=self.storage_dtype, device=self.device)
-            # bfloat16 has no numpy type: its bits travel as int16 (stored as uint16).
-            packed[column.name] = flat.view(torch.int16) if self.spec.dtype == "bfloat16" else flat
+                    value = piece.to(self.storage_dtype).reshape(-1)
+                    # bfloat16 has no numpy type: its bits travel as int16 (stored as uint16).
+                    values.append(value.view(torch.int16) if self.spec.dtype == "bfloat16" else value)
+            packed[column.name] = values
             if int8:
-                packed[scale_column(column.name)] = (torch.cat(scales) if scales else
-                                                     torch.empty(0, dtype=torch.float32, device=self.device))
+                packed[scale_column(column.name)] = scales
         return packed
 
 
 class HostCopy:
     """One batch's packed tensors on their way to the host.
 
-    On CUDA the copies run on a side stream (``copy_stream``, after the packing on the compute
-    stream) into pinned buffers from torch's pinned-memory cache, and an event marks their end;
-    the device tensors are kept until then (the caching allocator must not hand their memory
-    to the next forward earlier). The main thread launches the next forward at once. On the
-    CPU the packed tensors are host memory already: no copy and no event, the same code.
+    On CUDA each column's pieces are concatenated on the device and copied, on a side stream
+    (``copy_stream``, after the compute stream's work), into a pinned buffer from torch's
+    pinned-memory cache; an event marks the copies' end, and the device tensors are kept until
+    then (the caching allocator must not hand their memory to the next forward earlier). The
+    main thread launches the next forward at once. On the CPU the pieces are host memory
+    already: no copy and no event, the same code.
     """
 
     def __init__(self, packed: dict, copy_stream=None):
@@ -399,21 +398,22 @@ class HostCopy:
             return
         import torch
 
+        gathered = {name: torch.cat(pieces) for name, pieces in packed.items() if pieces}
         copy_stream.wait_stream(torch.cuda.current_stream(copy_stream.device))
         with torch.cuda.stream(copy_stream):
-            self._host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                          for name, t in packed.items()}
-            self.event = torch.cuda.Event()
+            self._host = {name: [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)]
+                          for name, t in gathered.items()}
+            self.event = torch.cuda.Event(blocking=True)   # the host thread sleeps, not spins
             self.event.record(copy_stream)
-        self._device = packed
+        self._device = gathered
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Wait for the copies; numpy views of the host tensors (a caller copies what it keeps:
-        pinned buffers go back to torch's cache, for a later batch, once the views are gone)."""
+    def arrays(self) -> dict[str, list[np.ndarray]]:
+        """Wait for the copies; per column, numpy views of the host pieces (a caller copies what
+        it keeps: pinned buffers go back to torch's cache once the views are gone)."""
         if self.event is not None:
             self.event.synchronize()
             self._device = None   # copied: the device memory may be reused
-        return {name: t.numpy() for name, t in self._host.items()}
+        return {name: [t.numpy() for t in pieces] for name, pieces in self._host.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -607,21 +607,25 @@ class RowGroupAssembler:
         self.windows: dict[int, dict[str, pa.BinaryArray]] = {}   # complete windows
         self.next_group = 0
 
-    def add(self, index: int, arrays: dict[str, np.ndarray]) -> Iterator[pa.Table]:
-        """Take batch ``index``'s packed arrays (batches arrive in order); return the row groups
-        it completes, each assembled as the iterator reaches it (ready for ``write_table``)."""
+    def add(self, index: int, arrays: dict[str, list[np.ndarray]]) -> Iterator[pa.Table]:
+        """Take batch ``index``'s packed arrays (per column, pieces to concatenate; batches
+        arrive in order); return the row groups it completes, each assembled as the iterator
+        reaches it (ready for ``write_table``)."""
         window = int(self.window_of_batch[index])
         if window not in self.buffers:
             rows = self.window_rows[window]
             self.buffers[window] = {name: np.empty(int(sizes[rows].sum()), dtype=np.uint8)
                                     for name, (sizes, _) in self.layouts.items()}
         for name, buffer in self.buffers[window].items():
-            flat = arrays[name].reshape(-1).view(np.uint8)
             offsets, sizes = self.batch_spans[name]
-            if flat.size != sizes[index]:   # a bug in the packing, never bad input
-                raise RuntimeError(f"packed {name} of batch {index} holds {flat.size} bytes, its rows' "
-                                   f"lengths say {sizes[index]}")
-            buffer[offsets[index]:offsets[index] + flat.size] = flat
+            pieces = [piece.reshape(-1).view(np.uint8) for piece in arrays.get(name, ())]
+            if sum(piece.size for piece in pieces) != sizes[index]:   # a bug in the packing, never input
+                raise RuntimeError(f"packed {name} of batch {index} holds {sum(p.size for p in pieces)} "
+                                   f"bytes, its rows' lengths say {sizes[index]}")
+            position = int(offsets[index])
+            for piece in pieces:
+                buffer[position:position + piece.size] = piece
+                position += piece.size
         self.batches_left[window] -= 1
         if self.batches_left[window]:
             return iter(())
