@@ -83,7 +83,7 @@ removed, and a killed writer leaves only the stage's partial directory.
 The Parquet thread is the ceiling at GPU rates: pyarrow encodes one file's column chunks one
 after another on one core. scripts/bench_writer.py measures it per codec on the writer's row
 groups: on int8 rows of real activations (MiniLM-L6) zstd levels 1-9 are within 0.2 % in bytes
-while level 9 encodes 2.5x slower than level 3; lz4 encodes 2.2x faster than zstd-3 for 18 %
+while level 9 encodes ~2.4x slower than level 3; lz4 encodes over 2x faster than zstd-3 for 18 %
 more bytes, snappy and none are larger still; on fp16 rows (Parquet's per-value list levels
 dominate) no codec encodes more than 25 % faster than zstd-3, which saves 14 %. zstd-3 stays the
 default: it keeps existing caches' bytes, and on a CPU, where the forward is ~50x slower than
