@@ -195,6 +195,11 @@ class TeacherCacheParams(luigi.Task):
         description="Teacher forward batch size (length-bucketed; values independent of it up to FP noise).")
     device = luigi.Parameter(default="auto", significant=False,
                              description="auto (CUDA when available, else CPU), cpu, cuda, ...")
+    compression = luigi.ChoiceParameter(
+        default="zstd", choices=["zstd", "lz4", "snappy", "none"], significant=False,
+        description="Parquet codec of the shards (changes only the file size and the writing and "
+                    "reading speed): zstd, the smallest; lz4 encodes about 2x faster for ~1.2x the "
+                    "bytes (scripts/bench_writer.py), for a GPU teacher that outruns one core of zstd.")
     compression_level = luigi.IntParameter(default=3, significant=False,
                                            description="zstd level (changes only the file size).")
     byte_stream_split = luigi.BoolParameter(
@@ -375,7 +380,8 @@ class TeacherCacheShard(TeacherCacheParams, StageTask):
                 self.example_source(), start, stop, self.shard_index, self.teacher_source(), out.path,
                 spec, tokenizer=self.tokenizer or None, batch_size=self.forward_batch_size,
                 device=self.build_device(), autocast=self.autocast, row_group_bytes=self.row_group_mb << 20,
-                compression_level=self.compression_level, byte_stream_split=self.byte_stream_split,
+                compression=self.compression, compression_level=self.compression_level,
+                byte_stream_split=self.byte_stream_split,
                 task_info=self.task_info(),
                 progress=self.progress)
         info["worker_pid"] = os.getpid()
