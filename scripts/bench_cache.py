@@ -164,7 +164,8 @@ def main() -> None:
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from pipeline.cache.compact import relative_errors
-    from pipeline.cache.writer import CacheSpec, build_cache, write_cache_shard
+    from pipeline.cache.writer import CacheSpec, write_cache_shard
+    from pipeline.cache.assemble import build_cache
     from pipeline.common.tokenize import length_sorted_batches, pad_batch, tokenize_examples
     from pipeline.teacher.finetune import default_teacher_dir
 

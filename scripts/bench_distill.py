@@ -91,7 +91,8 @@ def main() -> None:
     from distill.trainer import recipe, resolve_device
     from pipeline.cache.layer_map import cached_layers, layer_map
     from pipeline.teacher.finetune import default_teacher_dir
-    from pipeline.cache.writer import CacheSpec, build_cache
+    from pipeline.cache.writer import CacheSpec
+    from pipeline.cache.assemble import build_cache
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-distill-"))
     work.mkdir(parents=True, exist_ok=True)

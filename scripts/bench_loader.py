@@ -46,7 +46,8 @@ def build(work: Path, examples: int, layout: str, storage: str, max_length: int)
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from pipeline.cache.writer import CacheSpec, build_cache
+    from pipeline.cache.writer import CacheSpec
+    from pipeline.cache.assemble import build_cache
     from pipeline.teacher.finetune import default_teacher_dir
     from scripts.bench_distill import write_glue_subset
 

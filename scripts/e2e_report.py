@@ -78,7 +78,7 @@ def report_text(root, command: str, name: str, discussion: str | None) -> str:
     how a number was chosen or where it was measured comes from the stage manifests: the
     teacher's source and how its checkpoint was kept, the student's selection rule
     (:mod:`pipeline.common.selection`), the machine the stages ran on."""
-    from pipeline.cache.writer import human_bytes
+    from pipeline.cache.assemble import human_bytes
     from pipeline.common.selection import StudentSelection
     from pipeline.stage import load_manifest
     from tasks.base import StageTask, walk_dag, workdir

@@ -366,7 +366,8 @@ class TeacherCacheShard(TeacherCacheParams, StageTask):
     def build(self, out: StageBuild) -> None:
         import os
 
-        from pipeline.cache.writer import shard_ranges, write_shard_output
+        from pipeline.cache.writer import shard_ranges
+        from pipeline.cache.assemble import write_shard_output
 
         total = self.num_examples() or 0
         ranges = shard_ranges(total, self.shard_size)
@@ -436,7 +437,7 @@ class TeacherCache(TeacherCacheParams, StageTask):
         super().run()
 
     def build(self, out: StageBuild) -> None:
-        from pipeline.cache.writer import assemble_cache
+        from pipeline.cache.assemble import assemble_cache
 
         shards = getattr(self, "_shards", None) or self.shard_tasks(self.num_examples() or 0)
         with out.timed("assemble"):

@@ -17,7 +17,8 @@ import torch
 from pipeline.cache.packed import PackedBatch
 from pipeline.cache.reader import open_cache
 from pipeline.errors import InputError
-from pipeline.cache.writer import CacheSpec, build_cache, shard_ranges, write_shard_output
+from pipeline.cache.writer import CacheSpec, shard_ranges
+from pipeline.cache.assemble import build_cache, write_shard_output
 from pipeline.common.examples import count_examples, read_example_range
 from pipeline.common.encoder_outputs import forward_internals, zero_padding
 
@@ -393,7 +394,8 @@ def test_full_disk_mid_shard_is_one_clear_error_and_leaves_nothing(teacher_dir, 
         import resource, signal, sys
         sys.path.insert(0, {str(PROJECT_ROOT)!r})
         from pipeline.stage import StageKey, build_stage
-        from pipeline.cache.writer import CacheSpec, write_shard_output
+        from pipeline.cache.writer import CacheSpec
+        from pipeline.cache.assemble import write_shard_output
         key = StageKey("teacher_cache_shard", "1", {{"shard_index": 0}})
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write (EFBIG), not the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
@@ -473,7 +475,7 @@ def test_a_manifest_that_disagrees_with_its_shards_is_refused_naming_both(cache_
 
 def test_a_corrupt_shard_is_not_linked_into_a_new_cache(teacher_dir, examples, tmp_path):
     """assemble_cache hard-links shards: a shard damaged since it was written is refused."""
-    from pipeline.cache.writer import assemble_cache, write_shard_output
+    from pipeline.cache.assemble import assemble_cache, write_shard_output
 
     piece = tmp_path / "piece"
     info = write_shard_output(examples, 0, 17, 0, teacher_dir, piece, CacheSpec([0, 2], [2], "float16", 64))

@@ -15,7 +15,8 @@ import torch
 
 from pipeline.cache.compact import PARTS_FILE, CompactPlan, scores_are_smaller
 from pipeline.cache.reader import open_cache
-from pipeline.cache.writer import CacheSpec, build_cache
+from pipeline.cache.writer import CacheSpec
+from pipeline.cache.assemble import build_cache
 from pipeline.errors import InputError
 from tests.test_cache import examples, teacher_dir, write_examples  # noqa: F401  (fixtures)
 

@@ -20,7 +20,8 @@ import torch
 from pipeline.cache.compact import DERIVE_KEY, complete_batch
 from pipeline.cache.packed import ArenaPool, PackedBatch, expand
 from pipeline.cache.reader import open_cache
-from pipeline.cache.writer import CacheSpec, build_cache
+from pipeline.cache.writer import CacheSpec
+from pipeline.cache.assemble import build_cache
 from pipeline.errors import InputError
 from tests.reference_collation import reference_batches
 from tests.store_server import s3  # noqa: F401

@@ -24,10 +24,10 @@ import pytest
 import torch
 
 from pipeline.cache.compact import quantise_rows
-from pipeline.cache.writer import (STORAGE_DTYPES, CacheSpec, RowGroupBuffer, assemble_cache, attention_column,
-                                   cache_schema, can_derive_scores, hidden_column, input_column,
-                                   load_cache_teacher, nominal_row_bytes, scale_column,
-                                   write_cache_shard, write_shard_output)
+from pipeline.cache.writer import (STORAGE_DTYPES, CacheSpec, RowGroupBuffer, attention_column, cache_schema,
+                                   can_derive_scores, hidden_column, input_column, nominal_row_bytes, scale_column,
+                                   write_cache_shard)
+from pipeline.cache.assemble import assemble_cache, load_cache_teacher, write_shard_output
 from pipeline.common.encoder_outputs import forward_internals
 from pipeline.common.examples import read_example_range
 from pipeline.common.tokenize import length_sorted_batches, tokenize_examples
@@ -261,7 +261,8 @@ def test_a_writer_killed_mid_shard_leaves_nothing_complete_looking(teacher_dir, 
             return real_write(self, table, row_group_size)
         pq.ParquetWriter.write_table = slow_write
         from pipeline.stage import StageKey, build_stage
-        from pipeline.cache.writer import CacheSpec, write_shard_output
+        from pipeline.cache.writer import CacheSpec
+        from pipeline.cache.assemble import write_shard_output
         with build_stage({str(work)!r}, StageKey("teacher_cache_shard", "1", {{"shard_index": 0}})) as out:
             write_shard_output({str(source)!r}, 0, 60, 0, {str(teacher_dir)!r}, out.path, CacheSpec({spec_args}),
                                batch_size=4, row_group_bytes=3000)

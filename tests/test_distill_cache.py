@@ -18,7 +18,8 @@ from distill.student import StudentSpec
 from distill.trainer import recipe
 from pipeline.errors import InputError
 from pipeline.cache.layer_map import cached_layers, layer_map
-from pipeline.cache.writer import CacheSpec, build_cache
+from pipeline.cache.writer import CacheSpec
+from pipeline.cache.assemble import build_cache
 
 WORDS = "good bad movie plot actor great boring fun story scene long short film music".split()
 SCHEMA = pa.schema([("id", pa.string()), ("text_a", pa.string()), ("text_b", pa.string()),

@@ -13,7 +13,8 @@ from distill.student import StudentSpec, build_student
 from distill.trainer import recipe
 from pipeline.errors import InputError
 from pipeline.cache.layer_map import cached_layers, layer_map
-from pipeline.cache.writer import CacheSpec, build_cache
+from pipeline.cache.writer import CacheSpec
+from pipeline.cache.assemble import build_cache
 
 WORDS = "the a movie film plot was is good bad great long story actor music scene".split()
 STUDENT = dict(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4)

@@ -26,7 +26,8 @@ from distill.run import distill_from_cache
 from distill.student import StudentSpec
 from distill.trainer import recipe
 from pipeline.cache.layer_map import cached_layers, layer_map
-from pipeline.cache.writer import CacheSpec, build_cache
+from pipeline.cache.writer import CacheSpec
+from pipeline.cache.assemble import build_cache
 from pipeline.errors import InputError
 from tests.test_distill_cache import SST2, write_examples
 

@@ -23,7 +23,8 @@ from distill.student import StudentSpec, build_student
 from distill.trainer import recipe
 from pipeline.cache.layer_map import cached_layers, layer_map
 from pipeline.common.encoder_outputs import forward_internals
-from pipeline.cache.writer import CacheSpec, build_cache, write_shard_output
+from pipeline.cache.writer import CacheSpec
+from pipeline.cache.assemble import build_cache, write_shard_output
 from pipeline.common.encoders import FAMILIES, family_of
 from pipeline.errors import InputError
 from tests.encoder_zoo import ALL_FAMILIES, SST2, make_family, write_examples

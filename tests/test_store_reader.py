@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pipeline.cache.reader import open_cache
-from pipeline.cache.writer import CacheSpec, build_cache
+from pipeline.cache.writer import CacheSpec
+from pipeline.cache.assemble import build_cache
 from pipeline.store import LocalObjectCache, open_store
 from tests.store_server import PROJECT_ROOT, TEST_SECRET, s3  # noqa: F401
 from tests.test_cache import examples, teacher_dir  # noqa: F401

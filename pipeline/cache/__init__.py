@@ -6,8 +6,11 @@
   student) captures an encoder's internals (hidden states and pre-softmax attention scores or
   attention log-probabilities, through the family's adapter in :mod:`pipeline.common.encoders`)
   from a live forward pass;
-* :mod:`pipeline.cache.writer` runs the teacher over an example source and writes the shards;
-* :mod:`pipeline.cache.reader` streams training batches back out of them;
+* :mod:`pipeline.cache.writer` runs the teacher over examples and writes one shard's Parquet
+  file; :mod:`pipeline.cache.assemble` makes that a stage output and assembles the shards into
+  a cache (manifest, teacher parts, size figures);
+* :mod:`pipeline.cache.reader` streams training batches back out of them, packed
+  (:mod:`pipeline.cache.packed`: rows as stored, expanded on the training device);
 * :mod:`pipeline.cache.inspect_cache` summarises and verifies a cache (``tinykd inspect``).
 
 The trainer (``distill/``) reads caches only through :mod:`pipeline.cache.reader`.

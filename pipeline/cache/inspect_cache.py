@@ -18,7 +18,7 @@ from pipeline.errors import InputError
 def summarise(cache_dir: Path | str) -> dict:
     """The cache summary as a dict (see the module docstring)."""
     from pipeline.cache.reader import open_cache
-    from pipeline.cache.writer import column_bytes, size_figures
+    from pipeline.cache.assemble import column_bytes, size_figures
 
     reader = open_cache(cache_dir)
     info = dict(reader.info)
@@ -66,7 +66,7 @@ def summarise(cache_dir: Path | str) -> dict:
 
 def inspect_cache(cache_dir: Path | str, verify: bool = False) -> tuple[str, bool]:
     """A human-readable report and whether the cache is usable (and, with ``verify``, intact)."""
-    from pipeline.cache.writer import human_bytes
+    from pipeline.cache.assemble import human_bytes
 
     try:
         summary = summarise(cache_dir)
